@@ -1,0 +1,69 @@
+"""Periodic evaluation of the global model on the MNIST test set, off the apply path.
+
+A daemon thread copies the parameters under the aggregator's lock (a memcpy of a few hundred KB)
+and evaluates the copy, so applying updates never waits for PyTorch. Each point of the time series
+(time, version, updates applied, bytes received, accuracy, loss) is pushed to Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from shared.config import RunConfig
+from shared.data import load_mnist, prepare
+from shared.errors import DssgdError
+from shared.models import build_model, set_flat
+from shared.store import RunStore
+from shared.training import evaluate, labels_tensor
+
+if TYPE_CHECKING:
+    from aggregator.service import Aggregator
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator:
+    def __init__(self, agg: Aggregator, store: RunStore, cfg: RunConfig) -> None:
+        self.agg, self.store, self.cfg = agg, store, cfg
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="evaluator", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            data = load_mnist(self.cfg.data)
+        except DssgdError as exc:
+            log.error("evaluation disabled: %s", exc)
+            return
+        x, y = prepare(data.test_x, self.cfg.model), labels_tensor(data.test_y)
+        model = build_model(self.cfg.model)
+        last_version = -1
+        start = time.time()
+        while not self._stop.wait(self.cfg.eval_interval):
+            with self.agg.lock:
+                state = self.agg.state
+                if state is None or state.version == last_version:
+                    continue
+                w, version = state.w.copy(), state.version
+                applied, bytes_in = self.agg.totals["applied"], self.agg.totals["bytes_in"]
+            set_flat(model, w)
+            with torch.inference_mode():
+                result = evaluate(model, x, y)
+            last_version = version
+            point = {"time": time.time(), "elapsed": time.time() - start, "version": version,
+                     "applied": applied, "bytes_in": bytes_in,
+                     "accuracy": result.accuracy, "loss": result.loss}
+            try:
+                self.store.push_metric(point)
+            except DssgdError as exc:
+                log.warning("could not record a metric: %s", exc)
+            log.info("version %d: test accuracy %.4f, loss %.4f", version, result.accuracy, result.loss)

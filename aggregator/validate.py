@@ -1,0 +1,49 @@
+"""Server-side checks of a decoded update against the run (pure; raises ValidationError).
+
+The wire module already guarantees a well-formed message (sorted unique indices < n, finite
+float32 values, lengths equal). Here we check what only the run knows, whatever the participant
+claims: who may send, how many entries, how large, and how stale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.config import RunConfig
+from shared.errors import ValidationError
+from shared.selection import budget
+from shared.wire import Update
+
+# float32 rounding of a value clipped to γ in float64 may land one ulp above γ.
+GAMMA_TOLERANCE = 1e-6
+
+
+def validate(update: Update, cfg: RunConfig, n: int, version: int) -> int:
+    """Check an update; returns its staleness (global versions applied since its base)."""
+    if update.run_id != cfg.run_id:
+        raise ValidationError("wrong-run", f"update for run {update.run_id!r}, serving {cfg.run_id!r}")
+    if update.n != n:
+        raise ValidationError("wrong-model", f"update for {update.n} parameters, model has {n}")
+    if not 0 <= update.participant < cfg.participants:
+        raise ValidationError(
+            "unknown-participant", f"participant {update.participant} not in 0..{cfg.participants - 1}"
+        )
+    limit = budget(n, cfg.theta_u)
+    if update.count > limit:
+        raise ValidationError("too-many-entries", f"{update.count} entries, θu allows {limit}")
+    if update.count:
+        values = update.values
+        if not np.isfinite(values).all():
+            raise ValidationError("non-finite", "values must be finite")
+        peak = float(np.abs(values).max())
+        gamma = cfg.effective_gamma
+        if peak > gamma * (1 + GAMMA_TOLERANCE):
+            raise ValidationError("beyond-gamma", f"|value| {peak:.3g} exceeds γ = {gamma:.3g}")
+    if update.base_version > version:
+        raise ValidationError(
+            "future-base", f"base version {update.base_version} is ahead of global {version}"
+        )
+    staleness = version - update.base_version
+    if cfg.max_staleness is not None and staleness > cfg.max_staleness:
+        raise ValidationError("stale", f"staleness {staleness} exceeds {cfg.max_staleness}")
+    return staleness

@@ -1,0 +1,5 @@
+import sys
+
+from dssgd.cli import main
+
+sys.exit(main())

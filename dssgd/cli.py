@@ -1,0 +1,251 @@
+"""The ``dssgd`` command line: one parser, thin subcommands that wire settings → objects → run.
+
+User mistakes (bad options, unreachable services, missing data) end with a one-line message and
+exit code 2 (or 69 for an unreachable service), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from shared.config import (
+    DOWNLOADS,
+    ORDERS,
+    PRESETS,
+    RULES,
+    SELECTIONS,
+    VALUE_CODINGS,
+    Connections,
+    RunConfig,
+    env_overrides,
+    from_mapping,
+    load_toml,
+)
+from shared.errors import BrokerError, ConfigError, DataError, DssgdError, StoreError
+from shared.lifecycle import EXIT_ERROR, EXIT_UNAVAILABLE, EXIT_USAGE, setup_logging
+
+log = logging.getLogger("dssgd")
+
+EPILOG = """\
+examples:
+  dssgd run                                  # 10 participants × 600 MNIST images, MLP, async
+  dssgd run --order round-robin --epochs 10  # the paper's most accurate order
+  dssgd run --model cnn --theta-u 0.01 --target-accuracy 0.97 --time-limit 600
+  dssgd status --watch                       # where the latest run stands
+  dssgd aggregator --run-id r1 & dssgd worker --run-id r1 --claim 5   # services on their own
+
+RabbitMQ and Redis are found through --amqp-url/--redis-url or DSSGD_AMQP_URL/DSSGD_REDIS_URL.
+"""
+
+# (flag, RunConfig field, type, help)
+RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--model", "model", str, "mlp (784-128-64-10) or cnn (the paper's, 105,506 parameters)"),
+    ("--participants", "participants", int, "number of participants N (default 10)"),
+    ("--shard-size", "shard_size", int, "training images per participant (default 600)"),
+    ("--label-skew", "label_skew", float, "non-IID shards: Dirichlet α of the label mix"),
+    ("--theta-u", "theta_u", float, "fraction of Δw uploaded per epoch, θu (default 0.1)"),
+    ("--theta-d", "theta_d", float, "fraction of parameters downloaded per epoch, θd (default 1)"),
+    ("--download", "download", str, f"which θd fraction: {', '.join(DOWNLOADS)}"),
+    ("--selection", "selection", str, "topk (largest |Δw|) or threshold (random above τ)"),
+    ("--lr", "lr", float, "local SGD learning rate (default 0.2)"),
+    ("--batch-size", "batch_size", int, "local mini-batch size (default 32)"),
+    ("--gamma", "gamma", float, "bound γ on each shared value (default lr/4)"),
+    ("--tau", "tau", float, "threshold τ for --selection threshold (default γ/10)"),
+    ("--order", "order", str, f"{', '.join(ORDERS)} (default async)"),
+    ("--rule", "rule", str, f"server update rule: {', '.join(RULES)} (auto = staleness when "
+                            "async, the paper's sum when ordered)"),
+    ("--staleness-exponent", "staleness_exponent", float, "a in the weight (1+staleness)^-a"),
+    ("--stat-decay", "stat_decay", float, "the paper's β: stat := β·stat per update (1 = off)"),
+    ("--value-coding", "value_coding", str, f"wire precision of values: {', '.join(VALUE_CODINGS)}"),
+    ("--epochs", "epochs", int, "local epochs per participant (default 30, 0 = unlimited)"),
+    ("--seed", "seed", int, "seed of initialisation, shards and shuffles (default 1)"),
+    ("--data", "data", str, "MNIST source: auto, hub, or a directory of IDX files"),
+    ("--eval-interval", "eval_interval", float, "seconds between test-set evaluations"),
+    ("--max-staleness", "max_staleness", int, "refuse updates older than this many versions"),
+]
+
+
+def add_connection_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("services")
+    g.add_argument("--amqp-url", help="RabbitMQ URL (env DSSGD_AMQP_URL; default local guest)")
+    g.add_argument("--redis-url", help="Redis URL (env DSSGD_REDIS_URL; default local)")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training run (stored with the run; every process uses the same)")
+    g.add_argument("--config", metavar="FILE", help="TOML file with any of these settings")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="named set of hyper-parameters; "
+                   "'paper' = lr 0.001, batch 1, γ 0.001, τ 0.0001")
+    for flag, field_name, tp, help_text in RUN_OPTIONS:
+        g.add_argument(flag, dest=field_name, type=tp, metavar=field_name.upper().replace("_", "-")
+                       if tp is not str else None, help=help_text)
+
+
+def run_config_from_args(args: argparse.Namespace, run_id: str) -> RunConfig:
+    """defaults < preset < config file < environment < flags."""
+    values: dict[str, Any] = {}
+    values.update(PRESETS.get(args.preset or "default", {}))
+    if args.config:
+        values.update(load_toml(args.config))
+        if "preset" in values:
+            values = {**PRESETS.get(values.pop("preset"), {}), **values}
+    values.update(env_overrides(RunConfig))
+    values.pop("run_id", None)
+    values.pop("created", None)
+    for _, field_name, _, _ in RUN_OPTIONS:
+        v = getattr(args, field_name, None)
+        if v is not None:
+            values[field_name] = v
+    values["run_id"] = run_id
+    return from_mapping(RunConfig, values, "run configuration")
+
+
+def connections(args: argparse.Namespace) -> Connections:
+    return Connections.from_env(args.amqp_url, args.redis_url)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dssgd",
+        description="Distributed Selective SGD (Shokri & Shmatikov, CCS 2015) over RabbitMQ and "
+        "Redis: participants train locally and share a selected fraction of their updates.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run", help="train locally: aggregator + participants under supervisor",
+                       description="Run a whole training on this machine: starts the aggregator "
+                       "and the participants under supervisor, shows progress, stops on the first "
+                       "stop condition and prints a final table.")
+    p.add_argument("--run-id", help="name of the run (default: run-<date>-<time>)")
+    p.add_argument("--workers", type=int, help="worker processes hosting the participants "
+                   "(default: number of CPU cores)")
+    p.add_argument("--target-accuracy", type=float, help="stop when the global test accuracy "
+                   "reaches this")
+    p.add_argument("--time-limit", type=float, default=900.0, help="stop after this many seconds "
+                   "(default 900)")
+    p.add_argument("--runs-dir", default=os.environ.get("DSSGD_RUNS_DIR", "runs"),
+                   help="where run folders (supervisor config, logs) go (default ./runs)")
+    p.add_argument("--resume", action="store_true", help="continue an existing run of that id")
+    p.add_argument("--json", action="store_true", help="print the final table as JSON")
+    add_run_options(p)
+    add_connection_options(p)
+
+    p = sub.add_parser("aggregator", help="the aggregator service on its own",
+                       description="Consume updates of a run and apply them to the global "
+                       "parameters in Redis. Creates the run from the given options if it does "
+                       "not exist yet.")
+    p.add_argument("--run-id", default=os.environ.get("DSSGD_RUN_ID", "default"))
+    p.add_argument("--prefetch", type=int, default=1000)
+    p.add_argument("--max-batch", type=int, default=500, help="updates per Redis commit at most")
+    p.add_argument("--no-eval", action="store_true", help="do not evaluate the global model")
+    p.add_argument("--check", action="store_true", help="health check: exit 0 if an aggregator "
+                   "of this run has reported within 15 s")
+    add_run_options(p)
+    add_connection_options(p)
+
+    p = sub.add_parser("worker", help="a worker hosting one or more participants",
+                       description="Host participants of a run. Either name them (--participants "
+                       "0,1,2 or --slot I/W for every p with p mod W == I) or claim free ids "
+                       "from Redis (--claim K, the default claims one).")
+    p.add_argument("--run-id", default=os.environ.get("DSSGD_RUN_ID", "default"))
+    p.add_argument("--participants", help="comma-separated participant ids")
+    p.add_argument("--slot", help="I/W: host the participants p with p %% W == I")
+    p.add_argument("--claim", type=int, default=int(os.environ.get("DSSGD_CLAIM", "1")),
+                   help="claim this many free participant ids (default 1)")
+    p.add_argument("--synthetic", action="store_true", help="send small integer updates instead "
+                   "of training (exact-sum test oracle)")
+    p.add_argument("--record-dir", help="synthetic mode: write confirmed updates here")
+    p.add_argument("--pace", type=float, default=0.0, help="minimum seconds between two epochs "
+                   "of one participant")
+    p.add_argument("--check", action="store_true", help="health check: exit 0 if Redis and "
+                   "RabbitMQ answer")
+    add_connection_options(p)
+
+    p = sub.add_parser("status", help="where a run stands",
+                       description="Version, updates, queue depth, accuracy and per-participant "
+                       "progress of a run (the latest one by default).")
+    p.add_argument("--run-id", help="run to show (default: the most recently created)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until Ctrl-C")
+    add_connection_options(p)
+
+    p = sub.add_parser("runs", help="list the runs stored in Redis")
+    p.add_argument("--json", action="store_true")
+    add_connection_options(p)
+
+    p = sub.add_parser("delete", help="remove a run's keys and queues")
+    p.add_argument("run_id", metavar="RUN")
+    add_connection_options(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, name=args.command)
+    try:
+        if args.command == "run":
+            from dssgd.orchestrate import cmd_run
+
+            return cmd_run(args)
+        if args.command == "aggregator":
+            from dssgd.services import cmd_aggregator
+
+            return cmd_aggregator(args)
+        if args.command == "worker":
+            from dssgd.services import cmd_worker
+
+            return cmd_worker(args)
+        if args.command in ("status", "runs", "delete"):
+            from dssgd import status
+
+            return getattr(status, f"cmd_{args.command}")(args)
+    except (BrokerError, StoreError) as exc:
+        print(f"dssgd: {exc}", file=sys.stderr)
+        print("dssgd: is the service running? `bash deploy/dev.sh services` starts both locally.",
+              file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (ConfigError, DataError) as exc:
+        print(f"dssgd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DssgdError as exc:
+        print(f"dssgd: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return EXIT_USAGE
+
+
+def parse_participants(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise ConfigError(f"--participants must be comma-separated integers, got {text!r}") from None
+
+
+def parse_slot(slot: str) -> tuple[int, int]:
+    try:
+        i, w = (int(x) for x in slot.split("/"))
+    except ValueError:
+        raise ConfigError(f"--slot must look like I/W (for example 0/2), got {slot!r}") from None
+    if not 0 <= i < w:
+        raise ConfigError(f"--slot {slot}: need 0 <= I < W")
+    return i, w
+
+
+def runs_dir(args: argparse.Namespace) -> Path:
+    return Path(args.runs_dir)

@@ -1,0 +1,231 @@
+"""``dssgd run``: a whole local training under supervisor, with progress and a final table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dssgd.cli import connections, run_config_from_args
+from dssgd.supervisor import Supervisor, render_config
+from shared.amqp_names import AmqpNames
+from shared.broker import connect as amqp_connect
+from shared.broker import declare_topology
+from shared.config import RunConfig
+from shared.data import load_mnist, prepare
+from shared.errors import BrokerError, ConfigError
+from shared.lifecycle import EXIT_OK, StopFlag, install_signal_handlers
+from shared.models import build_model, initial_parameters, set_flat
+from shared.store import RunStore
+from shared.store import connect as redis_connect
+from shared.training import evaluate, labels_tensor
+
+log = logging.getLogger("dssgd.run")
+
+
+@dataclass
+class Progress:
+    elapsed: float
+    epochs: int
+    epochs_total: int
+    version: int
+    accuracy: float | None
+    finished: int
+
+
+def default_run_id() -> str:
+    return time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def _check_services(store: RunStore, amqp_url: str, names: AmqpNames) -> None:
+    store.ping()
+    conn = amqp_connect(amqp_url, "dssgd-run")
+    try:
+        declare_topology(conn.channel(), names)
+    finally:
+        conn.close()
+
+
+def _snapshot(store: RunStore, cfg: RunConfig, start: float) -> Progress:
+    progress = store.all_progress(cfg.participants)
+    epochs = sum(int(p.get("epochs", 0)) for p in progress.values())
+    metrics = store.r.lindex(store.keys.metrics, -1)
+    acc = json.loads(metrics)["accuracy"] if metrics else None
+    version = int(store.r.get(store.keys.version) or 0)
+    total = cfg.participants * cfg.epochs if cfg.epochs else 0
+    return Progress(time.monotonic() - start, epochs, total, version, acc, len(store.finished()))
+
+
+def _show(p: Progress, limit: float, tty: bool) -> None:
+    frac = p.epochs / p.epochs_total if p.epochs_total else min(1.0, p.elapsed / limit)
+    bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+    acc = f"{p.accuracy:.4f}" if p.accuracy is not None else "  -   "
+    total = f"/{p.epochs_total}" if p.epochs_total else ""
+    line = (f"[{bar}] {100 * frac:5.1f}%  epochs {p.epochs}{total}  version {p.version}  "
+            f"accuracy {acc}  {p.elapsed:6.1f} s")
+    if tty:
+        sys.stderr.write("\r" + line)
+    else:
+        sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _wait_drained(store: RunStore, cfg: RunConfig, timeout: float = 60.0) -> bool:
+    """True once every confirmed update of every participant has been applied."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        progress = store.all_progress(cfg.participants)
+        if all(store.applied_high(pid) >= int(p.get("seq", 0)) for pid, p in progress.items()):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def final_evaluation(store: RunStore, cfg: RunConfig) -> tuple[float, float]:
+    data = load_mnist(cfg.data)
+    model = build_model(cfg.model)
+    _, w, _ = store.read_params()
+    set_flat(model, w.copy())
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    r = evaluate(model, prepare(data.test_x, cfg.model), labels_tensor(data.test_y))
+    return r.accuracy, r.loss
+
+
+def summary(store: RunStore, cfg: RunConfig, wall: float, reason: str) -> dict[str, Any]:
+    acc, loss = final_evaluation(store, cfg)
+    counters = store.counters()
+    progress = store.all_progress(cfg.participants)
+    epochs = [int(p.get("epochs", 0)) for p in progress.values()] or [0]
+    up = sum(int(p.get("bytes_up", 0)) for p in progress.values())
+    down = sum(int(p.get("bytes_down", 0)) for p in progress.values())
+    applied = counters.get("applied", 0)
+    n = initial_parameters(cfg.model, cfg.seed).size
+    return {
+        "run_id": cfg.run_id, "model": cfg.model, "order": cfg.order,
+        "rule": cfg.effective_rule, "participants": cfg.participants,
+        "theta_u": cfg.theta_u, "theta_d": cfg.theta_d,
+        "accuracy": acc, "loss": loss,
+        "epochs_total": sum(epochs), "epochs_min": min(epochs), "epochs_max": max(epochs),
+        "updates_applied": applied, "updates_rejected": counters.get("rejected", 0),
+        "duplicates_ignored": counters.get("duplicates", 0),
+        "bytes_up": up, "bytes_down": down,
+        "bytes_up_per_update": up / applied if applied else 0.0,
+        "dense_bytes_per_update": 4 * n,
+        "mean_staleness": counters.get("staleness_sum", 0) / applied if applied else 0.0,
+        "wall_seconds": wall, "stop_reason": reason,
+    }
+
+
+def print_table(s: dict[str, Any]) -> None:
+    def mb(x: float) -> str:
+        return f"{x / 1e6:.2f} MB"
+
+    rows = [
+        ("run", f"{s['run_id']} ({s['model']}, {s['participants']} participants, {s['order']}, "
+                f"rule {s['rule']}, θu={s['theta_u']}, θd={s['theta_d']})"),
+        ("test accuracy", f"{s['accuracy']:.4f} (loss {s['loss']:.4f})"),
+        ("epochs", f"{s['epochs_total']} in all, {s['epochs_min']}–{s['epochs_max']} per participant"),
+        ("updates applied", f"{s['updates_applied']} (rejected {s['updates_rejected']}, duplicates "
+                            f"ignored {s['duplicates_ignored']}, mean staleness "
+                            f"{s['mean_staleness']:.2f})"),
+        ("bytes up", f"{mb(s['bytes_up'])} ({s['bytes_up_per_update']:.0f} B per update; dense "
+                     f"would be {s['dense_bytes_per_update']} B)"),
+        ("bytes down", mb(s["bytes_down"])),
+        ("wall time", f"{s['wall_seconds']:.1f} s"),
+        ("stopped because", s["stop_reason"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    t_start = time.monotonic()
+    run_id = args.run_id or default_run_id()
+    cfg = run_config_from_args(args, run_id)
+    if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
+        raise ConfigError("--target-accuracy must be in (0, 1]")
+    if args.time_limit <= 0:
+        raise ConfigError("--time-limit must be > 0")
+    workers = args.workers or min(cfg.participants, max(1, os.cpu_count() or 1))
+    if workers < 1:
+        raise ConfigError("--workers must be >= 1")
+    workers = min(workers, cfg.participants)
+    conns = connections(args)
+    load_mnist(cfg.data)  # fail early with a clear message (and warm the cache for the workers)
+
+    store = RunStore(redis_connect(conns.redis_url), run_id)
+    names = AmqpNames(run_id)
+    _check_services(store, conns.amqp_url, names)
+    stored, created = store.create_config(cfg)
+    if not created and not args.resume:
+        raise ConfigError(f"run {run_id!r} already exists; pass --resume to continue it or "
+                          "choose another --run-id (dssgd runs lists them)")
+    if not created:
+        cfg = stored
+        store.clear_stop()
+    store.init_params(initial_parameters(cfg.model, cfg.seed))
+
+    run_dir = Path(args.runs_dir) / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(json.loads(cfg.to_json()), indent=2) + "\n")
+    sup = Supervisor(run_dir, render_config(run_dir.resolve(), run_id, workers, conns))
+    stop = StopFlag()
+    install_signal_handlers(stop)
+    log.info("run %s: %d participants in %d worker processes; folder %s", run_id,
+             cfg.participants, workers, run_dir)
+    sup.start()
+    tty = sys.stderr.isatty()
+    reason = ""
+    last_line = 0.0
+    try:
+        while True:
+            if stop.wait(0.5):
+                reason = "interrupted"
+                break
+            p = _snapshot(store, cfg, t_start)
+            if p.finished >= cfg.participants:
+                reason = f"every participant finished its {cfg.epochs} epochs"
+            elif args.target_accuracy is not None and p.accuracy is not None \
+                    and p.accuracy >= args.target_accuracy:
+                reason = f"target accuracy {args.target_accuracy} reached"
+            elif p.elapsed >= args.time_limit:
+                reason = f"time limit of {args.time_limit:.0f} s reached"
+            if tty or time.monotonic() - last_line >= 5 or reason:
+                _show(p, args.time_limit, tty)
+                last_line = time.monotonic()
+            if reason:
+                break
+            bad = [k for k, v in sup.states().items() if v in ("FATAL", "BACKOFF")]
+            if bad:
+                reason = f"processes failed: {', '.join(bad)} (see {run_dir / 'logs'})"
+                break
+    finally:
+        if tty:
+            sys.stderr.write("\n")
+        store.request_stop(reason or "stopped")
+        sup.ctl("stop", "worker:*")
+        drained = _wait_drained(store, cfg)
+        if not drained:
+            log.warning("some confirmed updates were not applied before the aggregator stopped")
+        sup.ctl("stop", "aggregator")
+        sup.shutdown()
+    result = summary(store, cfg, time.monotonic() - t_start, reason)
+    (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+    return EXIT_OK
+
+
+__all__ = ["cmd_run", "BrokerError"]

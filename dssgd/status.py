@@ -1,0 +1,163 @@
+"""``dssgd status``, ``dssgd runs``, ``dssgd delete``: read a run's state for people and scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from dssgd.cli import connections
+from shared.amqp_names import AmqpNames
+from shared.broker import connect as amqp_connect
+from shared.broker import delete_topology, queue_depth
+from shared.config import RunConfig
+from shared.errors import ConfigError
+from shared.lifecycle import EXIT_OK
+from shared.store import RunStore, list_runs
+from shared.store import connect as redis_connect
+
+
+def _latest_run(r: Any) -> str:
+    runs = list_runs(r)
+    if not runs:
+        raise ConfigError("no runs in Redis yet; start one with `dssgd run`")
+    created = []
+    for run in runs:
+        cfg = RunStore(r, run).load_config()
+        created.append((cfg.created if cfg else 0.0, run))
+    return max(created)[1]
+
+
+def collect(store: RunStore, amqp_url: str) -> dict[str, Any]:
+    cfg = store.load_config()
+    if cfg is None:
+        raise ConfigError(f"run {store.run_id!r} does not exist")
+    counters = store.counters()
+    version = int(store.r.get(store.keys.version) or 0)
+    metrics = store.metrics()
+    now = time.time()
+    progress = store.all_progress(cfg.participants)
+    active = store.active()
+    finished = store.finished()
+    participants = []
+    for pid in range(cfg.participants):
+        p = progress.get(pid, {})
+        last = float(p.get("last_seen", 0) or 0)
+        base = int(p.get("base_version", 0) or 0)
+        participants.append({
+            "participant": pid,
+            "epochs": int(p.get("epochs", 0)),
+            "seq": int(p.get("seq", 0)),
+            "state": "finished" if pid in finished else "active" if pid in active else
+                     "waiting" if not p else "gone",
+            "last_seen_s": round(now - last, 1) if last else None,
+            "staleness": version - base if p else None,
+            "bytes_up": int(p.get("bytes_up", 0)),
+            "loss": float(p["loss"]) if "loss" in p else None,
+        })
+    agg = store.r.get(store.keys.heartbeat_aggregator)
+    last_metric = metrics[-1] if metrics else None
+    rate = None
+    if len(metrics) >= 2:
+        a, b = metrics[max(0, len(metrics) - 6)], metrics[-1]
+        if b["time"] > a["time"]:
+            rate = (b["applied"] - a["applied"]) / (b["time"] - a["time"])
+    return {
+        "run_id": cfg.run_id,
+        "config": json.loads(cfg.to_json()),
+        "version": version,
+        "counters": counters,
+        "updates_per_second": rate,
+        "queues": queue_depth(amqp_url, AmqpNames(cfg.run_id)),
+        "aggregator": json.loads(agg) if agg else None,
+        "accuracy": last_metric["accuracy"] if last_metric else None,
+        "loss": last_metric["loss"] if last_metric else None,
+        "stop": store.stop_reason(),
+        "participants": participants,
+    }
+
+
+def render(s: dict[str, Any]) -> str:
+    cfg = RunConfig.from_json(json.dumps(s["config"]))
+    c = s["counters"]
+    q = s["queues"] or {}
+    acc = f"{s['accuracy']:.4f}" if s["accuracy"] is not None else "-"
+    rate = f"{s['updates_per_second']:.1f}/s" if s["updates_per_second"] is not None else "-"
+    agg = "up" if s["aggregator"] else "not reporting"
+    lines = [
+        f"run {s['run_id']}: {cfg.model}, {cfg.participants} participants, {cfg.order}, "
+        f"rule {cfg.effective_rule}, θu={cfg.theta_u}, θd={cfg.theta_d}"
+        + (f"  [stopped: {s['stop']}]" if s["stop"] else ""),
+        f"  global version {s['version']}   applied {c.get('applied', 0)} ({rate})   rejected "
+        f"{c.get('rejected', 0)}   duplicates {c.get('duplicates', 0)}",
+        f"  accuracy {acc}   queue depth {q.get('updates', '-')}   dead letters "
+        f"{q.get('dead_letters', '-')}   aggregator {agg}",
+        "",
+        "  participant  state     epochs   seq  staleness  last seen   loss     MB up",
+    ]
+    for p in s["participants"]:
+        seen = f"{p['last_seen_s']:.1f} s" if p["last_seen_s"] is not None else "-"
+        loss = f"{p['loss']:.4f}" if p["loss"] is not None else "-"
+        stale = p["staleness"] if p["staleness"] is not None else "-"
+        lines.append(f"  {p['participant']:>11}  {p['state']:<8} {p['epochs']:>6} {p['seq']:>5} "
+                     f"{stale!s:>10}  {seen:>9}  {loss:>7} {p['bytes_up'] / 1e6:8.2f}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    conns = connections(args)
+    r = redis_connect(conns.redis_url)
+    run_id = args.run_id or _latest_run(r)
+    store = RunStore(r, run_id)
+    while True:
+        s = collect(store, conns.amqp_url)
+        if args.json:
+            print(json.dumps(s, indent=2))
+        else:
+            if args.watch and sys.stdout.isatty():
+                sys.stdout.write("\x1b[2J\x1b[H")
+            print(render(s))
+        if not args.watch:
+            return EXIT_OK
+        time.sleep(args.watch)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    conns = connections(args)
+    r = redis_connect(conns.redis_url)
+    rows = []
+    for run in list_runs(r):
+        store = RunStore(r, run)
+        cfg = store.load_config()
+        rows.append({"run_id": run, "model": cfg.model if cfg else None,
+                     "participants": cfg.participants if cfg else None,
+                     "order": cfg.order if cfg else None,
+                     "created": cfg.created if cfg else None,
+                     "version": int(r.get(store.keys.version) or 0)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no runs")
+    else:
+        for row in rows:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"] or 0))
+            print(f"{row['run_id']:<32} {when}  {row['model']}  N={row['participants']}  "
+                  f"{row['order']}  version {row['version']}")
+    return EXIT_OK
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    conns = connections(args)
+    store = RunStore(redis_connect(conns.redis_url), args.run_id)
+    if store.load_config() is None and not list(store.r.scan_iter(match=store.keys.all_patterns()[0])):
+        raise ConfigError(f"run {args.run_id!r} does not exist")
+    removed = store.delete_run()
+    conn = amqp_connect(conns.amqp_url, "dssgd-delete")
+    try:
+        delete_topology(conn.channel(), AmqpNames(args.run_id))
+    finally:
+        conn.close()
+    print(f"deleted run {args.run_id}: {removed} Redis keys, its queues and exchanges")
+    return EXIT_OK

@@ -1,0 +1,216 @@
+"""RabbitMQ: connections, the run's topology, and a confirmed publisher that keeps heartbeats alive.
+
+pika errors are turned into ``BrokerError`` / ``UnroutableError`` here, so callers never see
+pika's exception types.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import pika.exceptions as pex
+from pika.adapters.blocking_connection import BlockingChannel
+
+from shared.amqp_names import CONTENT_TYPE, AmqpNames
+from shared.errors import BrokerError, UnroutableError
+
+log = logging.getLogger(__name__)
+
+# Bounded backlog: when the aggregator falls this far behind, publishes are refused (nacked) and
+# publishers back off instead of the broker growing without limit.
+DEFAULT_MAX_LENGTH = 100_000
+DELIVERY_LIMIT = 10  # a message redelivered this often is dead-lettered (poison that kills us)
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def connect(url: str, name: str, heartbeat: int = 30) -> pika.BlockingConnection:
+    try:
+        params = pika.URLParameters(url)
+        params.heartbeat = heartbeat
+        params.blocked_connection_timeout = 60
+        params.connection_attempts = 1
+        params.socket_timeout = 5
+        params.client_properties = {"connection_name": name}
+        return pika.BlockingConnection(params)
+    except (pex.AMQPError, OSError, ValueError) as exc:
+        raise BrokerError(f"cannot connect to RabbitMQ at {_redact(url)}: {exc!r}") from exc
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def declare_topology(channel: BlockingChannel, names: AmqpNames, max_length: int = DEFAULT_MAX_LENGTH) -> None:
+    """Durable exchanges and queues for a run; idempotent (same arguments every time)."""
+    try:
+        channel.exchange_declare(names.dead_exchange, exchange_type="fanout", durable=True)
+        channel.queue_declare(
+            names.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        channel.queue_bind(names.dead_queue, names.dead_exchange)
+        channel.exchange_declare(names.exchange, exchange_type="topic", durable=True)
+        channel.queue_declare(
+            names.queue,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-dead-letter-exchange": names.dead_exchange,
+                "x-delivery-limit": DELIVERY_LIMIT,
+                "x-max-length": max_length,
+                "x-overflow": "reject-publish",
+            },
+        )
+        channel.queue_bind(names.queue, names.exchange, routing_key=names.binding_key())
+    except (pex.AMQPError, OSError) as exc:
+        raise BrokerError(f"cannot declare the topology of run {names.run_id}: {exc!r}") from exc
+
+
+def delete_topology(channel: BlockingChannel, names: AmqpNames) -> None:
+    for q in (names.queue, names.dead_queue):
+        channel.queue_delete(q)
+    for ex in (names.exchange, names.dead_exchange):
+        channel.exchange_delete(ex)
+
+
+def queue_depth(url: str, names: AmqpNames) -> dict[str, int] | None:
+    """Ready messages in the update and dead-letter queues (passive declare), None if unreachable."""
+    try:
+        conn = connect(url, "dssgd-status", heartbeat=0)
+    except BrokerError:
+        return None
+    try:
+        out = {}
+        for key, qname in (("updates", names.queue), ("dead_letters", names.dead_queue)):
+            ch = conn.channel()
+            try:
+                out[key] = ch.queue_declare(qname, passive=True).method.message_count
+            except pex.ChannelClosedByBroker:
+                out[key] = 0
+        return out
+    except (pex.AMQPError, OSError):
+        return None
+    finally:
+        try:
+            conn.close()
+        except (pex.AMQPError, OSError):
+            pass
+
+
+@dataclass
+class _Request:
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: pika.BasicProperties
+    future: Future[None]
+
+
+class Publisher:
+    """Publishes with confirms and mandatory=True from a dedicated I/O thread.
+
+    The thread owns the connection and services its heartbeats every 0.1 s, so a long PyTorch
+    epoch in the caller's thread never gets the connection dropped. ``publish`` blocks the caller
+    until the broker confirms (or raises), which is what lets the caller advance its sequence
+    number only for confirmed updates.
+    """
+
+    def __init__(self, url: str, names: AmqpNames, app_id: str, user_id: str | None = None) -> None:
+        self.url, self.names, self.app_id, self.user_id = url, names, app_id, user_id
+        self._requests: queue.Queue[_Request | None] = queue.Queue()
+        self._conn: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._thread = threading.Thread(target=self._run, name="amqp-publisher", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def publish(self, routing_key: str, body: bytes, headers: dict[str, Any] | None = None,
+                timeout: float = 30.0) -> None:
+        props = pika.BasicProperties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=pika.DeliveryMode.Persistent,
+            app_id=self.app_id,
+            user_id=self.user_id,
+            headers=headers or {},
+        )
+        fut: Future[None] = Future()
+        self._requests.put(_Request(self.names.exchange, routing_key, body, props, fut))
+        try:
+            fut.result(timeout=timeout)
+        except TimeoutError:
+            raise BrokerError(f"no confirm within {timeout:.0f} s") from None
+
+    def close(self) -> None:
+        self._closed = True
+        self._requests.put(None)
+        self._thread.join(timeout=5)
+
+    # --- the I/O thread -----------------------------------------------------------------------
+
+    def _ensure(self) -> BlockingChannel:
+        if self._channel is not None and self._channel.is_open:
+            return self._channel
+        self._drop()
+        self._conn = connect(self.url, f"dssgd-worker {self.app_id}")
+        ch = self._conn.channel()
+        ch.confirm_delivery()
+        self._channel = ch
+        return ch
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # closing a broken connection may fail in many ways; it is gone anyway
+                pass
+        self._conn, self._channel = None, None
+
+    def _run(self) -> None:
+        while True:
+            try:
+                req = self._requests.get(timeout=0.1)
+            except queue.Empty:
+                req = None
+                if self._closed:
+                    break
+            if req is None:
+                if self._closed and self._requests.empty():
+                    break
+                self._service()
+                continue
+            if not req.future.set_running_or_notify_cancel():
+                continue
+            try:
+                ch = self._ensure()
+                ch.basic_publish(req.exchange, req.routing_key, req.body, req.properties,
+                                 mandatory=True)
+                req.future.set_result(None)
+            except pex.UnroutableError:
+                req.future.set_exception(UnroutableError(f"no queue bound for {req.routing_key}"))
+            except pex.NackError:
+                # The queue is at its max-length (reject-publish): the caller backs off and retries.
+                req.future.set_exception(BrokerError("broker refused the message (queue full?)"))
+            except BrokerError as exc:
+                req.future.set_exception(exc)
+                self._drop()
+            except (pex.AMQPError, OSError) as exc:
+                req.future.set_exception(BrokerError(f"publish failed: {exc!r}"))
+                self._drop()
+        self._drop()
+
+    def _service(self) -> None:
+        if self._conn is None:
+            return
+        try:
+            self._conn.process_data_events(time_limit=0)
+        except (pex.AMQPError, OSError) as exc:
+            log.warning("publisher connection lost while idle: %r", exc)
+            self._drop()

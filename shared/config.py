@@ -1,0 +1,226 @@
+"""Settings: one frozen dataclass per concern, validated on construction.
+
+* ``RunConfig`` — the training run every process agrees on. ``dssgd run`` (or the first
+  aggregator) writes it to Redis; workers read it from there, so a scaled-out worker needs nothing
+  but the run id and the two URLs.
+* ``Connections`` — where RabbitMQ and Redis are (``DSSGD_AMQP_URL``, ``DSSGD_REDIS_URL``).
+
+Values come from, in increasing priority: defaults here, a TOML config file, environment
+variables (``DSSGD_<FIELD>``), command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ConfigError
+
+ORDERS = ("async", "round-robin", "random")
+SELECTIONS = ("topk", "threshold")
+RULES = ("auto", "sum", "staleness", "mean")
+VALUE_CODINGS = ("f32", "f16", "q8")
+DOWNLOADS = ("most-updated", "random")
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$")
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_id: str = "default"
+    model: str = "mlp"  # "mlp" or "cnn" (the paper's two MNIST models)
+    participants: int = 10  # N
+    shard_size: int = 600  # images per participant (the paper's 1% of MNIST)
+    label_skew: float | None = None  # Dirichlet α for non-IID shards; None = IID
+    theta_u: float = 0.1  # fraction of Δw uploaded per epoch
+    theta_d: float = 1.0  # fraction of parameters downloaded per epoch (most-updated first)
+    download: str = "most-updated"  # or "random": which θd fraction to download
+    selection: str = "topk"  # "topk" (largest |Δw|) or "threshold" (random among |Δw| > τ)
+    # lr 0.2 with batch 32 reaches the 0.93 target fastest in asynchronous mode (docs/UPDATE_RULES.md)
+    lr: float = 0.2
+    batch_size: int = 32
+    gamma: float | None = None  # bound on each shared value; None = lr / 4 (scales with the step)
+    tau: float | None = None  # selection threshold; None = γ / 10 (the paper's ratio)
+    order: str = "async"
+    rule: str = "auto"  # "auto" = staleness for async, sum (the paper's) for the ordered modes
+    staleness_exponent: float = 1.0  # a in the weight (1 + staleness)^-a
+    stat_decay: float = 1.0  # the paper's β: stat := β·stat after every apply (1 = off)
+    value_coding: str = "f32"  # wire precision of the shared values: f32, f16, q8
+    epochs: int = 30  # local epochs per participant before it stops (0 = no limit)
+    seed: int = 1
+    data: str = "auto"  # "auto", "hub" or a directory of IDX files
+    eval_interval: float = 2.0  # seconds between evaluations of the global model
+    max_staleness: int | None = None  # updates older than this many versions are refused
+    created: float = field(default=0.0, compare=False)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not RUN_ID_RE.match(self.run_id):
+            problems.append(
+                f"run id {self.run_id!r} must be 1-48 letters, digits, '-' or '_' (not first)"
+            )
+        if self.model not in ("mlp", "cnn"):
+            problems.append(f"model must be mlp or cnn, got {self.model!r}")
+        if not 1 <= self.participants <= 100_000:
+            problems.append(f"participants must be 1..100000, got {self.participants}")
+        if not 1 <= self.shard_size <= 50_000:
+            problems.append(f"shard size must be 1..50000, got {self.shard_size}")
+        if self.label_skew is not None and not self.label_skew > 0:
+            problems.append("label skew (Dirichlet α) must be > 0")
+        for name in ("theta_u", "theta_d"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and 0 < v <= 1):
+                problems.append(f"{name} must be in (0, 1], got {v}")
+        if self.download not in DOWNLOADS:
+            problems.append(f"download must be one of {', '.join(DOWNLOADS)}")
+        if self.selection not in SELECTIONS:
+            problems.append(f"selection must be one of {', '.join(SELECTIONS)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"learning rate must be > 0, got {self.lr}")
+        if not 1 <= self.batch_size <= 50_000:
+            problems.append(f"batch size must be >= 1, got {self.batch_size}")
+        if self.gamma is not None and not (math.isfinite(self.gamma) and self.gamma > 0):
+            problems.append(f"gamma must be > 0, got {self.gamma}")
+        if self.tau is not None and not (math.isfinite(self.tau) and self.tau >= 0):
+            problems.append(f"tau must be >= 0, got {self.tau}")
+        if self.order not in ORDERS:
+            problems.append(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.rule not in RULES:
+            problems.append(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.staleness_exponent < 0:
+            problems.append("staleness exponent must be >= 0")
+        if not 0 < self.stat_decay <= 1:
+            problems.append("stat decay β must be in (0, 1]")
+        if self.value_coding not in VALUE_CODINGS:
+            problems.append(f"value coding must be one of {', '.join(VALUE_CODINGS)}")
+        if self.epochs < 0:
+            problems.append("epochs must be >= 0")
+        if self.eval_interval <= 0:
+            problems.append("eval interval must be > 0 seconds")
+        if self.max_staleness is not None and self.max_staleness < 0:
+            problems.append("max staleness must be >= 0")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    # Derived values: one place decides them so every process agrees.
+    @property
+    def effective_gamma(self) -> float:
+        return self.gamma if self.gamma is not None else self.lr / 4
+
+    @property
+    def effective_tau(self) -> float:
+        return self.tau if self.tau is not None else self.effective_gamma / 10
+
+    @property
+    def effective_rule(self) -> str:
+        if self.rule != "auto":
+            return self.rule
+        return "staleness" if self.order == "async" else "sum"
+
+    @property
+    def ordered(self) -> bool:
+        return self.order != "async"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RunConfig:
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"stored run configuration is not JSON: {exc}") from exc
+        return from_mapping(cls, raw, "stored run configuration")
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# The paper's own hyper-parameters (Torch code that descends from the authors'), as a preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {"lr": 0.001, "batch_size": 1, "gamma": 0.001, "tau": 0.0001},
+}
+
+
+@dataclass(frozen=True)
+class Connections:
+    amqp_url: str = DEFAULT_AMQP_URL
+    redis_url: str = DEFAULT_REDIS_URL
+
+    def __post_init__(self) -> None:
+        if not self.amqp_url.startswith(("amqp://", "amqps://")):
+            raise ConfigError(f"RabbitMQ URL must start with amqp:// or amqps://, got {self.amqp_url!r}")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"Redis URL must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+
+    @classmethod
+    def from_env(cls, amqp_url: str | None = None, redis_url: str | None = None) -> Connections:
+        return cls(
+            amqp_url=amqp_url or os.environ.get("DSSGD_AMQP_URL", DEFAULT_AMQP_URL),
+            redis_url=redis_url or os.environ.get("DSSGD_REDIS_URL", DEFAULT_REDIS_URL),
+        )
+
+
+def _coerce(tp: Any, value: Any, name: str, where: str) -> Any:
+    text = str(tp)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ConfigError(f"{where}: {name} must not be empty")
+    try:
+        if "float" in text:
+            if isinstance(value, str) and value.lower() in ("", "none") and "None" in text:
+                return None
+            return float(value)
+        if "int" in text:
+            if isinstance(value, str) and value.lower() in ("", "none") and "None" in text:
+                return None
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {name} must be a number, got {value!r}") from None
+    return str(value)
+
+
+def from_mapping(cls: Any, raw: dict[str, Any], where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table of settings")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    values = {k: _coerce(fields[k].type, v, k, where) for k, v in raw.items()}
+    return cls(**values)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; settings may sit at top level or under [run]."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc}") from exc
+    table = data.get("run", data)
+    return {k.replace("-", "_"): v for k, v in table.items() if not isinstance(v, dict)}
+
+
+def env_overrides(cls: Any, prefix: str = "DSSGD_") -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name.upper()
+        if key in os.environ:
+            out[f.name] = os.environ[key]
+    return out

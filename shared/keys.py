@@ -1,0 +1,89 @@
+"""Every Redis key the system uses, in one place, namespaced by run id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFIX = "dssgd"
+RUNS = f"{PREFIX}:runs"  # set of run ids
+
+
+@dataclass(frozen=True)
+class Keys:
+    run_id: str
+
+    def _k(self, suffix: str) -> str:
+        return f"{PREFIX}:{{{self.run_id}}}:{suffix}"  # hash tag keeps a run in one cluster slot
+
+    @property
+    def config(self) -> str:  # JSON RunConfig
+        return self._k("config")
+
+    @property
+    def params(self) -> str:  # float32 blob, the global parameters w
+        return self._k("w")
+
+    @property
+    def stat(self) -> str:  # float32 blob, per-parameter update counters
+        return self._k("stat")
+
+    @property
+    def version(self) -> str:  # integer, number of updates applied
+        return self._k("version")
+
+    @property
+    def counters(self) -> str:  # hash: applied, rejected:<reason>, duplicates, bytes_in, ...
+        return self._k("counters")
+
+    @property
+    def dedup(self) -> str:  # hash: participant → "high:mask" replay window
+        return self._k("dedup")
+
+    @property
+    def fence(self) -> str:  # integer epoch of the aggregator allowed to write
+        return self._k("fence")
+
+    @property
+    def metrics(self) -> str:  # list of JSON points (time, version, applied, bytes, acc, loss)
+        return self._k("metrics")
+
+    @property
+    def applied_log(self) -> str:  # list "participant:seq:version:staleness:time", apply order
+        return self._k("applied")
+
+    @property
+    def turn(self) -> str:  # participant id holding the turn (ordered modes)
+        return self._k("turn")
+
+    def wake(self, participant: int) -> str:  # list used to wake a participant when its turn comes
+        return self._k(f"wake:{participant}")
+
+    @property
+    def active(self) -> str:  # hash participant → last heartbeat (unix time)
+        return self._k("active")
+
+    @property
+    def finished(self) -> str:  # set of participants that stopped for good
+        return self._k("finished")
+
+    def participant(self, participant: int) -> str:  # hash of a participant's progress
+        return self._k(f"p:{participant}")
+
+    @property
+    def claims(self) -> str:  # integer, next participant id to hand to an anonymous worker
+        return self._k("claims")
+
+    @property
+    def trace(self) -> str:  # list of "event pid seq time" lines for ordering checks
+        return self._k("trace")
+
+    @property
+    def stop(self) -> str:  # string reason; when set, workers finish their epoch and exit
+        return self._k("stop")
+
+    @property
+    def heartbeat_aggregator(self) -> str:  # TTL key for health checks
+        return self._k("hb:aggregator")
+
+    def all_patterns(self) -> list[str]:
+        return [f"{PREFIX}:{{{self.run_id}}}:*"]

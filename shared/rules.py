@@ -1,0 +1,64 @@
+"""Server update rules: how one accepted sparse update changes the global parameters.
+
+The paper's rule is a raw sum (``w[j] += Δw_j``, ``stat[j] += 1``). It is right when updates are
+applied one at a time from fresh parameters (the ordered modes). Asynchronously, N participants
+train from nearly the same parameters and their raw sum multiplies the step by the concurrency,
+which diverges. The staleness-aware rule scales an update by how many updates were applied since
+the participant downloaded (FedAsync's polynomial weight), which is 1 in the ordered modes and
+about 1/N in steady asynchronous training. See docs/UPDATE_RULES.md for the measured comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+RULES = ("sum", "staleness", "mean")
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    name: str = "staleness"
+    exponent: float = 1.0  # FedAsync's a in (1 + s)^-a
+    n_participants: int = 1  # used by "mean" only
+
+    def __post_init__(self) -> None:
+        if self.name not in RULES:
+            raise ValueError(f"unknown update rule {self.name!r}; choose one of {', '.join(RULES)}")
+        if self.exponent < 0:
+            raise ValueError("staleness exponent must be >= 0")
+        if self.n_participants < 1:
+            raise ValueError("n_participants must be >= 1")
+
+    def weight(self, staleness: int) -> float:
+        return update_weight(self.name, staleness, self.exponent, self.n_participants)
+
+
+def update_weight(rule: str, staleness: int, exponent: float = 1.0, n_participants: int = 1) -> float:
+    """The multiplier applied to an update computed ``staleness`` global versions ago."""
+    if rule == "sum":
+        return 1.0
+    if rule == "mean":
+        return 1.0 / n_participants
+    if rule == "staleness":
+        return float((1.0 + max(0, staleness)) ** -exponent)
+    raise ValueError(f"unknown update rule {rule!r}")
+
+
+def apply_update(
+    w: np.ndarray, stat: np.ndarray, indices: np.ndarray, values: np.ndarray, weight: float = 1.0
+) -> None:
+    """In place: ``w[j] += weight·Δw_j`` and ``stat[j] += 1`` for every j (indices are unique)."""
+    if weight == 1.0:
+        # Kept separate so integer-valued updates add exactly, byte for byte (the test oracle).
+        w[indices] += values
+    else:
+        w[indices] += np.float32(weight) * values
+    stat[indices] += 1
+
+
+def decay(stat: np.ndarray, beta: float) -> None:
+    """The paper's optional counter decay ``stat := β·stat`` that favours recent updates."""
+    if beta < 1.0:
+        stat *= np.float32(beta)

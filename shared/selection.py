@@ -1,0 +1,72 @@
+"""Which entries of Δw a participant shares, and how they are bounded (pure functions).
+
+These are the paper's steps 4 and 5: select at most θu·n entries of Δw, either the largest in
+magnitude or random ones among those above a threshold τ, then clip every shared value to [−γ, γ].
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def budget(n: int, theta_u: float) -> int:
+    """How many entries θu allows for a model of n parameters (at least one, at most n)."""
+    if not 0.0 < theta_u <= 1.0:
+        raise ValueError(f"theta_u must be in (0, 1], got {theta_u}")
+    return max(1, min(n, math.ceil(theta_u * n - 1e-9)))
+
+
+def select_top_k(delta: np.ndarray, k: int) -> np.ndarray:
+    """Indices (sorted) of the k entries of largest |Δw|; ties broken by position, deterministically."""
+    n = delta.size
+    if k >= n:
+        return np.arange(n, dtype=np.int64)
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    mag = np.abs(delta)
+    # argpartition is O(n); stable tie-breaking is not needed for correctness, only determinism.
+    idx = np.argpartition(mag, n - k)[n - k :]
+    return np.sort(idx.astype(np.int64))
+
+
+def select_threshold_random(
+    delta: np.ndarray, k: int, tau: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Up to k indices (sorted) drawn uniformly among the entries with |Δw| > τ."""
+    above = np.flatnonzero(np.abs(delta) > tau)
+    if above.size <= k:
+        return above.astype(np.int64)
+    return np.sort(rng.choice(above, size=k, replace=False).astype(np.int64))
+
+
+def select(
+    delta: np.ndarray,
+    theta_u: float,
+    rule: str = "topk",
+    tau: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    k = budget(delta.size, theta_u)
+    if rule == "topk":
+        return select_top_k(delta, k)
+    if rule == "threshold":
+        return select_threshold_random(delta, k, tau, rng or np.random.default_rng())
+    raise ValueError(f"unknown selection rule {rule!r}; choose topk or threshold")
+
+
+def clip(values: np.ndarray, gamma: float) -> np.ndarray:
+    """Bound every value to [−γ, γ] (float32 in, float32 out)."""
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    return np.clip(values, -gamma, gamma).astype(np.float32, copy=False)
+
+
+def most_updated(stat: np.ndarray, theta_d: float) -> np.ndarray:
+    """Indices (sorted) of the θd fraction of parameters with the largest update counters."""
+    n = stat.size
+    if theta_d >= 1.0:
+        return np.arange(n, dtype=np.int64)
+    k = max(1, math.ceil(theta_d * n - 1e-9))
+    return np.sort(np.argpartition(stat, n - k)[n - k :].astype(np.int64))

@@ -1,0 +1,373 @@
+"""Redis: the run's global state. Every key comes from ``shared.keys``; redis errors become ours.
+
+Layout (per run): the global parameters ``w`` and the counters ``stat`` as float32 blobs, the
+global ``version`` (updates applied), the replay window per participant, counters, the applied
+log, the metrics time series, and the coordination keys (turn, active participants, stop).
+
+Only the aggregator writes ``w``/``stat``/``version``/``dedup``, and only through ``commit``: one
+Lua script that first checks the aggregator's fencing token and then writes everything of a batch
+of updates at once, so a batch is applied entirely or not at all and a deposed aggregator can
+never write again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+import redis.exceptions as rex
+
+from shared.config import RunConfig
+from shared.errors import ConfigError, FencedError, StoreError
+from shared.keys import RUNS, Keys
+
+log = logging.getLogger(__name__)
+
+APPLIED_LOG_CAP = 1_000_000
+TRACE_CAP = 200_000
+METRICS_CAP = 100_000
+
+
+def connect(url: str) -> redis.Redis:
+    try:
+        return redis.Redis.from_url(
+            url,
+            socket_timeout=10,
+            socket_connect_timeout=3,
+            health_check_interval=15,
+            decode_responses=False,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"bad Redis URL {url!r}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def guarded(what: str) -> Iterator[None]:
+    try:
+        yield
+    except rex.ResponseError as exc:
+        if "FENCED" in str(exc):
+            raise FencedError("another aggregator has taken over this run") from exc
+        raise StoreError(f"Redis refused {what}: {exc}") from exc
+    except rex.RedisError as exc:
+        raise StoreError(f"Redis unavailable during {what}: {exc!r}") from exc
+
+
+_COMMIT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('FENCED')
+end
+local extra = cjson.decode(ARGV[5])
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3])
+redis.call('SET', KEYS[4], ARGV[4])
+for pid, state in pairs(extra.dedup) do
+  redis.call('HSET', KEYS[5], pid, state)
+end
+for name, amount in pairs(extra.counters) do
+  redis.call('HINCRBY', KEYS[6], name, amount)
+end
+if #extra.log > 0 then
+  redis.call('RPUSH', KEYS[7], unpack(extra.log))
+  redis.call('LTRIM', KEYS[7], -tonumber(ARGV[6]), -1)
+end
+if extra.turn_expect ~= '' and redis.call('GET', KEYS[8]) == extra.turn_expect then
+  redis.call('SET', KEYS[8], extra.turn_next)
+  redis.call('RPUSH', KEYS[9], '1')
+  redis.call('LTRIM', KEYS[9], -1, -1)
+end
+return 1
+"""
+
+_PASS_TURN = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('FENCED')
+end
+local current = redis.call('GET', KEYS[2])
+if current == false then current = '' end
+if current ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('RPUSH', KEYS[3], '1')
+redis.call('LTRIM', KEYS[3], -1, -1)
+return 1
+"""
+
+
+@dataclass
+class AggregatorState:
+    w: np.ndarray
+    stat: np.ndarray
+    version: int
+    dedup: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+class RunStore:
+    """All Redis access for one run."""
+
+    def __init__(self, r: redis.Redis, run_id: str) -> None:
+        self.r = r
+        self.run_id = run_id
+        self.keys = Keys(run_id)
+        self._commit = r.register_script(_COMMIT)
+        self._pass_turn = r.register_script(_PASS_TURN)
+
+    # --- configuration ----------------------------------------------------------------------
+
+    def ping(self) -> None:
+        with guarded("PING"):
+            self.r.ping()
+
+    def create_config(self, cfg: RunConfig) -> tuple[RunConfig, bool]:
+        """Store the run's configuration unless it exists; returns (stored config, created)."""
+        if cfg.created == 0.0:
+            cfg = cfg.replace(created=time.time())
+        with guarded("creating the run configuration"):
+            created = bool(self.r.set(self.keys.config, cfg.to_json(), nx=True))
+            self.r.sadd(RUNS, self.run_id)
+        stored = self.load_config()
+        assert stored is not None
+        return stored, created
+
+    def load_config(self) -> RunConfig | None:
+        with guarded("reading the run configuration"):
+            raw = self.r.get(self.keys.config)
+        return None if raw is None else RunConfig.from_json(raw)
+
+    def wait_config(self, stop: Any, timeout: float = 120.0) -> RunConfig:
+        deadline = time.monotonic() + timeout
+        while True:
+            cfg = self.load_config()
+            if cfg is not None:
+                return cfg
+            if time.monotonic() > deadline:
+                raise ConfigError(f"run {self.run_id!r} does not exist (no configuration in Redis)")
+            if stop.wait(0.5):
+                raise ConfigError("stopped while waiting for the run configuration")
+
+    # --- parameters -------------------------------------------------------------------------
+
+    def init_params(self, w: np.ndarray) -> bool:
+        """Seed the global parameters unless they exist (every process derives the same ones)."""
+        with guarded("initialising parameters"):
+            pipe = self.r.pipeline(transaction=True)
+            pipe.set(self.keys.params, w.astype(np.float32).tobytes(), nx=True)
+            pipe.set(self.keys.stat, np.zeros(w.size, np.float32).tobytes(), nx=True)
+            pipe.set(self.keys.version, 0, nx=True)
+            created = pipe.execute()
+        return bool(created[0])
+
+    def read_params(self, with_stat: bool = False) -> tuple[int, np.ndarray, np.ndarray | None]:
+        """(version, w, stat) read atomically; arrays are read-only views of the reply."""
+        with guarded("reading parameters"):
+            pipe = self.r.pipeline(transaction=True)
+            pipe.get(self.keys.version)
+            pipe.get(self.keys.params)
+            if with_stat:
+                pipe.get(self.keys.stat)
+            out = pipe.execute()
+        if out[1] is None:
+            raise StoreError(f"run {self.run_id!r} has no parameters yet")
+        w = np.frombuffer(out[1], dtype=np.float32)
+        stat = np.frombuffer(out[2], dtype=np.float32) if with_stat else None
+        return int(out[0] or 0), w, stat
+
+    # --- aggregator ---------------------------------------------------------------------------
+
+    def take_fence(self) -> int:
+        """Become the only aggregator allowed to write; any earlier one is fenced off."""
+        with guarded("taking the aggregator fence"):
+            return int(self.r.incr(self.keys.fence))
+
+    def load_state(self) -> AggregatorState:
+        with guarded("loading the aggregator state"):
+            pipe = self.r.pipeline(transaction=True)
+            pipe.get(self.keys.version)
+            pipe.get(self.keys.params)
+            pipe.get(self.keys.stat)
+            pipe.hgetall(self.keys.dedup)
+            version, w, stat, dedup = pipe.execute()
+        if w is None or stat is None:
+            raise StoreError(f"run {self.run_id!r} has no parameters")
+        from shared.dedup import decode_state
+
+        return AggregatorState(
+            w=np.frombuffer(w, dtype=np.float32).copy(),
+            stat=np.frombuffer(stat, dtype=np.float32).copy(),
+            version=int(version or 0),
+            dedup={int(k): decode_state(v) for k, v in dedup.items()},
+        )
+
+    def commit(
+        self,
+        fence: int,
+        state: AggregatorState,
+        dedup_changes: dict[int, str],
+        counters: dict[str, int],
+        log_entries: list[str],
+        turn_expect: str = "",
+        turn_next: str = "",
+    ) -> None:
+        extra = {
+            "dedup": {str(k): v for k, v in dedup_changes.items()},
+            "counters": {**counters, "commits": 1},
+            "log": log_entries,
+            "turn_expect": turn_expect,
+            "turn_next": turn_next,
+        }
+        payload = json.dumps(extra)
+        wake = self.keys.wake(int(turn_next)) if turn_next else self.keys.wake(-1)
+        k = self.keys
+        with guarded("committing updates"):
+            self._commit(
+                keys=[k.fence, k.params, k.stat, k.version, k.dedup, k.counters, k.applied_log,
+                      k.turn, wake],
+                args=[str(fence), state.w.tobytes(), state.stat.tobytes(), str(state.version),
+                      payload, str(APPLIED_LOG_CAP)],
+            )
+
+    def pass_turn(self, fence: int, expect: str, nxt: str) -> bool:
+        wake = self.keys.wake(int(nxt)) if nxt else self.keys.wake(-1)
+        with guarded("passing the turn"):
+            return bool(self._pass_turn(keys=[self.keys.fence, self.keys.turn, wake],
+                                        args=[str(fence), expect, nxt]))
+
+    def counters(self) -> dict[str, int]:
+        with guarded("reading counters"):
+            raw = self.r.hgetall(self.keys.counters)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def applied_log(self) -> list[str]:
+        with guarded("reading the applied log"):
+            return [x.decode() for x in self.r.lrange(self.keys.applied_log, 0, -1)]
+
+    def aggregator_heartbeat(self, info: dict[str, Any], ttl: float = 15.0) -> None:
+        with guarded("writing the aggregator heartbeat"):
+            self.r.set(self.keys.heartbeat_aggregator, json.dumps(info), px=int(ttl * 1000))
+
+    # --- participants and turns ---------------------------------------------------------------
+
+    def heartbeat(self, participants: list[int]) -> None:
+        if not participants:
+            return
+        now = time.time()
+        with guarded("participant heartbeat"):
+            self.r.hset(self.keys.active, mapping={str(p): f"{now:.3f}" for p in participants})
+
+    def leave(self, participant: int, finished: bool) -> None:
+        with guarded("leaving the run"):
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hdel(self.keys.active, str(participant))
+            if finished:
+                pipe.sadd(self.keys.finished, str(participant))
+            pipe.execute()
+
+    def active(self) -> dict[int, float]:
+        with guarded("reading active participants"):
+            raw = self.r.hgetall(self.keys.active)
+        return {int(k): float(v) for k, v in raw.items()}
+
+    def finished(self) -> set[int]:
+        with guarded("reading finished participants"):
+            return {int(x) for x in self.r.smembers(self.keys.finished)}
+
+    def turn(self) -> int | None:
+        with guarded("reading the turn"):
+            raw = self.r.get(self.keys.turn)
+        return int(raw) if raw not in (None, b"") else None
+
+    def wait_wake(self, participants: list[int], timeout: float) -> None:
+        with guarded("waiting for the turn"):
+            self.r.blpop([self.keys.wake(p) for p in participants], timeout=timeout)
+
+    def trace(self, event: str, participant: int, seq: int) -> None:
+        with guarded("writing the trace"):
+            pipe = self.r.pipeline(transaction=False)
+            pipe.rpush(self.keys.trace, f"{event} {participant} {seq} {time.time():.6f}")
+            pipe.ltrim(self.keys.trace, -TRACE_CAP, -1)
+            pipe.execute()
+
+    def read_trace(self) -> list[tuple[str, int, int, float]]:
+        with guarded("reading the trace"):
+            rows = self.r.lrange(self.keys.trace, 0, -1)
+        out = []
+        for row in rows:
+            ev, pid, seq, t = row.decode().split()
+            out.append((ev, int(pid), int(seq), float(t)))
+        return out
+
+    def record_progress(self, participant: int, **fields: Any) -> None:
+        with guarded("recording progress"):
+            self.r.hset(self.keys.participant(participant),
+                        mapping={k: str(v) for k, v in fields.items()})
+
+    def progress(self, participant: int) -> dict[str, str]:
+        with guarded("reading progress"):
+            raw = self.r.hgetall(self.keys.participant(participant))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def all_progress(self, n: int) -> dict[int, dict[str, str]]:
+        with guarded("reading progress"):
+            pipe = self.r.pipeline(transaction=False)
+            for p in range(n):
+                pipe.hgetall(self.keys.participant(p))
+            rows = pipe.execute()
+        return {p: {k.decode(): v.decode() for k, v in row.items()} for p, row in enumerate(rows) if row}
+
+    def applied_high(self, participant: int) -> int:
+        from shared.dedup import decode_state
+
+        with guarded("reading the replay window"):
+            return decode_state(self.r.hget(self.keys.dedup, str(participant)))[0]
+
+    def claim_participant(self, n: int) -> int:
+        """Hand out the next free participant id to an anonymous worker (atomic INCR)."""
+        with guarded("claiming a participant id"):
+            pid = int(self.r.incr(self.keys.claims)) - 1
+        if pid >= n:
+            raise ConfigError(f"run {self.run_id!r} already has all {n} participants claimed")
+        return pid
+
+    # --- stop, metrics -------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        with guarded("requesting stop"):
+            self.r.set(self.keys.stop, reason)
+
+    def stop_reason(self) -> str | None:
+        with guarded("reading the stop flag"):
+            raw = self.r.get(self.keys.stop)
+        return raw.decode() if raw is not None else None
+
+    def clear_stop(self) -> None:
+        with guarded("clearing the stop flag"):
+            self.r.delete(self.keys.stop)
+
+    def push_metric(self, point: dict[str, Any]) -> None:
+        with guarded("writing a metric"):
+            pipe = self.r.pipeline(transaction=False)
+            pipe.rpush(self.keys.metrics, json.dumps(point))
+            pipe.ltrim(self.keys.metrics, -METRICS_CAP, -1)
+            pipe.execute()
+
+    def metrics(self) -> list[dict[str, Any]]:
+        with guarded("reading metrics"):
+            return [json.loads(x) for x in self.r.lrange(self.keys.metrics, 0, -1)]
+
+    def delete_run(self) -> int:
+        with guarded("deleting the run"):
+            names = list(self.r.scan_iter(match=self.keys.all_patterns()[0], count=1000))
+            removed = int(self.r.delete(*names)) if names else 0
+            self.r.srem(RUNS, self.run_id)
+        return removed
+
+
+def list_runs(r: redis.Redis) -> list[str]:
+    with guarded("listing runs"):
+        return sorted(x.decode() for x in r.smembers(RUNS))

@@ -1,0 +1,69 @@
+"""Local SGD and evaluation: the only place that runs PyTorch training loops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    accuracy: float
+    loss: float
+    examples: int
+
+
+class LocalTrainer:
+    """One participant's model, data and optimiser; ``epoch()`` is the paper's local step 2."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        lr: float,
+        batch_size: int,
+        seed: int,
+        momentum: float = 0.0,
+    ) -> None:
+        self.model = model
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def epoch(self) -> float:
+        """One pass over the local data in shuffled mini-batches; returns the mean training loss."""
+        self.model.train()
+        order = torch.randperm(len(self.x), generator=self.gen)
+        total, count = 0.0, 0
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            self.opt.zero_grad(set_to_none=True)
+            loss = F.nll_loss(self.model(self.x[idx]), self.y[idx])
+            loss.backward()
+            self.opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        return total / max(1, count)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> EvalResult:
+    model.eval()
+    correct, loss = 0, 0.0
+    for start in range(0, len(x), batch):
+        out = model(x[start : start + batch])
+        target = y[start : start + batch]
+        loss += float(F.nll_loss(out, target, reduction="sum"))
+        correct += int((out.argmax(1) == target).sum())
+    n = len(x)
+    return EvalResult(accuracy=correct / n, loss=loss / n, examples=n)
+
+
+def labels_tensor(y: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))

@@ -1,0 +1,734 @@
+"""Wire format of sparse gradient updates: the only module that encodes or decodes messages.
+
+A participant sends the aggregator an :class:`Update`: ``k`` (index, value) pairs out of a model of
+``n`` parameters. The message is built to be small, cheap to code and safe to decode from an
+untrusted peer.
+
+Layout of schema version 1 (all integers little-endian)::
+
+    offset  size  field
+    0       1     version      SCHEMA_VERSION (=1); decoders dispatch on it first
+    1       1     flags        bit 0: an HMAC tag is appended; other bits must be 0
+    2       4     participant  uint32, readable without decoding the rest (peek_participant)
+    6       ...   payload      one msgpack map, exactly these keys:
+                    "r"  str   run id (<= 64 characters)
+                    "s"  int   seq, 1 <= seq < 2**63
+                    "b"  int   base_version, 0 <= base_version < 2**63
+                    "n"  int   model size, 1 <= n < 2**32
+                    "k"  int   number of entries, 0 <= k <= n
+                    "ic" int   index coding (see below)
+                    "il" int   Elias-Fano low-bit width L (0..32; 0 for the other codings)
+                    "ix" bin   index section
+                    "vc" int   value coding: 0 = f32, 1 = f16, 2 = q8
+                    "vx" bin   value section
+    end-32  32    HMAC-SHA256(key, every preceding byte), only when flags bit 0 is set
+
+Index codings (the encoder computes the exact size of each candidate and keeps the smallest):
+
+    0 EMPTY    k == 0; no bytes
+    1 ALL      k == n; no bytes (every parameter is present, in order)
+    2 EF       Elias-Fano of the k indices with L low bits each: a bit stream of the k*L low
+               bits (MSB first, entry after entry) followed by the high-part bitmap of
+               ((n-1) >> L) + k bits in which entry i sets bit (index >> L) + i; zero-padded to
+               whole bytes. Costs about 2 + log2(n/k) bits per entry, within a few percent to
+               ~12% of the floor log2(C(n, k)) / k for 1e-3 <= k/n <= 0.1.
+    3 BITMAP   n bits, bit j set iff j is an index (np.packbits order); cheapest when dense
+    4 COMP_EF  EF (as above, with its own L) of the n - k indices that are NOT present;
+               cheapest when only a few parameters are missing
+
+Value codings (one decoder accepts all; decoded values are always float32):
+
+    f32  k * 4 bytes, raw little-endian float32; exact (bit for bit)
+    f16  k * 2 bytes, little-endian float16; see :class:`ValueCoding` for the error bound
+    q8   4 bytes float32 scale, then k int8; unbiased stochastic rounding
+
+Decoding is defensive: the size limit is checked before anything else, the MAC (when the caller
+has keys) before msgpack sees a byte, msgpack runs with explicit limits and no extension types,
+the schema is exact, and every claimed count is checked against the bytes actually present before
+an array is allocated. So no decoded array is much larger than the message itself: peak memory
+of a decode, outputs included, stays within about 20x the body size (measured on a 4 MB message
+of 1.5 million entries), and within a few MB when ``expected_n`` pins the model size.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from shared.errors import WireError
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "SCHEMA_VERSION",
+    "Update",
+    "ValueCoding",
+    "WireError",  # re-exported so callers can write `except wire.WireError`
+    "decode",
+    "describe",
+    "encode",
+    "encoded_index_bits",
+    "log2_binomial",
+    "peek_participant",
+]
+
+SCHEMA_VERSION: int = 1
+MAX_MESSAGE_BYTES: int = 8 * 1024 * 1024
+
+MAX_RUN_ID_CHARS = 64
+_MAX_PARTICIPANT = 2**32
+_MAX_SEQ = 2**63
+_MAX_N = 2**32
+
+_FLAG_MAC = 0x01
+_KNOWN_FLAGS = _FLAG_MAC
+_HEADER_V1 = 6  # version, flags, uint32 participant
+_MAC_BYTES = hashlib.sha256().digest_size
+_MAX_EF_LOW_BITS = 32  # n < 2**32, so a wider low part never helps
+_EF_DECODE_CHUNK = 1 << 16  # entries per step when decoding low bits (bounds temporary memory)
+
+# Index coding identifiers (stored in the message; never renumber, only append).
+_IX_EMPTY = 0
+_IX_ALL = 1
+_IX_EF = 2
+_IX_BITMAP = 3
+_IX_COMP_EF = 4
+_IX_NAMES = {
+    _IX_EMPTY: "empty",
+    _IX_ALL: "all",
+    _IX_EF: "ef",
+    _IX_BITMAP: "bitmap",
+    _IX_COMP_EF: "complement-ef",
+}
+
+
+class ValueCoding(str, enum.Enum):
+    """How the values of an update travel.
+
+    * ``F32``: raw float32, exact.
+    * ``F16``: float16, round to nearest. For ``2**-14 <= |v| <= 65504`` (float16's normal
+      range) the relative error is at most ``2**-11``; below that range the absolute error is at
+      most ``2**-25``. A value that rounds beyond float16's range (``|v| >= 65520``) makes
+      :func:`encode` raise :class:`WireError` instead of silently becoming infinite.
+    * ``Q8``: one float32 ``scale = max|v| / 127`` (rounded up so that no ``|v| / scale`` exceeds
+      127) and one int8 per entry, ``q = floor(v / scale + u)`` with ``u ~ U[0, 1)``, clipped to
+      ``[-127, 127]``. Decoded ``q * scale`` satisfies ``|decoded - v| < scale`` (plus one float32
+      rounding of the product) and ``E[decoded] == v``: the rounding is unbiased.
+    """
+
+    F32 = "f32"
+    F16 = "f16"
+    Q8 = "q8"
+
+
+# Value coding identifiers on the wire (never renumber, only append).
+_VC_IDS = {ValueCoding.F32: 0, ValueCoding.F16: 1, ValueCoding.Q8: 2}
+_VC_BY_ID = {v: k for k, v in _VC_IDS.items()}
+_Q8_SCALE_BYTES = 4
+
+
+@dataclass(frozen=True, eq=False)
+class Update:
+    """A sparse gradient update: ``values[i]`` belongs to parameter ``indices[i]``.
+
+    ``indices`` is int64, strictly increasing, all in ``[0, n)``; ``values`` is float32 of the
+    same length. :func:`encode` checks these; the constructor does not, to stay cheap.
+    """
+
+    run_id: str
+    participant: int
+    seq: int
+    base_version: int
+    n: int
+    indices: np.ndarray
+    values: np.ndarray
+
+    @property
+    def count(self) -> int:
+        """Number of (index, value) entries."""
+        return int(self.indices.shape[0])
+
+    def _scalars(self) -> tuple[str, int, int, int, int]:
+        return (self.run_id, self.participant, self.seq, self.base_version, self.n)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Update):
+            return NotImplemented
+        if self._scalars() != other._scalars():
+            return False
+        if not np.array_equal(self.indices, other.indices):
+            return False
+        a = np.ascontiguousarray(self.values, dtype=np.float32)
+        b = np.ascontiguousarray(other.values, dtype=np.float32)
+        # Bit comparison: NaN payloads and -0.0 must survive a round trip, and == would say no.
+        return a.shape == b.shape and bool(np.array_equal(a.view(np.uint32), b.view(np.uint32)))
+
+    __hash__ = None  # type: ignore[assignment]  # holds mutable arrays
+
+
+# ---------------------------------------------------------------------------------------------
+# Index coding
+
+
+def _ef_bits(n: int, k: int, low: int) -> int:
+    """Exact bit count of an Elias-Fano coding of k of n indices with ``low`` low bits."""
+    return k * low + ((n - 1) >> low) + k
+
+
+def _best_ef(n: int, k: int) -> tuple[int, int]:
+    """(bytes, L) of the Elias-Fano coding of k of n indices with the fewest bits.
+
+    The size is convex in L: going from L to L+1 adds k low bits and saves ceil(a/2) high bits,
+    a = (n-1) >> L, which only shrinks as L grows. So the first L where the saving no longer
+    beats the cost is the exact optimum.
+    """
+    low = 0
+    while low < _MAX_EF_LOW_BITS and ((((n - 1) >> low) + 1) >> 1) > k:
+        low += 1
+    return (_ef_bits(n, k, low) + 7) // 8, low
+
+
+def _ef_encode(idx: np.ndarray, n: int, low: int) -> bytes:
+    k = idx.shape[0]
+    lo_bits = k * low
+    bits = np.zeros(lo_bits + ((n - 1) >> low) + k, dtype=np.uint8)
+    if low:
+        # One vectorised pass per bit plane (<= 32 planes, each over all k entries): measured
+        # faster than unpacking whole integers and slicing columns.
+        planes = bits[:lo_bits].reshape(k, low)
+        for j in range(low):
+            planes[:, j] = (idx >> (low - 1 - j)) & 1
+    bits[lo_bits + (idx >> low) + np.arange(k)] = 1
+    return np.packbits(bits).tobytes()
+
+
+def _ef_decode(data: bytes, n: int, k: int, low: int) -> np.ndarray:
+    """Inverse of :func:`_ef_encode`; the caller has checked len(data) against (n, k, low)."""
+    lo_bits = k * low
+    total = _ef_bits(n, k, low)
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
+    if bits[total:].any():
+        raise WireError("index section has non-zero padding bits")
+    # nonzero() on a bool view is several times faster than on uint8.
+    pos = np.flatnonzero(bits[lo_bits:total].view(bool))
+    if pos.shape[0] != k:
+        raise WireError(f"index section holds {pos.shape[0]} entries but the message declares {k}")
+    out = pos.astype(np.int64) - np.arange(k, dtype=np.int64)
+    if low:
+        # Bits times powers of two through BLAS: exact because every partial sum is an integer
+        # below 2**low, which float32 holds exactly up to 24 bits and float64 up to 53. Chunks
+        # cap the float copy of the bit matrix, so a large forged message cannot make it huge.
+        ftype = np.float32 if low <= 24 else np.float64
+        weights = np.exp2(np.arange(low - 1, -1, -1)).astype(ftype)
+        planes = bits[:lo_bits].reshape(k, low)
+        lows = np.empty(k, dtype=np.int64)
+        for start in range(0, k, _EF_DECODE_CHUNK):
+            stop = start + _EF_DECODE_CHUNK
+            lows[start:stop] = planes[start:stop].astype(ftype) @ weights
+        out = (out << low) | lows
+    return out
+
+
+def _choose_index_coding(n: int, k: int) -> tuple[int, int, int]:
+    """(coding, L, bytes) of the smallest index coding for k of n."""
+    if k == 0:
+        return _IX_EMPTY, 0, 0
+    if k == n:
+        return _IX_ALL, 0, 0
+    ef_bytes, ef_low = _best_ef(n, k)
+    comp_bytes, comp_low = _best_ef(n, n - k)
+    candidates = [
+        (ef_bytes, _IX_EF, ef_low),
+        ((n + 7) // 8, _IX_BITMAP, 0),
+        (comp_bytes, _IX_COMP_EF, comp_low),
+    ]
+    size, coding, low = min(candidates)
+    return coding, low, size
+
+
+def _index_section_bytes(coding: int, n: int, k: int, low: int) -> int:
+    """Exact byte length an index section must have, or raise if the combination is invalid."""
+    if coding == _IX_EMPTY:
+        if k != 0:
+            raise WireError(f"index coding 'empty' with {k} entries")
+        return 0
+    if coding == _IX_ALL:
+        if k != n:
+            raise WireError(f"index coding 'all' with {k} entries for a model of {n}")
+        return 0
+    if coding == _IX_BITMAP:
+        return (n + 7) // 8
+    if coding in (_IX_EF, _IX_COMP_EF):
+        m = k if coding == _IX_EF else n - k
+        if m < 1:
+            raise WireError(f"index coding '{_IX_NAMES[coding]}' with no entries to code")
+        if not 0 <= low <= _MAX_EF_LOW_BITS:
+            raise WireError(f"Elias-Fano low-bit width {low} is out of range 0..32")
+        return (_ef_bits(n, m, low) + 7) // 8
+    raise WireError(f"unknown index coding {coding}")
+
+
+def _encode_indices(idx: np.ndarray, n: int) -> tuple[int, int, bytes]:
+    k = idx.shape[0]
+    coding, low, _ = _choose_index_coding(n, k)
+    if coding in (_IX_EMPTY, _IX_ALL):
+        return coding, 0, b""
+    if coding == _IX_EF:
+        return coding, low, _ef_encode(idx, n, low)
+    mask = np.zeros(n, dtype=np.uint8)
+    mask[idx] = 1
+    if coding == _IX_BITMAP:
+        return coding, 0, np.packbits(mask).tobytes()
+    return coding, low, _ef_encode(np.flatnonzero(mask == 0), n, low)
+
+
+def _decode_indices(coding: int, data: bytes, n: int, k: int, low: int) -> np.ndarray:
+    """Decode an index section whose length has already been checked."""
+    if coding == _IX_EMPTY:
+        return np.zeros(0, dtype=np.int64)
+    if coding == _IX_ALL:
+        return np.arange(n, dtype=np.int64)
+    if coding == _IX_BITMAP:
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
+        if bits[n:].any():
+            raise WireError("index bitmap has non-zero padding bits")
+        idx = np.flatnonzero(bits[:n].view(bool)).astype(np.int64, copy=False)
+        if idx.shape[0] != k:
+            raise WireError(f"index bitmap holds {idx.shape[0]} entries; the message declares {k}")
+        return idx
+    m = k if coding == _IX_EF else n - k
+    coded = _ef_decode(data, n, m, low)
+    # EF yields non-decreasing values by construction; equal neighbours or a last value past n
+    # can only come from a forged section.
+    if m > 1 and not bool(np.all(coded[1:] > coded[:-1])):
+        raise WireError("indices are not strictly increasing")
+    if coded[-1] >= n:
+        raise WireError(f"index {int(coded[-1])} is out of range for a model of {n}")
+    if coding == _IX_EF:
+        return coded
+    mask = np.ones(n, dtype=bool)
+    mask[coded] = False
+    return np.flatnonzero(mask).astype(np.int64, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Value coding
+
+
+def _encode_values(
+    values: np.ndarray, coding: ValueCoding, rng: np.random.Generator | None
+) -> bytes:
+    if coding is ValueCoding.F32:
+        return values.astype("<f4", copy=False).tobytes()
+    if coding is ValueCoding.F16:
+        with np.errstate(over="ignore"):  # overflow is reported below as a WireError
+            half = values.astype("<f2")
+        if not bool(np.isfinite(half).all()):
+            bad = float(values[~np.isfinite(half)][0])
+            raise WireError(f"value {bad!r} is beyond float16 range (|v| < 65520); use f32 or q8")
+        return half.tobytes()
+    # Q8
+    wide = values.astype(np.float64)
+    max_abs = float(np.abs(wide).max()) if wide.shape[0] else 0.0
+    scale = np.float32(max_abs / 127.0)
+    if float(scale) * 127.0 < max_abs:
+        # Round the scale up so |v| / scale <= 127: clipping would otherwise bias the top entry.
+        scale = np.nextafter(scale, np.float32(np.inf))
+    if max_abs == 0.0:
+        q = np.zeros(wide.shape[0], dtype=np.int8)
+    else:
+        gen = rng if rng is not None else np.random.default_rng()
+        noisy = np.floor(wide / float(scale) + gen.random(wide.shape[0]))
+        q = np.clip(noisy, -127, 127).astype(np.int8)
+    return np.asarray(scale, dtype="<f4").tobytes() + q.tobytes()
+
+
+def _value_section_bytes(coding: ValueCoding, k: int) -> int:
+    if coding is ValueCoding.F32:
+        return 4 * k
+    if coding is ValueCoding.F16:
+        return 2 * k
+    return _Q8_SCALE_BYTES + k
+
+
+def _decode_values(coding: ValueCoding, data: bytes, k: int) -> np.ndarray:
+    """Decode a value section whose length has already been checked; always float32."""
+    if coding is ValueCoding.F32:
+        out = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    elif coding is ValueCoding.F16:
+        out = np.frombuffer(data, dtype="<f2").astype(np.float32)
+    else:
+        scale = np.frombuffer(data, dtype="<f4", count=1)[0]
+        if not (np.isfinite(scale) and scale >= 0):
+            raise WireError(f"q8 scale {float(scale)!r} is not a finite non-negative number")
+        q = np.frombuffer(data, dtype=np.int8, offset=_Q8_SCALE_BYTES)
+        if k and int(q.min()) < -127:
+            raise WireError("q8 value -128 is outside the symmetric range [-127, 127]")
+        with np.errstate(over="ignore"):  # a forged scale may overflow; refused just below
+            out = q.astype(np.float32) * np.float32(scale)
+    if not bool(np.isfinite(out).all()):
+        raise WireError("message carries a non-finite value")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> int:
+    # bool is an int subclass but never a meaningful count or id.
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise WireError(f"{name} must be an integer, got {type(value).__name__}")
+    v = int(value)
+    if not lo <= v < hi:
+        raise WireError(f"{name} = {v} is out of range [{lo}, {hi})")
+    return v
+
+
+def _check_run_id(run_id: object) -> str:
+    if not isinstance(run_id, str):
+        raise WireError(f"run_id must be a str, got {type(run_id).__name__}")
+    if len(run_id) > MAX_RUN_ID_CHARS:
+        raise WireError(f"run_id is {len(run_id)} characters; at most {MAX_RUN_ID_CHARS} allowed")
+    return run_id
+
+
+def _checked_arrays(update: Update) -> tuple[np.ndarray, np.ndarray]:
+    """Validated (int64 indices, float32 values) of an update about to be encoded."""
+    idx, val, n = update.indices, update.values, update.n
+    if not isinstance(idx, np.ndarray) or idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise WireError("indices must be a 1-D integer numpy array")
+    if not isinstance(val, np.ndarray) or val.ndim != 1 or val.dtype != np.float32:
+        raise WireError("values must be a 1-D float32 numpy array")
+    k = idx.shape[0]
+    if val.shape[0] != k:
+        raise WireError(f"{k} indices but {val.shape[0]} values")
+    if k > n:
+        raise WireError(f"{k} entries for a model of only {n} parameters")
+    if k:
+        # Range first: it makes the int64 cast below lossless for unsigned input.
+        if int(idx.min()) < 0 or int(idx.max()) >= n:
+            lo, hi = int(idx.min()), int(idx.max())
+            raise WireError(f"indices must lie in [0, {n}); got [{lo}, {hi}]")
+        idx = idx.astype(np.int64, copy=False)
+        if k > 1 and not bool(np.all(idx[1:] > idx[:-1])):
+            raise WireError("indices must be strictly increasing (sorted, no duplicates)")
+        if not bool(np.isfinite(val).all()):
+            raise WireError("values must be finite (no NaN or infinity)")
+    else:
+        idx = idx.astype(np.int64, copy=False)
+    return idx, val
+
+
+def encode(
+    update: Update,
+    *,
+    values: ValueCoding | str = ValueCoding.F32,
+    key: bytes | None = None,
+    rng: np.random.Generator | None = None,
+) -> bytes:
+    """Encode ``update`` as one message body.
+
+    ``values`` picks the value coding (see :class:`ValueCoding`); the index coding is chosen
+    automatically as the smallest for this update's density. With ``key`` (the participant's
+    secret) an HMAC-SHA256 tag over all preceding bytes is appended. ``rng`` drives Q8's
+    stochastic rounding only. Raises :class:`WireError` if the update is invalid (field ranges,
+    unsorted/duplicate/out-of-range indices, length mismatch, non-finite values), if a value does
+    not fit the chosen coding, or if the message would exceed :data:`MAX_MESSAGE_BYTES`.
+    """
+    if not isinstance(update, Update):
+        raise WireError(f"expected an Update, got {type(update).__name__}")
+    try:
+        coding = ValueCoding(values)
+    except ValueError:
+        raise WireError(f"unknown value coding {values!r}") from None
+    run_id = _check_run_id(update.run_id)
+    participant = _check_int("participant", update.participant, 0, _MAX_PARTICIPANT)
+    seq = _check_int("seq", update.seq, 1, _MAX_SEQ)
+    base = _check_int("base_version", update.base_version, 0, _MAX_SEQ)
+    n = _check_int("n", update.n, 1, _MAX_N)
+    idx, val = _checked_arrays(update)
+    if key is not None and (not isinstance(key, bytes) or not key):
+        raise WireError("key must be non-empty bytes")
+
+    ic, low, ix = _encode_indices(idx, n)
+    payload = {
+        "r": run_id,
+        "s": seq,
+        "b": base,
+        "n": n,
+        "k": idx.shape[0],
+        "ic": ic,
+        "il": low,
+        "ix": ix,
+        "vc": _VC_IDS[coding],
+        "vx": _encode_values(val, coding, rng),
+    }
+    try:
+        packed = msgpack.packb(payload, use_bin_type=True)
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a run id with lone surrogates
+        raise WireError(f"cannot encode update: {exc}") from exc
+    flags = _FLAG_MAC if key is not None else 0
+    header = bytes((SCHEMA_VERSION, flags)) + participant.to_bytes(4, "little")
+    body = header + packed
+    if key is not None:
+        body += hmac.digest(key, body, "sha256")
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise WireError(f"message would be {len(body)} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+@dataclass(frozen=True)
+class _Header:
+    version: int
+    flags: int
+    participant: int
+    size: int
+
+    @property
+    def has_mac(self) -> bool:
+        return bool(self.flags & _FLAG_MAC)
+
+
+def _header_v1(body: bytes) -> _Header:
+    if len(body) < _HEADER_V1:
+        raise WireError(f"message of {len(body)} bytes is shorter than a {_HEADER_V1}-byte header")
+    flags = body[1]
+    if flags & ~_KNOWN_FLAGS:
+        raise WireError(f"unknown flag bits 0x{flags & ~_KNOWN_FLAGS:02x}")
+    participant = int.from_bytes(body[2:6], "little")
+    return _Header(body[0], flags, participant, _HEADER_V1)
+
+
+def _is_bytes(body: object) -> bool:
+    return isinstance(body, (bytes, bytearray))
+
+
+def _as_body(body: object) -> bytes:
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, (bytearray, memoryview)):
+        return bytes(body)
+    raise WireError(f"message body must be bytes, got {type(body).__name__}")
+
+
+def _read_header(body: bytes) -> _Header:
+    if not body:
+        raise WireError("empty message")
+    version = body[0]
+    fmt = _FORMATS.get(version)
+    if fmt is None:
+        known = ", ".join(str(v) for v in sorted(_FORMATS))
+        raise WireError(f"unsupported schema version {version} (this build reads {known})")
+    header = fmt[0](body)
+    if header.has_mac and len(body) < header.size + _MAC_BYTES:
+        raise WireError("message is flagged as authenticated but is too short to hold a MAC")
+    return header
+
+
+def _reject_ext(code: int, data: bytes) -> object:
+    raise WireError(f"msgpack extension type {code} is not allowed")
+
+
+def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise WireError("duplicate key in message map")
+    return out
+
+
+_SCHEMA_V1: dict[str, type] = {
+    "r": str,
+    "s": int,
+    "b": int,
+    "n": int,
+    "k": int,
+    "ic": int,
+    "il": int,
+    "ix": bytes,
+    "vc": int,
+    "vx": bytes,
+}
+
+
+def _unpack_v1(payload: bytes | memoryview) -> dict[str, Any]:
+    try:
+        obj = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=4 * MAX_RUN_ID_CHARS,
+            max_bin_len=len(payload),
+            max_array_len=0,
+            max_map_len=len(_SCHEMA_V1),
+            max_ext_len=0,
+            ext_hook=_reject_ext,
+            object_pairs_hook=_unique_map,
+        )
+    except WireError:
+        raise
+    except Exception as exc:  # msgpack raises a zoo of ValueError/StackError/ExtraData/...
+        raise WireError(f"payload is not valid msgpack: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise WireError(f"payload must be a map, got {type(obj).__name__}")
+    if set(obj) != set(_SCHEMA_V1):
+        missing = sorted(set(_SCHEMA_V1) - set(obj))
+        unknown = sorted(str(x) for x in set(obj) - set(_SCHEMA_V1))
+        raise WireError(
+            f"payload keys differ from the schema: missing {missing}, unknown {unknown}"
+        )
+    for name, typ in _SCHEMA_V1.items():
+        # `type(...) is` so that bool (an int subclass) is refused where an int is expected.
+        if type(obj[name]) is not typ:
+            got = type(obj[name]).__name__
+            raise WireError(f"field {name!r} must be {typ.__name__}, got {got}")
+    return obj
+
+
+def _decode_v1(
+    body: bytes,
+    header: _Header,
+    payload: memoryview,
+    expected_run: str | None,
+    expected_n: int | None,
+) -> Update:
+    obj = _unpack_v1(payload)
+    run_id = _check_run_id(obj["r"])
+    seq = _check_int("seq", obj["s"], 1, _MAX_SEQ)
+    base = _check_int("base_version", obj["b"], 0, _MAX_SEQ)
+    n = _check_int("n", obj["n"], 1, _MAX_N)
+    if expected_run is not None and run_id != expected_run:
+        raise WireError(
+            f"message is for run {run_id!r} but this aggregator serves run {expected_run!r}"
+        )
+    if expected_n is not None and n != expected_n:
+        raise WireError(
+            f"message is for a model of {n} parameters but this run's model has {expected_n}"
+        )
+    k = _check_int("k", obj["k"], 0, n + 1)
+    vcode = _VC_BY_ID.get(obj["vc"])
+    if vcode is None:
+        raise WireError(f"unknown value coding {obj['vc']}")
+    ic, low = obj["ic"], obj["il"]
+    if ic not in (_IX_EF, _IX_COMP_EF) and low != 0:
+        raise WireError(f"low-bit width {low} given for index coding {ic}")
+    # Every length is checked against what the declared (n, k) imply before anything is
+    # allocated from it, so forged counts cannot make us allocate more than the body supports.
+    want_vx = _value_section_bytes(vcode, k)
+    if len(obj["vx"]) != want_vx:
+        raise WireError(
+            f"value section is {len(obj['vx'])} bytes; {k} {vcode.value} values need {want_vx}"
+        )
+    want_ix = _index_section_bytes(ic, n, k, low)
+    if len(obj["ix"]) != want_ix:
+        raise WireError(f"index section is {len(obj['ix'])} bytes; its coding needs {want_ix}")
+    values = _decode_values(vcode, obj["vx"], k)
+    indices = _decode_indices(ic, obj["ix"], n, k, low)
+    return Update(run_id, header.participant, seq, base, n, indices, values)
+
+
+# Dispatch on the version byte: (header reader, body decoder). Keep old entries when adding a
+# version so messages from older participants keep decoding.
+_FORMATS: dict[
+    int,
+    tuple[
+        Callable[[bytes], _Header],
+        Callable[[bytes, _Header, memoryview, str | None, int | None], Update],
+    ],
+] = {1: (_header_v1, _decode_v1)}
+
+
+def peek_participant(body: bytes) -> int:
+    """Participant id from the fixed header, without decoding or verifying the rest.
+
+    Lets the aggregator look up the participant's key before :func:`decode` verifies the MAC.
+    The id is untrusted until that verification succeeds. Raises :class:`WireError` if the header
+    is malformed or the version unknown.
+    """
+    return _read_header(_as_body(body)).participant
+
+
+def decode(
+    body: bytes,
+    *,
+    key_for: Callable[[int], bytes | None] | None = None,
+    expected_run: str | None = None,
+    expected_n: int | None = None,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+) -> Update:
+    """Decode and fully validate one message body; raises :class:`WireError` on any defect.
+
+    With ``key_for``, the message must carry a MAC made with ``key_for(participant)``; it is
+    checked in constant time before the payload is parsed (unknown participant, missing MAC and
+    bad MAC are all WireError). Without ``key_for`` a MAC, if present, is ignored.
+    ``expected_run`` / ``expected_n`` refuse messages for another run or model size. Exceptions
+    raised by ``key_for`` itself propagate unchanged.
+    """
+    # Size first, before even copying a bytearray/memoryview into bytes.
+    size = body.nbytes if isinstance(body, memoryview) else len(body) if _is_bytes(body) else 0
+    if size > max_bytes:
+        raise WireError(f"message of {size} bytes exceeds the {max_bytes}-byte limit")
+    body = _as_body(body)
+    header = _read_header(body)
+    end = len(body) - _MAC_BYTES if header.has_mac else len(body)
+    view = memoryview(body)
+    if key_for is not None:
+        key = key_for(header.participant)
+        if key is None:
+            raise WireError(f"unknown participant {header.participant}")
+        if not isinstance(key, (bytes, bytearray)) or not key:
+            raise WireError(f"key for participant {header.participant} is not non-empty bytes")
+        if not header.has_mac:
+            raise WireError(f"unauthenticated message from participant {header.participant}")
+        tag = hmac.digest(key, view[:end], "sha256")
+        if not hmac.compare_digest(tag, body[end:]):
+            raise WireError(f"bad mac on message from participant {header.participant}")
+    payload = view[header.size : end]
+    return _FORMATS[header.version][1](body, header, payload, expected_run, expected_n)
+
+
+def describe(body: bytes) -> dict[str, int | str]:
+    """Sizes and codings of a message's sections, for benchmarks and logs.
+
+    Neither the MAC nor the index/value sections are checked: use :func:`decode` for that.
+    Reads the version 1 payload layout, the only one so far.
+    """
+    body = _as_body(body)
+    header = _read_header(body)
+    end = len(body) - _MAC_BYTES if header.has_mac else len(body)
+    obj = _unpack_v1(memoryview(body)[header.size : end])
+    return {
+        "version": header.version,
+        "participant": header.participant,
+        "n": obj["n"],
+        "k": obj["k"],
+        "index_coding": _IX_NAMES.get(obj["ic"], str(obj["ic"])),
+        "index_low_bits": obj["il"],
+        "index_bytes": len(obj["ix"]),
+        "value_coding": _VC_BY_ID[obj["vc"]].value if obj["vc"] in _VC_BY_ID else str(obj["vc"]),
+        "value_bytes": len(obj["vx"]),
+        "mac_bytes": _MAC_BYTES if header.has_mac else 0,
+        "total_bytes": len(body),
+    }
+
+
+def encoded_index_bits(body: bytes) -> int:
+    """Size in bits of the index section of a message (whole bytes, as sent)."""
+    return 8 * int(describe(body)["index_bytes"])
+
+
+def log2_binomial(n: int, k: int) -> float:
+    """log2 C(n, k): the information floor in bits for coding k of n indices."""
+    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)

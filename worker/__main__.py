@@ -1,0 +1,7 @@
+"""``python -m worker`` is ``dssgd worker``."""
+
+import sys
+
+from dssgd.cli import main
+
+sys.exit(main(["worker", *sys.argv[1:]]))

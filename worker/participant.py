@@ -1,0 +1,156 @@
+"""One participant: the paper's epoch (Algorithm 1) against the global state.
+
+download θd (most-updated) → overwrite → one local SGD epoch → Δw → select θu → clip ±γ →
+publish, confirmed. The sequence number advances only after the broker confirms, and a message
+whose confirm is lost is re-sent with the same sequence number (the aggregator's replay window
+makes the second copy a no-op).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shared import wire
+from shared.amqp_names import AmqpNames
+from shared.broker import Publisher
+from shared.config import RunConfig
+from shared.data import Mnist, prepare, shard_indices
+from shared.errors import BrokerError, StopRequested
+from shared.lifecycle import Backoff, StopFlag
+from shared.models import build_model, get_flat, set_flat
+from shared.selection import budget, clip, most_updated, select
+from shared.store import RunStore
+from shared.training import LocalTrainer, labels_tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochReport:
+    seq: int
+    base_version: int
+    entries: int
+    bytes_up: int
+    bytes_down: int
+    loss: float
+    seconds_train: float
+    seconds_total: float
+
+
+class Participant:
+    def __init__(self, pid: int, cfg: RunConfig, store: RunStore, publisher: Publisher,
+                 stop: StopFlag, data: Mnist | None, synthetic: bool = False,
+                 record_dir: Path | None = None) -> None:
+        self.pid, self.cfg, self.store, self.pub, self.stop = pid, cfg, store, publisher, stop
+        self.synthetic = synthetic
+        self.rng = np.random.default_rng([cfg.seed, pid, int(time.time())])
+        self.record = None
+        if record_dir is not None:
+            record_dir.mkdir(parents=True, exist_ok=True)
+            self.record = (record_dir / f"confirmed-{pid}.jsonl").open("a")
+        progress = store.progress(pid)
+        self.epochs = int(progress.get("epochs", 0))
+        self.bytes_up = int(progress.get("bytes_up", 0))
+        self.bytes_down = int(progress.get("bytes_down", 0))
+        # Never reuse a sequence number that may already have been applied.
+        self.seq = max(int(progress.get("seq", 0)), store.applied_high(pid)) + 1
+        self.model = build_model(cfg.model, cfg.seed)
+        self.n = sum(p.numel() for p in self.model.parameters())
+        if not synthetic:
+            assert data is not None
+            idx = shard_indices(data.train_y, pid, cfg.participants, cfg.shard_size, cfg.seed,
+                                cfg.label_skew)
+            self.trainer = LocalTrainer(self.model, prepare(data.train_x[idx], cfg.model),
+                                        labels_tensor(data.train_y[idx]), cfg.lr, cfg.batch_size,
+                                        seed=cfg.seed * 100_003 + pid + self.epochs)
+        self.local = get_flat(self.model)
+
+    @property
+    def done(self) -> bool:
+        return self.cfg.epochs > 0 and self.epochs >= self.cfg.epochs
+
+    # --- the epoch ------------------------------------------------------------------------------
+
+    def run_epoch(self) -> EpochReport:
+        t0 = time.perf_counter()
+        if self.cfg.ordered:
+            self.store.trace("d", self.pid, self.seq)
+        version, w, stat = self.store.read_params(with_stat=self.cfg.theta_d < 1.0)
+        bytes_down = w.nbytes
+        if self.cfg.theta_d >= 1.0:
+            self.local[:] = w
+        else:
+            if self.cfg.download == "random":
+                k = max(1, int(round(self.cfg.theta_d * self.n)))
+                chosen = np.sort(self.rng.choice(self.n, size=k, replace=False))
+            else:
+                assert stat is not None
+                chosen = most_updated(stat, self.cfg.theta_d)
+            self.local[chosen] = w[chosen]
+            bytes_down = chosen.size * 4
+        base = self.local.copy()
+        t1 = time.perf_counter()
+        if self.synthetic:
+            indices, values, loss = self._synthetic_update()
+        else:
+            set_flat(self.model, base)
+            loss = self.trainer.epoch()
+            get_flat(self.model, out=self.local)
+            delta = self.local - base
+            indices = select(delta, self.cfg.theta_u, self.cfg.selection, self.cfg.effective_tau,
+                             self.rng)
+            values = clip(delta[indices], self.cfg.effective_gamma)
+        t2 = time.perf_counter()
+        update = wire.Update(run_id=self.cfg.run_id, participant=self.pid, seq=self.seq,
+                             base_version=version, n=self.n, indices=indices, values=values)
+        body = wire.encode(update, values=self.cfg.value_coding, rng=self.rng)
+        self._publish(body)
+        confirmed_seq, self.seq = self.seq, self.seq + 1
+        if self.record is not None:
+            self.record.write(json.dumps({"seq": confirmed_seq, "indices": indices.tolist(),
+                                         "values": values.tolist()}) + "\n")
+            self.record.flush()
+        self.epochs += 1
+        self.bytes_up += len(body)
+        self.bytes_down += bytes_down
+        report = EpochReport(confirmed_seq, version, int(indices.size), len(body), bytes_down, loss,
+                             t2 - t1, time.perf_counter() - t0)
+        self.store.record_progress(
+            self.pid, epochs=self.epochs, seq=confirmed_seq, bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down, loss=f"{loss:.5f}", last_seen=f"{time.time():.3f}",
+            base_version=version, entries=indices.size,
+        )
+        return report
+
+    def _synthetic_update(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """Small integer values: sums are exact, so the global state is an exact oracle."""
+        k = int(self.rng.integers(1, budget(self.n, self.cfg.theta_u) + 1))
+        indices = np.sort(self.rng.choice(self.n, size=k, replace=False)).astype(np.int64)
+        limit = max(1, min(3, int(self.cfg.effective_gamma)))
+        values = self.rng.integers(-limit, limit + 1, size=k).astype(np.float32)
+        return indices, values, 0.0
+
+    def _publish(self, body: bytes) -> None:
+        """Publish until confirmed; same bytes (same seq) on every retry. Backs off, never drops."""
+        backoff = Backoff(initial=0.1, cap=5.0)
+        key = AmqpNames.routing_key(self.pid)
+        while True:
+            try:
+                self.pub.publish(key, body, headers={"participant": self.pid, "seq": self.seq})
+                return
+            except BrokerError as exc:
+                log.warning("participant %d seq %d not confirmed (%s); retrying", self.pid,
+                            self.seq, exc)
+                if not backoff.sleep(self.stop):
+                    # A stop during retries leaves this update unconfirmed: never counted.
+                    raise StopRequested(f"stopped with seq {self.seq} unconfirmed") from exc
+
+    def close(self) -> None:
+        if self.record is not None:
+            self.record.close()
