@@ -163,9 +163,11 @@ class Worker:
             log.debug("participant %d epoch %d: seq %d, %d entries, %d B up, loss %.4f, %.0f ms",
                       pid, part.epochs, report.seq, report.entries, report.bytes_up, report.loss,
                       1000 * report.seconds_total)
+            if cfg.ordered:
+                # We hold the turn until the aggregator applies this update and passes it on;
+                # looking at the turn before that would start a second epoch on stale state.
+                self._wait_applied(store, pid, report.seq)
             if part.done:
-                if cfg.ordered:
-                    self._wait_applied(store, pid, report.seq)
                 store.leave(pid, finished=True)
                 log.info("participant %d finished its %d epochs", pid, part.epochs)
 

@@ -1,0 +1,208 @@
+"""The aggregator against the real RabbitMQ and Redis: exact, idempotent, dead-letters, crash-safe."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pika
+import pytest
+
+from shared import wire
+from shared.amqp_names import REASON_HEADER, AmqpNames
+from shared.broker import Publisher
+from shared.broker import connect as amqp_connect
+from tests.conftest import RunHandle
+
+pytestmark = pytest.mark.integration
+
+
+def integer_update(h: RunHandle, pid: int, seq: int, rng: np.random.Generator,
+                   k: int = 50, base: int = 0) -> wire.Update:
+    n = h.init.size
+    idx = np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+    vals = rng.integers(-3, 4, size=k).astype(np.float32)
+    return wire.Update(h.cfg.run_id, pid, seq, base, n, idx, vals)
+
+
+def expected_state(h: RunHandle, updates: list[wire.Update]) -> tuple[np.ndarray, np.ndarray]:
+    w = h.init.astype(np.float64)
+    stat = np.zeros(h.init.size, np.float64)
+    for u in updates:
+        w[u.indices] += u.values
+        stat[u.indices] += 1
+    return w.astype(np.float32), stat.astype(np.float32)
+
+
+def assert_exact(h: RunHandle, updates: list[wire.Update]) -> None:
+    w_exp, stat_exp = expected_state(h, updates)
+    _, w, stat = h.store.read_params(with_stat=True)
+    assert stat is not None
+    assert w.tobytes() == w_exp.tobytes(), "global parameters differ from the exact sum"
+    assert stat.tobytes() == stat_exp.tobytes(), "stat differs from the update counts"
+
+
+def oracle_run(make_run: Callable[..., RunHandle], participants: int = 3) -> RunHandle:
+    # Integer values within a generous γ and the paper's raw sum: every sum is exact in float32.
+    return make_run(zero_init=True, participants=participants, theta_u=0.01, gamma=100.0,
+                    rule="sum")
+
+
+def test_apply_is_exact_byte_for_byte(make_run: Callable[..., RunHandle]) -> None:
+    h = oracle_run(make_run)
+    h.aggregator()
+    pub = Publisher(h.conns.amqp_url, h.names, app_id="test")
+    rng = np.random.default_rng(7)
+    updates = [integer_update(h, pid, seq, rng) for seq in range(1, 41) for pid in range(3)]
+    try:
+        for u in updates:
+            pub.publish(AmqpNames.routing_key(u.participant), wire.encode(u))
+    finally:
+        pub.close()
+    h.wait(lambda: h.version() == len(updates), what="all updates applied")
+    assert_exact(h, updates)
+    assert h.store.counters()["applied"] == len(updates)
+
+
+def test_duplicates_and_redeliveries_change_nothing(make_run: Callable[..., RunHandle]) -> None:
+    h = oracle_run(make_run)
+    h.aggregator()
+    pub = Publisher(h.conns.amqp_url, h.names, app_id="test")
+    rng = np.random.default_rng(8)
+    updates = [integer_update(h, 0, seq, rng) for seq in range(1, 21)]
+    bodies = [wire.encode(u) for u in updates]
+    try:
+        for b in bodies:
+            pub.publish(AmqpNames.routing_key(0), b)
+            pub.publish(AmqpNames.routing_key(0), b)  # immediate duplicate
+        for b in bodies[5:15]:  # late duplicates, out of order, after newer ones
+            pub.publish(AmqpNames.routing_key(0), b)
+    finally:
+        pub.close()
+    h.wait(lambda: h.store.counters().get("duplicates", 0) == 30, what="duplicates counted")
+    assert h.version() == 20
+    assert_exact(h, updates)
+
+
+def _drain_dead_letters(h: RunHandle, expected: int, timeout: float = 20) -> list[tuple[str, bytes]]:
+    conn = amqp_connect(h.conns.amqp_url, "dssgd-tests-dlq")
+    ch = conn.channel()
+    out: list[tuple[str, bytes]] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < expected and time.monotonic() < deadline:
+        method, props, body = ch.basic_get(h.names.dead_queue, auto_ack=True)
+        if method is None:
+            time.sleep(0.1)
+            continue
+        out.append(((props.headers or {}).get(REASON_HEADER, ""), body))
+    conn.close()
+    return out
+
+
+def test_invalid_messages_are_dead_lettered_with_a_reason(make_run: Callable[..., RunHandle]) -> None:
+    h = oracle_run(make_run)
+    h.aggregator()
+    rng = np.random.default_rng(9)
+    n = h.init.size
+    good = integer_update(h, 0, 1, rng)
+    too_big = wire.Update(h.cfg.run_id, 1, 1, 0, n, np.array([3], np.int64),
+                          np.array([1000.0], np.float32))
+    too_many = wire.Update(h.cfg.run_id, 1, 2, 0, n, np.arange(2000, dtype=np.int64),
+                           np.ones(2000, np.float32))
+    stranger = wire.Update(h.cfg.run_id, 99, 1, 0, n, np.array([3], np.int64),
+                           np.array([1.0], np.float32))
+    other_run = wire.Update("another-run", 1, 3, 0, n, np.array([3], np.int64),
+                            np.array([1.0], np.float32))
+    future = wire.Update(h.cfg.run_id, 2, 1, 10**6, n, np.array([3], np.int64),
+                         np.array([1.0], np.float32))
+    bad = {
+        b"\x00garbage": "undecodable",
+        wire.encode(too_big): "beyond-gamma",
+        wire.encode(too_many): "too-many-entries",
+        wire.encode(stranger): "unknown-participant",
+        wire.encode(other_run): "undecodable",  # refused by the codec: wrong run
+        wire.encode(future): "future-base",
+    }
+    pub = Publisher(h.conns.amqp_url, h.names, app_id="test")
+    try:
+        for body in bad:
+            pub.publish(AmqpNames.routing_key(1), body)
+        pub.publish(AmqpNames.routing_key(0), wire.encode(good))
+    finally:
+        pub.close()
+    h.wait(lambda: h.version() == 1, what="the valid update after the invalid ones")
+    dead = _drain_dead_letters(h, len(bad))
+    assert sorted(reason for reason, _ in dead) == sorted(bad.values())
+    assert {body for _, body in dead} == set(bad)
+    assert_exact(h, [good])
+    assert h.procs[0].poll() is None, "the aggregator must keep running"
+
+
+def test_unroutable_publish_raises(make_run: Callable[..., RunHandle]) -> None:
+    h = oracle_run(make_run)
+    conn = amqp_connect(h.conns.amqp_url, "dssgd-tests")
+    conn.channel().queue_unbind(h.names.queue, h.names.exchange, routing_key="upd.*")
+    conn.close()
+    from shared.errors import UnroutableError
+
+    pub = Publisher(h.conns.amqp_url, h.names, app_id="test")
+    try:
+        with pytest.raises(UnroutableError):
+            pub.publish("upd.0", b"x")
+    finally:
+        pub.close()
+
+
+@pytest.mark.slow
+def test_sigkill_aggregator_loses_nothing_applies_nothing_twice(
+    make_run: Callable[..., RunHandle], tmp_path: Path
+) -> None:
+    h = oracle_run(make_run, participants=4)
+    h.aggregator(log=tmp_path / "agg.log")
+    workers = [h.spawn("worker", "--synthetic", "--participants", str(p), "--record-dir",
+                       str(tmp_path), log=tmp_path / f"w{p}.log") for p in range(4)]
+    rng = np.random.default_rng(3)
+    kills = 0
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline:
+        time.sleep(float(rng.uniform(0.3, 1.2)))
+        agg = h.procs[0] if kills == 0 else h.procs[-1]
+        agg.send_signal(signal.SIGKILL)
+        agg.wait()
+        kills += 1
+        h.aggregator(log=tmp_path / "agg.log")
+    h.store.request_stop("test over")
+    for w in workers:
+        assert w.wait(timeout=30) == 0
+    confirmed: list[wire.Update] = []
+    for p in range(4):
+        for line in (tmp_path / f"confirmed-{p}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            confirmed.append(wire.Update(h.cfg.run_id, p, rec["seq"], 0, h.init.size,
+                                         np.array(rec["indices"], np.int64),
+                                         np.array(rec["values"], np.float32)))
+    h.wait(lambda: h.version() == len(confirmed), timeout=60, what="every confirmed update")
+    assert kills >= 10
+    assert len(confirmed) > 50
+    assert_exact(h, confirmed)
+
+
+def test_consumer_properties_name_the_participant(make_run: Callable[..., RunHandle]) -> None:
+    h = oracle_run(make_run)
+    pub = Publisher(h.conns.amqp_url, h.names, app_id="7")
+    try:
+        pub.publish("upd.7", b"payload")
+    finally:
+        pub.close()
+    conn = amqp_connect(h.conns.amqp_url, "dssgd-tests")
+    ch = conn.channel()
+    method, props, body = ch.basic_get(h.names.queue, auto_ack=True)
+    conn.close()
+    assert method is not None and body == b"payload"
+    assert props.app_id == "7"
+    assert props.content_type == "application/x-dssgd-update"
+    assert props.delivery_mode == pika.DeliveryMode.Persistent.value
