@@ -222,8 +222,6 @@ class Aggregator:
             counters[f"rejected:{reason}"] += 1
         stamp = f"{time.time():.6f}"
         log_entries = [f"{e}:{stamp}" for e in log_entries]
-        stamp = f"{time.time():.6f}"
-        log_entries = [f"{e}:{stamp}" for e in log_entries]
         turn_expect = turn_next = ""
         if advance and holder is not None:
             turn_expect, turn_next = str(holder), self._next_turn(store, holder)

@@ -18,7 +18,6 @@ from shared.config import (
     ORDERS,
     PRESETS,
     RULES,
-    SELECTIONS,
     VALUE_CODINGS,
     Connections,
     RunConfig,

@@ -36,7 +36,6 @@ class WorkerSettings:
     connections: Connections = field(default_factory=Connections)
     participants: tuple[int, ...] = ()  # explicit ids; empty = claim `claim` ids from Redis
     slot: tuple[int, int] | None = None  # (I, W): host every participant p with p % W == I
-    slot: tuple[int, int] | None = None  # (I, W): host every participant p with p % W == I
     claim: int = 1
     synthetic: bool = False  # send exact integer updates instead of training (test oracle)
     record_dir: Path | None = None  # where synthetic participants log their confirmed updates
@@ -98,14 +97,6 @@ class Worker:
         log.info("worker stopped (%s); epochs per participant: %s",
                  self.stop.reason or "all participants done", epochs)
         return EXIT_OK
-
-    def _participants(self, store: RunStore, cfg: RunConfig) -> list[int]:
-        if self.s.participants:
-            return list(self.s.participants)
-        if self.s.slot is not None:
-            i, w = self.s.slot
-            return [p for p in range(cfg.participants) if p % w == i]
-        return [store.claim_participant(cfg.participants) for _ in range(self.s.claim)]
 
     def _participants(self, store: RunStore, cfg: RunConfig) -> list[int]:
         if self.s.participants:
