@@ -28,7 +28,7 @@ SELECTIONS = ("topk", "threshold")
 RULES = ("auto", "sum", "staleness", "mean")
 VALUE_CODINGS = ("f32", "f16", "q8")
 DOWNLOADS = ("most-updated", "random")
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$")
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,47}")  # used with fullmatch
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -64,7 +64,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not RUN_ID_RE.match(self.run_id):
+        if not isinstance(self.run_id, str) or not RUN_ID_RE.fullmatch(self.run_id):
             problems.append(
                 f"run id {self.run_id!r} must be 1-48 letters, digits, '-' or '_' (not first)"
             )
@@ -96,7 +96,7 @@ class RunConfig:
             problems.append(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if self.rule not in RULES:
             problems.append(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
-        if self.staleness_exponent < 0:
+        if not (math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0):
             problems.append("staleness exponent must be >= 0")
         if not 0 < self.stat_decay <= 1:
             problems.append("stat decay β must be in (0, 1]")
@@ -104,7 +104,7 @@ class RunConfig:
             problems.append(f"value coding must be one of {', '.join(VALUE_CODINGS)}")
         if self.epochs < 0:
             problems.append("epochs must be >= 0")
-        if self.eval_interval <= 0:
+        if not (math.isfinite(self.eval_interval) and self.eval_interval > 0):
             problems.append("eval interval must be > 0 seconds")
         if self.max_staleness is not None and self.max_staleness < 0:
             problems.append("max staleness must be >= 0")
@@ -211,7 +211,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         data = tomllib.loads(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {p}: {exc}") from exc
     table = data.get("run", data)
     return {k.replace("-", "_"): v for k, v in table.items() if not isinstance(v, dict)}

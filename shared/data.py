@@ -140,6 +140,8 @@ def read_idx(path: Path) -> np.ndarray:
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 3:
         raise DataError(f"{path} is not an unsigned-byte IDX file")
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path} is truncated: its header promises {ndim} dimensions")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -257,8 +259,13 @@ def shard_indices(
     classes = np.unique(labels)
     props = rng.dirichlet(np.full(len(classes), label_skew))
     counts = rng.multinomial(shard_size, props)
+    pools = {c: np.flatnonzero(labels == c) for c in classes}
+    short = [int(c) for c, k in zip(classes, counts, strict=True) if k > pools[c].size]
+    if short:
+        raise ConfigError(f"label skew {label_skew} asks for more images of class(es) {short} "
+                          "than the training set has; use a larger α or a smaller shard")
     picked = [
-        rng.choice(np.flatnonzero(labels == c), size=k, replace=False)
+        rng.choice(pools[c], size=k, replace=False)
         for c, k in zip(classes, counts, strict=True)
         if k > 0
     ]

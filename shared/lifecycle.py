@@ -71,8 +71,9 @@ class Backoff:
     rng: random.Random = field(default_factory=random.Random)
 
     def next_delay(self) -> float:
-        ceiling = min(self.cap, self.initial * self.factor**self.attempt)
-        self.attempt += 1
+        ceiling = min(self.cap, self.initial * self.factor ** min(self.attempt, 64))
+        # The exponent is capped: after hours of retries factor**attempt would overflow a float.
+        self.attempt = min(self.attempt + 1, 64)
         return self.rng.uniform(ceiling / 2, ceiling)
 
     def reset(self) -> None:

@@ -113,21 +113,11 @@ def test_boundary_values_are_valid(changes: dict[str, Any]) -> None:
         assert getattr(cfg, key) == value
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shared/config.py RUN_ID_RE uses '$', which matches before a trailing newline, so "
-    "run_id 'abc\\n' passes validation (fullmatch or \\Z needed)",
-)
 def test_run_id_with_trailing_newline_is_rejected() -> None:
     with pytest.raises(ConfigError, match="run id"):
         RunConfig(run_id="abc\n")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shared/config.py RunConfig.__post_init__: NaN passes the 'x < 0' / 'x <= 0' checks "
-    "of staleness_exponent and eval_interval",
-)
 @pytest.mark.parametrize("name", ["staleness_exponent", "eval_interval"])
 def test_nan_is_rejected_for_every_float_field(name: str) -> None:
     with pytest.raises(ConfigError):
@@ -274,11 +264,6 @@ def test_load_toml_directory_is_config_error(tmp_path: Path) -> None:
         load_toml(tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shared/config.py load_toml: Path.read_text raises UnicodeDecodeError (a ValueError, "
-    "neither OSError nor TOMLDecodeError) for a non-UTF-8 file, so it escapes as a traceback",
-)
 def test_load_toml_non_utf8_is_config_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes(b"lr = 0.5\n# caf\xe9\n")
@@ -548,11 +533,6 @@ def test_backoff_reset_restarts() -> None:
     assert 0.1 <= b.next_delay() <= 0.2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shared/lifecycle.py Backoff.next_delay: initial*factor**attempt overflows (float "
-    "OverflowError) at attempt 1024 for factor 2, so an hour of retries crashes the loop",
-)
 def test_backoff_stays_capped_after_many_attempts() -> None:
     b = Backoff(initial=0.2, cap=5.0, rng=random.Random(0))
     delays = [b.next_delay() for _ in range(2000)]

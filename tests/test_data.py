@@ -176,11 +176,6 @@ def test_corrupt_idx_raises_data_error(tmp_path: Path, raw: bytes) -> None:
         read_idx(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shared/data.py read_idx: a valid magic with a truncated dims header makes "
-    "struct.unpack raise struct.error instead of DataError",
-)
 def test_truncated_idx_dimensions_raise_data_error(tmp_path: Path) -> None:
     path = tmp_path / "truncated"
     path.write_bytes(bytes.fromhex("00000803") + struct.pack(">I", 2))  # 1 of 3 dims
@@ -469,11 +464,6 @@ def test_invalid_shard_arguments_raise_config_error(
         shard_indices(balanced_labels(), participant, n_participants, shard_size, 1, skew)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shared/data.py shard_indices: with label_skew, a class drawn more often than it "
-    "has samples makes rng.choice(replace=False) raise numpy's ValueError",
-)
 def test_label_skew_larger_than_a_class_gives_shard_or_config_error() -> None:
     labels = np.repeat(np.arange(10), 10)  # 10 samples per class
     try:
