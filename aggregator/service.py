@@ -34,7 +34,8 @@ from shared.config import Connections, RunConfig
 from shared.errors import BrokerError, ConfigError, FencedError, StoreError, ValidationError
 from shared.lifecycle import EXIT_FENCED, EXIT_OK, Backoff, StopFlag
 from shared.models import initial_parameters, model_spec
-from shared.rules import UpdateRule, apply_update, decay
+from shared.provision import participant_user
+from shared.rules import UpdateRule, apply_update, bound_l2, decay
 from shared.store import AggregatorState, RunStore
 from shared.store import connect as redis_connect
 
@@ -49,6 +50,9 @@ class AggregatorSettings:
     max_batch: int = 500  # messages per Redis commit at most
     evaluate: bool = True  # run the periodic test-set evaluation thread
     turn_timeout: float = 60.0  # a turn holder silent this long loses the turn (ordered modes)
+    # Per-participant HMAC keys (from `dssgd provision`); when set, every message must carry a
+    # valid tag and a user_id that names its participant's broker user.
+    keys: dict[int, bytes] | None = field(default=None, repr=False)
     name: str = field(default_factory=lambda: f"aggregator@{socket.gethostname()}:{os.getpid()}")
 
     def __post_init__(self) -> None:
@@ -77,6 +81,7 @@ class Aggregator:
         self.evaluator: Evaluator | None = None
         self.rng = random.Random()
         self._pending: list[_Delivery] = []
+        self._buckets: dict[int, tuple[float, float]] = {}  # rate limit: (tokens, last time)
 
     # --- outer loop -----------------------------------------------------------------------------
 
@@ -122,7 +127,7 @@ class Aggregator:
         self._pending = []
         try:
             ch = conn.channel()
-            declare_topology(ch, self.names)
+            declare_topology(ch, self.names, cfg.queue_max_length)
             dead_ch = conn.channel()
             dead_ch.confirm_delivery()
             ch.basic_qos(prefetch_count=self.s.prefetch)
@@ -186,16 +191,15 @@ class Aggregator:
             for d in batch:
                 counters["bytes_in"] += len(d.body)
                 try:
-                    upd = wire.decode(d.body, expected_run=cfg.run_id, expected_n=n)
+                    upd = wire.decode(d.body, expected_run=cfg.run_id, expected_n=n,
+                                      key_for=self._key_for if self.s.keys else None)
                 except wire.WireError as exc:
-                    dead.append((d, "undecodable", str(exc)))
+                    text = str(exc).lower()
+                    reason = ("unauthenticated" if self.s.keys and ("mac" in text or "participant"
+                              in text or "unauthenticated" in text) else "undecodable")
+                    dead.append((d, reason, str(exc)))
                     continue
-                try:
-                    staleness = validate(upd, cfg, n, state.version)
-                except ValidationError as exc:
-                    dead.append((d, exc.reason, exc.detail))
-                    advance = advance or upd.participant == holder
-                    continue
+                # Replays first: a copy of an applied update is a duplicate whatever else holds.
                 window = state.dedup.get(upd.participant, (0, 0))
                 verdict = dedup.check(window, upd.seq)
                 if verdict == dedup.DUPLICATE:
@@ -204,8 +208,20 @@ class Aggregator:
                 if verdict == dedup.TOO_OLD:
                     dead.append((d, "replay", f"seq {upd.seq} is older than the replay window"))
                     continue
+                try:
+                    self._check_rate(upd.participant, cfg)  # a flood is a flood, valid or not
+                    staleness = validate(upd, cfg, n, state.version)
+                    self._check_sender(upd.participant, d)
+                except ValidationError as exc:
+                    dead.append((d, exc.reason, exc.detail))
+                    advance = advance or upd.participant == holder
+                    continue
                 weight = self.rule.weight(staleness)
-                apply_update(state.w, state.stat, upd.indices, upd.values, weight)
+                values = upd.values
+                if cfg.max_l2 is not None:
+                    values, clipped = bound_l2(values, cfg.max_l2)
+                    counters["l2_clipped"] += clipped
+                apply_update(state.w, state.stat, upd.indices, values, weight)
                 decay(state.stat, cfg.stat_decay)
                 state.version += 1
                 window = dedup.mark(window, upd.seq)
@@ -231,6 +247,34 @@ class Aggregator:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("batch of %d: %s in %.1f ms", len(batch), dict(counters),
                       1000 * (time.perf_counter() - t0))
+
+    def _key_for(self, participant: int) -> bytes | None:
+        if self.s.keys is None:
+            return None
+        return self.s.keys.get(participant)
+
+    def _check_sender(self, participant: int, d: _Delivery) -> None:
+        """The broker vouches for user_id and the routing key; both must name the participant."""
+        if d.routing_key != AmqpNames.routing_key(participant):
+            raise ValidationError("wrong-routing-key",
+                                  f"participant {participant} sent with key {d.routing_key!r}")
+        if self.s.keys is not None:
+            expected = participant_user(self.s.run_id, participant)
+            if d.props.user_id != expected:
+                raise ValidationError("impersonation", f"user_id {d.props.user_id!r} is not "
+                                      f"{expected!r}")
+
+    def _check_rate(self, participant: int, cfg: RunConfig) -> None:
+        if cfg.rate_limit is None:
+            return
+        now = time.monotonic()
+        tokens, last = self._buckets.get(participant, (max(1.0, cfg.rate_limit), now))
+        tokens = min(max(1.0, cfg.rate_limit), tokens + (now - last) * cfg.rate_limit)
+        if tokens < 1.0:
+            self._buckets[participant] = (tokens, now)
+            raise ValidationError("rate-limited", f"participant {participant} exceeds "
+                                  f"{cfg.rate_limit}/s")
+        self._buckets[participant] = (tokens - 1.0, now)
 
     def _dead_letter(self, dead_ch: BlockingChannel, d: _Delivery, reason: str, detail: str) -> None:
         log.warning("rejected message from %s (%s): %s", d.props.app_id or d.routing_key, reason, detail)

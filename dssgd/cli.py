@@ -66,6 +66,9 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--data", "data", str, "MNIST source: auto, hub, or a directory of IDX files"),
     ("--eval-interval", "eval_interval", float, "seconds between test-set evaluations"),
     ("--max-staleness", "max_staleness", int, "refuse updates older than this many versions"),
+    ("--max-l2", "max_l2", float, "server-side L2 bound per update (larger ones are scaled down)"),
+    ("--rate-limit", "rate_limit", float, "max updates per second per participant (server-side)"),
+    ("--queue-max-length", "queue_max_length", int, "backlog bound of the update queue"),
 ]
 
 
@@ -148,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="do not evaluate the global model")
     p.add_argument("--check", action="store_true", help="health check: exit 0 if an aggregator "
                    "of this run has reported within 15 s")
+    p.add_argument("--credentials", metavar="FILE", help="aggregator.json from `dssgd provision`: "
+                   "least-privilege users and the participants' HMAC keys (then every update must "
+                   "be authenticated)")
     add_run_options(p)
     add_connection_options(p)
 
@@ -167,6 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "of one participant")
     p.add_argument("--check", action="store_true", help="health check: exit 0 if Redis and "
                    "RabbitMQ answer")
+    p.add_argument("--credentials", metavar="FILE", help="p<N>.json from `dssgd provision`: run, "
+                   "participant id, least-privilege URLs and the HMAC key")
+    add_connection_options(p)
+
+    p = sub.add_parser("provision", help="least-privilege users and keys for a run",
+                       description="Create one RabbitMQ user per participant (may publish only "
+                       "its own routing key, with a verified user_id), Redis ACL users (read-only "
+                       "on the parameters), an aggregator user, and HMAC keys; write credential "
+                       "files (mode 0600). Needs the RabbitMQ management API.")
+    p.add_argument("run_id", metavar="RUN")
+    p.add_argument("--participants", type=int, required=True, help="number of participants N")
+    p.add_argument("--out", help="directory for the credential files "
+                   "(default runs/RUN/credentials)")
+    p.add_argument("--runs-dir", default=os.environ.get("DSSGD_RUNS_DIR", "runs"))
+    p.add_argument("--management-url", help="RabbitMQ management API (default http://<amqp "
+                   "host>:15672, admin credentials from --amqp-url)")
     add_connection_options(p)
 
     p = sub.add_parser("status", help="where a run stands",
@@ -206,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             from dssgd.services import cmd_worker
 
             return cmd_worker(args)
+        if args.command == "provision":
+            from dssgd.services import cmd_provision
+
+            return cmd_provision(args)
         if args.command in ("status", "runs", "delete"):
             from dssgd import status
 

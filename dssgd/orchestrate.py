@@ -45,11 +45,11 @@ def default_run_id() -> str:
     return time.strftime("run-%Y%m%d-%H%M%S")
 
 
-def _check_services(store: RunStore, amqp_url: str, names: AmqpNames) -> None:
+def _check_services(store: RunStore, amqp_url: str, names: AmqpNames, max_length: int) -> None:
     store.ping()
     conn = amqp_connect(amqp_url, "dssgd-run")
     try:
-        declare_topology(conn.channel(), names)
+        declare_topology(conn.channel(), names, max_length)
     finally:
         conn.close()
 
@@ -165,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     store = RunStore(redis_connect(conns.redis_url), run_id)
     names = AmqpNames(run_id)
-    _check_services(store, conns.amqp_url, names)
+    _check_services(store, conns.amqp_url, names, cfg.queue_max_length)
     stored, created = store.create_config(cfg)
     if not created and not args.resume:
         raise ConfigError(f"run {run_id!r} already exists; pass --resume to continue it or "

@@ -11,6 +11,8 @@ from pathlib import Path
 from aggregator.service import Aggregator, AggregatorSettings
 from dssgd.cli import connections, parse_participants, parse_slot, run_config_from_args
 from shared.broker import connect as amqp_connect
+from shared.config import Connections
+from shared.provision import provision, read_credentials
 from shared.errors import ConfigError, DssgdError
 from shared.lifecycle import EXIT_OK, EXIT_UNAVAILABLE, StopFlag, install_signal_handlers
 from shared.store import RunStore
@@ -40,8 +42,15 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         return EXIT_OK
     # Options given: create the run from them unless it exists. None given: wait for the run.
     cfg = run_config_from_args(args, args.run_id) if _any_run_option(args) else None
+    keys = None
+    if args.credentials:
+        creds = read_credentials(args.credentials)
+        if creds["run_id"] != args.run_id:
+            raise ConfigError(f"{args.credentials} is for run {creds['run_id']!r}, not {args.run_id!r}")
+        conns = Connections(amqp_url=creds["amqp_url"], redis_url=creds["redis_url"])
+        keys = {int(p): bytes.fromhex(k) for p, k in creds["hmac_keys"].items()}
     settings = AggregatorSettings(run_id=args.run_id, connections=conns, prefetch=args.prefetch,
-                                  max_batch=args.max_batch, evaluate=not args.no_eval)
+                                  max_batch=args.max_batch, evaluate=not args.no_eval, keys=keys)
     stop = StopFlag()
     install_signal_handlers(stop)
     return Aggregator(settings, stop, cfg).run()
@@ -60,10 +69,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.participants and args.slot:
         raise ConfigError("give either --participants or --slot, not both")
+    participants = parse_participants(args.participants)
+    hmac_key = user = None
+    run_id = args.run_id
+    if args.credentials:
+        creds = read_credentials(args.credentials)
+        run_id, participants = creds["run_id"], (int(creds["participant"]),)
+        conns = Connections(amqp_url=creds["amqp_url"], redis_url=creds["redis_url"])
+        hmac_key, user = bytes.fromhex(creds["hmac_key"]), creds["amqp_user"]
     settings = WorkerSettings(
-        run_id=args.run_id,
+        run_id=run_id,
         connections=conns,
-        participants=parse_participants(args.participants),
+        participants=participants,
+        hmac_key=hmac_key,
+        amqp_user=user,
         slot=parse_slot(args.slot) if args.slot else None,
         claim=args.claim,
         synthetic=args.synthetic,
@@ -76,3 +95,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return Worker(settings, stop).run()
     except DssgdError:
         raise
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    conns = connections(args)
+    out = Path(args.out or Path(args.runs_dir) / args.run_id / "credentials")
+    summary = provision(args.run_id, args.participants, conns.amqp_url, conns.redis_url, out,
+                        args.management_url)
+    print(f"provisioned run {summary['run_id']}: {summary['rabbitmq_users']} RabbitMQ users, "
+          f"{summary['redis_users']} Redis ACL users, {summary['participants']} HMAC keys")
+    print(f"credentials (mode 0600) in {summary['directory']}: give p<N>.json to participant N "
+          "(dssgd worker --credentials FILE) and aggregator.json to the aggregator")
+    return EXIT_OK

@@ -133,16 +133,20 @@ class Publisher:
         self._thread.start()
 
     def publish(self, routing_key: str, body: bytes, headers: dict[str, Any] | None = None,
-                timeout: float = 30.0) -> None:
+                timeout: float = 30.0, *, exchange: str | None = None,
+                user_id: str | None | bool = True) -> None:
+        """Publish and wait for the confirm. ``exchange``/``user_id`` overrides exist for tests
+        that play an attacker (``user_id=True`` means this publisher's own user)."""
         props = pika.BasicProperties(
             content_type=CONTENT_TYPE,
             delivery_mode=pika.DeliveryMode.Persistent,
             app_id=self.app_id,
-            user_id=self.user_id,
+            user_id=self.user_id if user_id is True else (user_id or None),
             headers=headers or {},
         )
         fut: Future[None] = Future()
-        self._requests.put(_Request(self.names.exchange, routing_key, body, props, fut))
+        target = self.names.exchange if exchange is None else exchange
+        self._requests.put(_Request(target, routing_key, body, props, fut))
         try:
             fut.result(timeout=timeout)
         except TimeoutError:

@@ -60,6 +60,9 @@ class RunConfig:
     data: str = "auto"  # "auto", "hub" or a directory of IDX files
     eval_interval: float = 2.0  # seconds between evaluations of the global model
     max_staleness: int | None = None  # updates older than this many versions are refused
+    max_l2: float | None = None  # server-side L2 bound: a larger update is scaled down to it
+    rate_limit: float | None = None  # updates per second one participant may send (burst 1 s)
+    queue_max_length: int = 100_000  # backlog bound; beyond it publishes are refused and retried
     created: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +111,12 @@ class RunConfig:
             problems.append("eval interval must be > 0 seconds")
         if self.max_staleness is not None and self.max_staleness < 0:
             problems.append("max staleness must be >= 0")
+        if self.max_l2 is not None and not (math.isfinite(self.max_l2) and self.max_l2 > 0):
+            problems.append("max L2 norm must be > 0")
+        if self.rate_limit is not None and not (math.isfinite(self.rate_limit) and self.rate_limit > 0):
+            problems.append("rate limit must be > 0 updates per second")
+        if not 1 <= self.queue_max_length <= 10_000_000:
+            problems.append("queue max length must be 1..10000000")
         if problems:
             raise ConfigError("; ".join(problems))
 

@@ -62,3 +62,11 @@ def decay(stat: np.ndarray, beta: float) -> None:
     """The paper's optional counter decay ``stat := β·stat`` that favours recent updates."""
     if beta < 1.0:
         stat *= np.float32(beta)
+
+
+def bound_l2(values: np.ndarray, max_norm: float) -> tuple[np.ndarray, bool]:
+    """Scale an update down to the server's L2 bound; returns (values, whether it was scaled)."""
+    norm = float(np.linalg.norm(values.astype(np.float64)))
+    if norm <= max_norm or norm == 0.0:
+        return values, False
+    return (values * np.float32(max_norm / norm)).astype(np.float32), True

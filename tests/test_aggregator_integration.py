@@ -52,9 +52,9 @@ def oracle_run(make_run: Callable[..., RunHandle], participants: int = 3) -> Run
                     rule="sum")
 
 
-def test_apply_is_exact_byte_for_byte(make_run: Callable[..., RunHandle]) -> None:
+def test_apply_is_exact_byte_for_byte(make_run: Callable[..., RunHandle], tmp_path: Path) -> None:
     h = oracle_run(make_run)
-    h.aggregator()
+    h.aggregator(log=tmp_path / "agg.log")
     pub = Publisher(h.conns.amqp_url, h.names, app_id="test")
     rng = np.random.default_rng(7)
     updates = [integer_update(h, pid, seq, rng) for seq in range(1, 41) for pid in range(3)]

@@ -46,9 +46,10 @@ class EpochReport:
 class Participant:
     def __init__(self, pid: int, cfg: RunConfig, store: RunStore, publisher: Publisher,
                  stop: StopFlag, data: Mnist | None, synthetic: bool = False,
-                 record_dir: Path | None = None) -> None:
+                 record_dir: Path | None = None, hmac_key: bytes | None = None) -> None:
         self.pid, self.cfg, self.store, self.pub, self.stop = pid, cfg, store, publisher, stop
         self.synthetic = synthetic
+        self.hmac_key = hmac_key
         self.rng = np.random.default_rng([cfg.seed, pid, int(time.time())])
         self.record = None
         if record_dir is not None:
@@ -109,7 +110,7 @@ class Participant:
         t2 = time.perf_counter()
         update = wire.Update(run_id=self.cfg.run_id, participant=self.pid, seq=self.seq,
                              base_version=version, n=self.n, indices=indices, values=values)
-        body = wire.encode(update, values=self.cfg.value_coding, rng=self.rng)
+        body = wire.encode(update, values=self.cfg.value_coding, rng=self.rng, key=self.hmac_key)
         self._publish(body)
         confirmed_seq, self.seq = self.seq, self.seq + 1
         if self.record is not None:

@@ -40,6 +40,8 @@ class WorkerSettings:
     synthetic: bool = False  # send exact integer updates instead of training (test oracle)
     record_dir: Path | None = None  # where synthetic participants log their confirmed updates
     pace: float = 0.0  # minimum seconds between two epochs of one participant (synthetic load)
+    hmac_key: bytes | None = field(default=None, repr=False)  # from `dssgd provision`
+    amqp_user: str | None = None  # broker user; sent as user_id, which the broker verifies
     name: str = field(default_factory=lambda: f"worker@{socket.gethostname()}:{os.getpid()}")
 
     def __post_init__(self) -> None:
@@ -73,13 +75,14 @@ class Worker:
             raise ConfigError(f"participant ids {bad} are outside 0..{cfg.participants - 1}")
         data = None if self.s.synthetic else load_mnist(cfg.data)
         publisher = Publisher(self.s.connections.amqp_url, AmqpNames(cfg.run_id),
-                              app_id=",".join(map(str, pids)))
+                              app_id=",".join(map(str, pids)), user_id=self.s.amqp_user)
         parts: dict[int, Participant] = {}
         try:
             for pid in pids:
                 parts[pid] = self._with_retry(
                     lambda pid=pid: Participant(pid, cfg, store, publisher, self.stop, data,
-                                                self.s.synthetic, self.s.record_dir))
+                                                self.s.synthetic, self.s.record_dir,
+                                                self.s.hmac_key))
             log.info("%s hosting participants %s of run %s (%s order)", self.s.name, pids,
                      cfg.run_id, cfg.order)
             self._loop(cfg, store, parts)
