@@ -62,6 +62,7 @@ class Evaluator:
             point = {"time": time.time(), "elapsed": time.time() - start, "version": version,
                      "applied": applied, "bytes_in": bytes_in,
                      "accuracy": result.accuracy, "loss": result.loss}
+            self.agg.metrics.set_accuracy(result.accuracy, result.loss)
             try:
                 self.store.push_metric(point)
             except DssgdError as exc:

@@ -25,6 +25,7 @@ import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingChannel
 
 from aggregator.evaluator import Evaluator
+from aggregator.metrics import AggregatorMetrics
 from aggregator.validate import validate
 from shared import dedup, wire
 from shared.amqp_names import DETAIL_HEADER, REASON_HEADER, AmqpNames
@@ -53,6 +54,8 @@ class AggregatorSettings:
     # Per-participant HMAC keys (from `dssgd provision`); when set, every message must carry a
     # valid tag and a user_id that names its participant's broker user.
     keys: dict[int, bytes] | None = field(default=None, repr=False)
+    metrics_port: int | None = None  # serve Prometheus /metrics here (0 = any free port)
+    metrics_addr: str = "127.0.0.1"
     name: str = field(default_factory=lambda: f"aggregator@{socket.gethostname()}:{os.getpid()}")
 
     def __post_init__(self) -> None:
@@ -82,6 +85,12 @@ class Aggregator:
         self.rng = random.Random()
         self._pending: list[_Delivery] = []
         self._buckets: dict[int, tuple[float, float]] = {}  # rate limit: (tokens, last time)
+        self.metrics = AggregatorMetrics(settings.run_id)
+        self.metrics_url: str | None = None
+        if settings.metrics_port is not None:
+            port = self.metrics.serve(settings.metrics_port, settings.metrics_addr)
+            self.metrics_url = f"http://{settings.metrics_addr}:{port}/metrics"
+            log.info("Prometheus metrics on %s", self.metrics_url)
 
     # --- outer loop -----------------------------------------------------------------------------
 
@@ -101,6 +110,7 @@ class Aggregator:
         finally:
             if self.evaluator is not None:
                 self.evaluator.close()
+            self.metrics.close()
         log.info("aggregator stopped (%s): %s", self.stop.reason or "done", dict(self.totals))
         return EXIT_OK
 
@@ -182,6 +192,7 @@ class Aggregator:
         counters: Counter[str] = Counter()
         dedup_changes: dict[int, str] = {}
         log_entries: list[str] = []
+        stalenesses: list[int] = []
         dead: list[tuple[_Delivery, str, str]] = []
         holder = store.turn() if cfg.ordered else None
         advance = False
@@ -231,6 +242,7 @@ class Aggregator:
                 counters["applied"] += 1
                 counters["entries"] += upd.count
                 counters["staleness_sum"] += staleness
+                stalenesses.append(staleness)
                 advance = advance or upd.participant == holder
         for d, reason, detail in dead:
             self._dead_letter(dead_ch, d, reason, detail)
@@ -244,6 +256,11 @@ class Aggregator:
         store.commit(fence, state, dedup_changes, dict(counters), log_entries, turn_expect, turn_next)
         ch.basic_ack(batch[-1].tag, multiple=True)
         self.totals.update(counters)
+        self.metrics.observe_batch(
+            applied=counters["applied"], duplicates=counters["duplicates"],
+            rejected={k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("rejected:")},
+            staleness=stalenesses, bytes_in=counters["bytes_in"],
+            seconds=time.perf_counter() - t0, version=state.version)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("batch of %d: %s in %.1f ms", len(batch), dict(counters),
                       1000 * (time.perf_counter() - t0))
@@ -307,7 +324,8 @@ class Aggregator:
     def _housekeeping(self, store: RunStore, fence: int) -> None:
         assert self.state is not None and self.cfg is not None
         store.aggregator_heartbeat({"name": self.s.name, "version": self.state.version,
-                                    "fence": fence, "time": time.time()})
+                                    "fence": fence, "time": time.time(),
+                                    "metrics_url": self.metrics_url})
         if not self.cfg.ordered:
             return
         holder = store.turn()

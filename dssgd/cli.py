@@ -107,6 +107,11 @@ def run_config_from_args(args: argparse.Namespace, run_id: str) -> RunConfig:
     return from_mapping(RunConfig, values, "run configuration")
 
 
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    return int(raw) if raw and raw.isdigit() else None
+
+
 def connections(args: argparse.Namespace) -> Connections:
     return Connections.from_env(args.amqp_url, args.redis_url)
 
@@ -151,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="do not evaluate the global model")
     p.add_argument("--check", action="store_true", help="health check: exit 0 if an aggregator "
                    "of this run has reported within 15 s")
+    p.add_argument("--metrics-port", type=int, default=_env_int("DSSGD_METRICS_PORT"),
+                   help="serve Prometheus metrics on this port (0 = any free port)")
+    p.add_argument("--metrics-addr", default=os.environ.get("DSSGD_METRICS_ADDR", "127.0.0.1"),
+                   help="address for the metrics endpoint (0.0.0.0 in a container)")
     p.add_argument("--credentials", metavar="FILE", help="aggregator.json from `dssgd provision`: "
                    "least-privilege users and the participants' HMAC keys (then every update must "
                    "be authenticated)")
@@ -200,6 +209,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refresh every SECONDS (default 2) until Ctrl-C")
     add_connection_options(p)
 
+    p = sub.add_parser("plot", help="PNG of a run's accuracy against time, updates and bytes")
+    p.add_argument("run_id", metavar="RUN")
+    p.add_argument("--out", help="PNG path (default runs/RUN/accuracy.png)")
+    p.add_argument("--runs-dir", default=os.environ.get("DSSGD_RUNS_DIR", "runs"))
+    add_connection_options(p)
+
+    p = sub.add_parser("export", help="write a run's global model as a PyTorch state dict",
+                       description="Write the global parameters of RUN as a state dict that "
+                       "loads into the plain model class: "
+                       "model = shared.models.build_model(NAME); model.load_state_dict("
+                       "torch.load(FILE)).")
+    p.add_argument("run_id", metavar="RUN")
+    p.add_argument("--out", help="file (default runs/RUN/model.pt)")
+    p.add_argument("--runs-dir", default=os.environ.get("DSSGD_RUNS_DIR", "runs"))
+    add_connection_options(p)
+
+    p = sub.add_parser("eval", help="test accuracy of a run's global model (or an exported file)")
+    p.add_argument("run_id", metavar="RUN")
+    p.add_argument("--from-file", metavar="FILE", help="evaluate this exported state dict instead")
+    p.add_argument("--json", action="store_true")
+    add_connection_options(p)
+
     p = sub.add_parser("runs", help="list the runs stored in Redis")
     p.add_argument("--json", action="store_true")
     add_connection_options(p)
@@ -232,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             from dssgd.services import cmd_provision
 
             return cmd_provision(args)
+        if args.command in ("plot", "export", "eval"):
+            from dssgd import results
+
+            return getattr(results, f"cmd_{args.command}")(args)
         if args.command in ("status", "runs", "delete"):
             from dssgd import status
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from dssgd.cli import connections, run_config_from_args
+from dssgd.results import write_plot
 from dssgd.supervisor import Supervisor, render_config
 from shared.amqp_names import AmqpNames
 from shared.broker import connect as amqp_connect
@@ -142,6 +143,8 @@ def print_table(s: dict[str, Any]) -> None:
         ("wall time", f"{s['wall_seconds']:.1f} s"),
         ("stopped because", s["stop_reason"]),
     ]
+    if s.get("plot"):
+        rows.append(("plot", s["plot"]))
     width = max(len(k) for k, _ in rows)
     print()
     for k, v in rows:
@@ -221,6 +224,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         sup.shutdown()
     result = summary(store, cfg, time.monotonic() - t_start, reason)
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    try:
+        result["plot"] = str(write_plot(store, cfg, run_dir / "accuracy.png"))
+    except ConfigError as exc:
+        log.warning("no plot: %s", exc)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -50,7 +50,8 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         conns = Connections(amqp_url=creds["amqp_url"], redis_url=creds["redis_url"])
         keys = {int(p): bytes.fromhex(k) for p, k in creds["hmac_keys"].items()}
     settings = AggregatorSettings(run_id=args.run_id, connections=conns, prefetch=args.prefetch,
-                                  max_batch=args.max_batch, evaluate=not args.no_eval, keys=keys)
+                                  max_batch=args.max_batch, evaluate=not args.no_eval, keys=keys,
+                                  metrics_port=args.metrics_port, metrics_addr=args.metrics_addr)
     stop = StopFlag()
     install_signal_handlers(stop)
     return Aggregator(settings, stop, cfg).run()

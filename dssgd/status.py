@@ -86,6 +86,8 @@ def render(s: dict[str, Any]) -> str:
     acc = f"{s['accuracy']:.4f}" if s["accuracy"] is not None else "-"
     rate = f"{s['updates_per_second']:.1f}/s" if s["updates_per_second"] is not None else "-"
     agg = "up" if s["aggregator"] else "not reporting"
+    if s["aggregator"] and s["aggregator"].get("metrics_url"):
+        agg += f" (metrics {s['aggregator']['metrics_url']})"
     lines = [
         f"run {s['run_id']}: {cfg.model}, {cfg.participants} participants, {cfg.order}, "
         f"rule {cfg.effective_rule}, θu={cfg.theta_u}, θd={cfg.theta_d}"

@@ -42,7 +42,7 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 serverurl=unix://{sock}
 
 [program:aggregator]
-command={py} -m aggregator --run-id {run_id}
+command={py} -m aggregator --run-id {run_id} --metrics-port 0
 environment={env}
 stopsignal=TERM
 stopwaitsecs=20
