@@ -69,6 +69,10 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-l2", "max_l2", float, "server-side L2 bound per update (larger ones are scaled down)"),
     ("--rate-limit", "rate_limit", float, "max updates per second per participant (server-side)"),
     ("--queue-max-length", "queue_max_length", int, "backlog bound of the update queue"),
+    ("--dp-eps-per-value", "dp_eps_per_value", float, "differential privacy with the sparse vector "
+     "technique: ε per shared value (the paper's ε/c); off by default"),
+    ("--dp-budget", "dp_budget", float, "total ε a participant may spend before it stops"),
+    ("--dp-delta", "dp_delta", float, "δ' of the reported advanced-composition bound"),
 ]
 
 

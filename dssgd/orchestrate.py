@@ -197,7 +197,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 break
             p = _snapshot(store, cfg, t_start)
             if p.finished >= cfg.participants:
-                reason = f"every participant finished its {cfg.epochs} epochs"
+                reason = (f"every participant finished its {cfg.epochs} epochs"
+                          if cfg.dp_budget is None else
+                          f"every participant stopped ({cfg.epochs} epochs or its privacy budget)")
             elif args.target_accuracy is not None and p.accuracy is not None \
                     and p.accuracy >= args.target_accuracy:
                 reason = f"target accuracy {args.target_accuracy} reached"

@@ -56,6 +56,8 @@ def collect(store: RunStore, amqp_url: str) -> dict[str, Any]:
             "staleness": version - base if p else None,
             "bytes_up": int(p.get("bytes_up", 0)),
             "loss": float(p["loss"]) if "loss" in p else None,
+            "epsilon": float(p["dp_total"]) if "dp_total" in p else None,
+            "stopped": p.get("stopped"),
         })
     agg = store.r.get(store.keys.heartbeat_aggregator)
     last_metric = metrics[-1] if metrics else None
@@ -97,14 +99,15 @@ def render(s: dict[str, Any]) -> str:
         f"  accuracy {acc}   queue depth {q.get('updates', '-')}   dead letters "
         f"{q.get('dead_letters', '-')}   aggregator {agg}",
         "",
-        "  participant  state     epochs   seq  staleness  last seen   loss     MB up",
+        "  participant  state     epochs   seq  staleness  last seen   loss     MB up   ε spent",
     ]
     for p in s["participants"]:
         seen = f"{p['last_seen_s']:.1f} s" if p["last_seen_s"] is not None else "-"
         loss = f"{p['loss']:.4f}" if p["loss"] is not None else "-"
         stale = p["staleness"] if p["staleness"] is not None else "-"
         lines.append(f"  {p['participant']:>11}  {p['state']:<8} {p['epochs']:>6} {p['seq']:>5} "
-                     f"{stale!s:>10}  {seen:>9}  {loss:>7} {p['bytes_up'] / 1e6:8.2f}")
+                     f"{stale!s:>10}  {seen:>9}  {loss:>7} {p['bytes_up'] / 1e6:8.2f} "
+                     f"{p['epsilon'] if p['epsilon'] is not None else '-'!s:>9}")
     return "\n".join(lines)
 
 

@@ -63,6 +63,11 @@ class RunConfig:
     max_l2: float | None = None  # server-side L2 bound: a larger update is scaled down to it
     rate_limit: float | None = None  # updates per second one participant may send (burst 1 s)
     queue_max_length: int = 100_000  # backlog bound; beyond it publishes are refused and retried
+    # Differential privacy (the paper's sparse vector technique): ε per value (the paper's ε/c);
+    # None = no DP. The per-epoch ε of a participant is eps_per_value · θu·n.
+    dp_eps_per_value: float | None = None
+    dp_budget: float | None = None  # total ε a participant may spend; then it stops publishing
+    dp_delta: float = 1e-5  # δ' of the advanced-composition bound that is reported
     created: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
@@ -115,6 +120,16 @@ class RunConfig:
             problems.append("max L2 norm must be > 0")
         if self.rate_limit is not None and not (math.isfinite(self.rate_limit) and self.rate_limit > 0):
             problems.append("rate limit must be > 0 updates per second")
+        if self.dp_eps_per_value is not None and not (
+            math.isfinite(self.dp_eps_per_value) and self.dp_eps_per_value > 0
+        ):
+            problems.append("DP ε per value must be > 0")
+        if self.dp_budget is not None and not (math.isfinite(self.dp_budget) and self.dp_budget > 0):
+            problems.append("DP budget must be > 0")
+        if self.dp_budget is not None and self.dp_eps_per_value is None:
+            problems.append("a DP budget needs --dp-eps-per-value")
+        if not 0 < self.dp_delta < 1:
+            problems.append("DP δ' must be in (0, 1)")
         if not 1 <= self.queue_max_length <= 10_000_000:
             problems.append("queue max length must be 1..10000000")
         if problems:

@@ -24,6 +24,7 @@ from shared.data import Mnist, prepare, shard_indices
 from shared.errors import BrokerError, StopRequested
 from shared.lifecycle import Backoff, StopFlag
 from shared.models import build_model, get_flat, set_flat
+from shared.privacy import PrivacyAccountant, SvtParams, epsilon_for, noise_rng, svt_select
 from shared.selection import budget, clip, most_updated, select
 from shared.store import RunStore
 from shared.training import LocalTrainer, labels_tensor
@@ -71,9 +72,29 @@ class Participant:
                                         labels_tensor(data.train_y[idx]), cfg.lr, cfg.batch_size,
                                         seed=cfg.seed * 100_003 + pid + self.epochs)
         self.local = get_flat(self.model)
+        self.budget_exhausted = ""
+        self.svt: SvtParams | None = None
+        self.accountant: PrivacyAccountant | None = None
+        if cfg.dp_eps_per_value is not None:
+            c = budget(self.n, cfg.theta_u)
+            self.svt = SvtParams(epsilon=epsilon_for(cfg.dp_eps_per_value, c), c=c,
+                                 gamma=cfg.effective_gamma, tau=cfg.effective_tau)
+            # Noise from a cryptographically seeded generator, never from the run's seed.
+            self.noise = noise_rng()
+            self.accountant = PrivacyAccountant.from_dict(
+                {k[4:]: v for k, v in progress.items() if k.startswith("dp_")}
+            ) if any(k.startswith("dp_") for k in progress) else PrivacyAccountant(
+                eps_per_epoch=self.svt.epsilon, delta_prime=cfg.dp_delta, budget=cfg.dp_budget)
 
     @property
     def done(self) -> bool:
+        if self.accountant is not None and not self.accountant.can_spend():
+            if not self.budget_exhausted:
+                self.budget_exhausted = (
+                    f"privacy budget exhausted: ε spent {self.accountant.total:.4g} of "
+                    f"{self.accountant.budget:.4g}; participant {self.pid} stops publishing")
+                log.warning("%s", self.budget_exhausted)
+            return True
         return self.cfg.epochs > 0 and self.epochs >= self.cfg.epochs
 
     # --- the epoch ------------------------------------------------------------------------------
@@ -104,9 +125,12 @@ class Participant:
             loss = self.trainer.epoch()
             get_flat(self.model, out=self.local)
             delta = self.local - base
-            indices = select(delta, self.cfg.theta_u, self.cfg.selection, self.cfg.effective_tau,
-                             self.rng)
-            values = clip(delta[indices], self.cfg.effective_gamma)
+            if self.svt is not None:
+                indices, values = self._private_selection(delta)
+            else:
+                indices = select(delta, self.cfg.theta_u, self.cfg.selection,
+                                 self.cfg.effective_tau, self.rng)
+                values = clip(delta[indices], self.cfg.effective_gamma)
         t2 = time.perf_counter()
         update = wire.Update(run_id=self.cfg.run_id, participant=self.pid, seq=self.seq,
                              base_version=version, n=self.n, indices=indices, values=values)
@@ -128,6 +152,14 @@ class Participant:
             base_version=version, entries=indices.size,
         )
         return report
+
+    def _private_selection(self, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The sparse vector technique; the ε is spent and recorded before anything is sent."""
+        assert self.svt is not None and self.accountant is not None
+        self.accountant.spend()  # raises BudgetExhausted rather than exceed the budget
+        self.store.record_progress(self.pid, **{f"dp_{k}": v
+                                                for k, v in self.accountant.to_dict().items()})
+        return svt_select(delta, self.svt, self.noise)
 
     def _synthetic_update(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Small integer values: sums are exact, so the global state is an exact oracle."""

@@ -135,8 +135,18 @@ class Worker:
         last_epoch: dict[int, float] = {}
         order = list(parts)
         i = 0
+        left: set[int] = set()
         while not self._should_stop(store):
-            live = [p for p in order if not parts[p].done]
+            for pid in order:
+                part = parts[pid]
+                if pid not in left and part.done:
+                    # Leave at once, so in the ordered modes the turn is never handed to us again.
+                    self._with_retry(lambda pid=pid: store.leave(pid, finished=True))
+                    left.add(pid)
+                    why = part.budget_exhausted or f"finished its {part.epochs} epochs"
+                    self._with_retry(lambda pid=pid, why=why: store.record_progress(pid, stopped=why))
+                    log.info("participant %d %s", pid, why)
+            live = [p for p in order if p not in left]
             if not live:
                 return
             self._with_retry(lambda live=live: store.heartbeat(live))
@@ -161,9 +171,6 @@ class Worker:
                 # We hold the turn until the aggregator applies this update and passes it on;
                 # looking at the turn before that would start a second epoch on stale state.
                 self._wait_applied(store, pid, report.seq)
-            if part.done:
-                store.leave(pid, finished=True)
-                log.info("participant %d finished its %d epochs", pid, part.epochs)
 
     def _wait_turn(self, store: RunStore, live: list[int]) -> int | None:
         """Block (≤ 1 s) until one of our participants holds the turn."""
