@@ -46,6 +46,21 @@ def assert_exact(h: RunHandle, updates: list[wire.Update]) -> None:
     assert stat.tobytes() == stat_exp.tobytes(), "stat differs from the update counts"
 
 
+def read_oracle(folder: Path, pid: int, h: RunHandle) -> tuple[dict[int, wire.Update], list[wire.Update]]:
+    """(every update sent by seq, the confirmed ones) from a synthetic participant's record."""
+    sent: dict[int, wire.Update] = {}
+    confirmed: list[wire.Update] = []
+    for line in (folder / f"confirmed-{pid}.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["state"] == "sent":
+            sent[rec["seq"]] = wire.Update(h.cfg.run_id, pid, rec["seq"], 0, h.init.size,
+                                           np.array(rec["indices"], np.int64),
+                                           np.array(rec["values"], np.float32))
+        else:
+            confirmed.append(sent[rec["seq"]])
+    return sent, confirmed
+
+
 def oracle_run(make_run: Callable[..., RunHandle], participants: int = 3) -> RunHandle:
     # Integer values within a generous γ and the paper's raw sum: every sum is exact in float32.
     return make_run(zero_init=True, participants=participants, theta_u=0.01, gamma=100.0,
@@ -178,13 +193,7 @@ def test_sigkill_aggregator_loses_nothing_applies_nothing_twice(
     h.store.request_stop("test over")
     for w in workers:
         assert w.wait(timeout=30) == 0
-    confirmed: list[wire.Update] = []
-    for p in range(4):
-        for line in (tmp_path / f"confirmed-{p}.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            confirmed.append(wire.Update(h.cfg.run_id, p, rec["seq"], 0, h.init.size,
-                                         np.array(rec["indices"], np.int64),
-                                         np.array(rec["values"], np.float32)))
+    confirmed = [u for p in range(4) for u in read_oracle(tmp_path, p, h)[1]]
     h.wait(lambda: h.version() == len(confirmed), timeout=60, what="every confirmed update")
     assert kills >= 10
     assert len(confirmed) > 50

@@ -61,7 +61,8 @@ class Participant:
         self.bytes_up = int(progress.get("bytes_up", 0))
         self.bytes_down = int(progress.get("bytes_down", 0))
         # Never reuse a sequence number that may already have been applied.
-        self.seq = max(int(progress.get("seq", 0)), store.applied_high(pid)) + 1
+        self.seq = max(int(progress.get("seq", 0)), int(progress.get("seq_sent", 0)),
+                       store.applied_high(pid)) + 1
         self.model = build_model(cfg.model, cfg.seed)
         self.n = sum(p.numel() for p in self.model.parameters())
         if not synthetic:
@@ -135,12 +136,14 @@ class Participant:
         update = wire.Update(run_id=self.cfg.run_id, participant=self.pid, seq=self.seq,
                              base_version=version, n=self.n, indices=indices, values=values)
         body = wire.encode(update, values=self.cfg.value_coding, rng=self.rng, key=self.hmac_key)
+        # Burn the sequence number before it can reach the broker: a restart after a crash
+        # between publish and confirm must never reuse it for different content.
+        self.store.record_progress(self.pid, seq_sent=self.seq)
+        self._log_record({"seq": self.seq, "state": "sent", "indices": indices.tolist(),
+                          "values": values.tolist()})
         self._publish(body)
         confirmed_seq, self.seq = self.seq, self.seq + 1
-        if self.record is not None:
-            self.record.write(json.dumps({"seq": confirmed_seq, "indices": indices.tolist(),
-                                         "values": values.tolist()}) + "\n")
-            self.record.flush()
+        self._log_record({"seq": confirmed_seq, "state": "confirmed"})
         self.epochs += 1
         self.bytes_up += len(body)
         self.bytes_down += bytes_down
@@ -160,6 +163,12 @@ class Participant:
         self.store.record_progress(self.pid, **{f"dp_{k}": v
                                                 for k, v in self.accountant.to_dict().items()})
         return svt_select(delta, self.svt, self.noise)
+
+    def _log_record(self, entry: dict[str, object]) -> None:
+        """Test oracle: what was sent (before publishing) and what the broker confirmed."""
+        if self.record is not None:
+            self.record.write(json.dumps(entry) + "\n")
+            self.record.flush()
 
     def _synthetic_update(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Small integer values: sums are exact, so the global state is an exact oracle."""
