@@ -235,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_connection_options(p)
 
+    p = sub.add_parser("experiment", help="regenerate the paper's results table",
+                       description="Run the baselines and DSSGD (through RabbitMQ and Redis) "
+                       "for the paper's settings and write RESULTS.md with plots.")
+    p.add_argument("name", choices=["paper"], help="the experiment to run")
+    p.add_argument("--preset", choices=["quick", "full", "smoke"], default="quick",
+                   help="quick: N=20, about 15 min on 2 cores; full: the paper's N=150; "
+                   "smoke: a few seconds, to check the set-up")
+    p.add_argument("--out", default="docs", help="folder for RESULTS.md and img/ (default docs)")
+    p.add_argument("--runs-dir", default=os.environ.get("DSSGD_RUNS_DIR", "runs"))
+    p.add_argument("--verbose", action="store_true", help="print every baseline epoch")
+
     p = sub.add_parser("runs", help="list the runs stored in Redis")
     p.add_argument("--json", action="store_true")
     add_connection_options(p)
@@ -267,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             from dssgd.services import cmd_provision
 
             return cmd_provision(args)
+        if args.command == "experiment":
+            from dssgd.experiment import cmd_experiment
+
+            return cmd_experiment(args)
         if args.command in ("plot", "export", "eval"):
             from dssgd import results
 
