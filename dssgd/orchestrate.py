@@ -237,4 +237,4 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-__all__ = ["cmd_run", "BrokerError"]
+__all__ = ["BrokerError", "cmd_run"]

@@ -12,9 +12,9 @@ from aggregator.service import Aggregator, AggregatorSettings
 from dssgd.cli import connections, parse_participants, parse_slot, run_config_from_args
 from shared.broker import connect as amqp_connect
 from shared.config import Connections
-from shared.provision import provision, read_credentials
 from shared.errors import ConfigError, DssgdError
 from shared.lifecycle import EXIT_OK, EXIT_UNAVAILABLE, StopFlag, install_signal_handlers
+from shared.provision import provision, read_credentials
 from shared.store import RunStore
 from shared.store import connect as redis_connect
 from worker.service import Worker, WorkerSettings

@@ -134,7 +134,7 @@ class Publisher:
 
     def publish(self, routing_key: str, body: bytes, headers: dict[str, Any] | None = None,
                 timeout: float = 30.0, *, exchange: str | None = None,
-                user_id: str | None | bool = True) -> None:
+                user_id: str | bool | None = True) -> None:
         """Publish and wait for the confirm. ``exchange``/``user_id`` overrides exist for tests
         that play an attacker (``user_id=True`` means this publisher's own user)."""
         props = pika.BasicProperties(

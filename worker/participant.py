@@ -60,6 +60,9 @@ class Participant:
         self.epochs = int(progress.get("epochs", 0))
         self.bytes_up = int(progress.get("bytes_up", 0))
         self.bytes_down = int(progress.get("bytes_down", 0))
+        # Cumulative seconds: local SGD only, and the whole epoch (download to confirm).
+        self.t_train = float(progress.get("t_train", 0.0))
+        self.t_epoch = float(progress.get("t_epoch", 0.0))
         # Never reuse a sequence number that may already have been applied.
         self.seq = max(int(progress.get("seq", 0)), int(progress.get("seq_sent", 0)),
                        store.applied_high(pid)) + 1
@@ -123,7 +126,9 @@ class Participant:
             indices, values, loss = self._synthetic_update()
         else:
             set_flat(self.model, base)
+            t_sgd = time.perf_counter()
             loss = self.trainer.epoch()
+            self.t_train += time.perf_counter() - t_sgd
             get_flat(self.model, out=self.local)
             delta = self.local - base
             if self.svt is not None:
@@ -147,12 +152,14 @@ class Participant:
         self.epochs += 1
         self.bytes_up += len(body)
         self.bytes_down += bytes_down
+        self.t_epoch += time.perf_counter() - t0
         report = EpochReport(confirmed_seq, version, int(indices.size), len(body), bytes_down, loss,
                              t2 - t1, time.perf_counter() - t0)
         self.store.record_progress(
             self.pid, epochs=self.epochs, seq=confirmed_seq, bytes_up=self.bytes_up,
             bytes_down=self.bytes_down, loss=f"{loss:.5f}", last_seen=f"{time.time():.3f}",
             base_version=version, entries=indices.size,
+            t_train=f"{self.t_train:.4f}", t_epoch=f"{self.t_epoch:.4f}",
         )
         return report
 

@@ -56,6 +56,7 @@ class Worker:
         self.s = settings
         self.stop = stop
         torch.set_num_threads(1)  # one thread per process: processes share the cores
+        self.waited = 0.0  # seconds spent waiting for a turn (ordered modes)
 
     def run(self) -> int:
         r = redis_connect(self.s.connections.redis_url)
@@ -151,7 +152,9 @@ class Worker:
                 return
             self._with_retry(lambda live=live: store.heartbeat(live))
             if cfg.ordered:
+                t_wait = time.perf_counter()
                 pid = self._wait_turn(store, live)
+                self.waited += time.perf_counter() - t_wait
                 if pid is None:
                     continue
             else:
