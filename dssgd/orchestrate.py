@@ -12,22 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dssgd.cli import connections, run_config_from_args
-from dssgd.results import write_plot
 from dssgd.supervisor import Supervisor, render_config
 from shared.amqp_names import AmqpNames
 from shared.broker import connect as amqp_connect
 from shared.broker import declare_topology
 from shared.config import RunConfig
-from shared.data import load_mnist, prepare
+from shared.data import load_mnist
 from shared.errors import BrokerError, ConfigError
 from shared.lifecycle import EXIT_OK, StopFlag, install_signal_handlers
-from shared.models import build_model, initial_parameters, set_flat
 from shared.store import RunStore
 from shared.store import connect as redis_connect
-from shared.training import evaluate, labels_tensor
 
 log = logging.getLogger("dssgd.run")
 
@@ -43,7 +38,7 @@ class Progress:
 
 
 def default_run_id() -> str:
-    return time.strftime("run-%Y%m%d-%H%M%S")
+    return time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(2).hex()
 
 
 def _check_services(store: RunStore, amqp_url: str, names: AmqpNames, max_length: int) -> None:
@@ -91,6 +86,13 @@ def _wait_drained(store: RunStore, cfg: RunConfig, timeout: float = 60.0) -> boo
 
 
 def final_evaluation(store: RunStore, cfg: RunConfig) -> tuple[float, float]:
+    # PyTorch is imported only here: `dssgd run` starts its services without paying for it.
+    import torch
+
+    from shared.data import prepare
+    from shared.models import build_model, set_flat
+    from shared.training import evaluate, labels_tensor
+
     data = load_mnist(cfg.data)
     model = build_model(cfg.model)
     _, w, _ = store.read_params()
@@ -108,7 +110,7 @@ def summary(store: RunStore, cfg: RunConfig, wall: float, reason: str) -> dict[s
     up = sum(int(p.get("bytes_up", 0)) for p in progress.values())
     down = sum(int(p.get("bytes_down", 0)) for p in progress.values())
     applied = counters.get("applied", 0)
-    n = initial_parameters(cfg.model, cfg.seed).size
+    n = store.read_params()[1].size
     return {
         "run_id": cfg.run_id, "model": cfg.model, "order": cfg.order,
         "rule": cfg.effective_rule, "participants": cfg.participants,
@@ -176,7 +178,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not created:
         cfg = stored
         store.clear_stop()
-    store.init_params(initial_parameters(cfg.model, cfg.seed))
 
     run_dir = Path(args.runs_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,6 +227,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         sup.shutdown()
     result = summary(store, cfg, time.monotonic() - t_start, reason)
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    from dssgd.results import write_plot
+
     try:
         result["plot"] = str(write_plot(store, cfg, run_dir / "accuracy.png"))
     except ConfigError as exc:

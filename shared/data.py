@@ -24,10 +24,14 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from shared.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +278,8 @@ def shard_indices(
 
 def prepare(images: np.ndarray, model: str) -> torch.Tensor:
     """uint8 28×28 images → the normalised float tensor the named model consumes."""
+    import torch  # here, so that loading data does not pull PyTorch into every process
+
     x = (images.astype(np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
     if model == "cnn":
         # The paper's CNN takes 32×32: pad with the normalised value of a black pixel.
