@@ -27,10 +27,32 @@ def one(order: str, rule: str, epochs: int, seed: int, extra: list[str]) -> dict
     run_id = f"bench-rules-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as tmp:
         res = subprocess.run(
-            [sys.executable, "-m", "dssgd", "run", "--run-id", run_id, "--runs-dir", tmp, "--json",
-             "--order", order, "--rule", rule, "--epochs", str(epochs), "--seed", str(seed),
-             "--eval-interval", "0.25", *extra],
-            capture_output=True, text=True, check=False)
+            [
+                sys.executable,
+                "-m",
+                "dssgd",
+                "run",
+                "--run-id",
+                run_id,
+                "--runs-dir",
+                tmp,
+                "--json",
+                "--order",
+                order,
+                "--rule",
+                rule,
+                "--epochs",
+                str(epochs),
+                "--seed",
+                str(seed),
+                "--eval-interval",
+                "0.25",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     if res.returncode != 0:
         raise SystemExit(res.stderr[-2000:])
     summary = json.loads(res.stdout)
@@ -38,9 +60,13 @@ def one(order: str, rule: str, epochs: int, seed: int, extra: list[str]) -> dict
     metrics = store.metrics()
     n = summary["participants"]
     hit = next((m for m in metrics if m["accuracy"] >= TARGET), None)
-    subprocess.run([sys.executable, "-m", "dssgd", "delete", run_id], capture_output=True, check=False)
+    subprocess.run(
+        [sys.executable, "-m", "dssgd", "delete", run_id], capture_output=True, check=False
+    )
     return {
-        "order": order, "rule": rule, "seed": seed,
+        "order": order,
+        "rule": rule,
+        "seed": seed,
         "epochs_to_target": round(hit["version"] / n, 1) if hit else None,
         "seconds_to_target": round(hit["elapsed"], 1) if hit else None,
         "final_accuracy": round(summary["accuracy"], 4),
@@ -50,20 +76,27 @@ def one(order: str, rule: str, epochs: int, seed: int, extra: list[str]) -> dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("extra", nargs="*", help="more `dssgd run` options, after --")
     args = ap.parse_args()
     cases = [("round-robin", "sum"), ("async", "sum"), ("async", "mean"), ("async", "staleness")]
-    print(f"{'order':<12} {'rule':<10} {'seed':>4} {'epochs→0.93':>12} {'s→0.93':>7} "
-          f"{'final acc':>9} {'staleness':>9} {'wall s':>7}")
+    print(
+        f"{'order':<12} {'rule':<10} {'seed':>4} {'epochs→0.93':>12} {'s→0.93':>7} "
+        f"{'final acc':>9} {'staleness':>9} {'wall s':>7}"
+    )
     for order, rule in cases:
         for seed in args.seeds:
             r = one(order, rule, args.epochs, seed, args.extra)
-            print(f"{order:<12} {rule:<10} {seed:>4} {r['epochs_to_target']!s:>12} "
-                  f"{r['seconds_to_target']!s:>7} {r['final_accuracy']:>9} "
-                  f"{r['mean_staleness']:>9} {r['wall_seconds']:>7}", flush=True)
+            print(
+                f"{order:<12} {rule:<10} {seed:>4} {r['epochs_to_target']!s:>12} "
+                f"{r['seconds_to_target']!s:>7} {r['final_accuracy']:>9} "
+                f"{r['mean_staleness']:>9} {r['wall_seconds']:>7}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The aggregator against the real RabbitMQ and Redis: exact, idempotent, dead-letters, crash-safe."""
+"""The aggregator against the real servers: exact, idempotent, dead-letters, crash-safe."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from tests.conftest import RunHandle
 pytestmark = pytest.mark.integration
 
 
-def integer_update(h: RunHandle, pid: int, seq: int, rng: np.random.Generator,
-                   k: int = 50, base: int = 0) -> wire.Update:
+def integer_update(
+    h: RunHandle, pid: int, seq: int, rng: np.random.Generator, k: int = 50, base: int = 0
+) -> wire.Update:
     n = h.init.size
     idx = np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
     vals = rng.integers(-3, 4, size=k).astype(np.float32)
@@ -46,16 +47,24 @@ def assert_exact(h: RunHandle, updates: list[wire.Update]) -> None:
     assert stat.tobytes() == stat_exp.tobytes(), "stat differs from the update counts"
 
 
-def read_oracle(folder: Path, pid: int, h: RunHandle) -> tuple[dict[int, wire.Update], list[wire.Update]]:
+def read_oracle(
+    folder: Path, pid: int, h: RunHandle
+) -> tuple[dict[int, wire.Update], list[wire.Update]]:
     """(every update sent by seq, the confirmed ones) from a synthetic participant's record."""
     sent: dict[int, wire.Update] = {}
     confirmed: list[wire.Update] = []
     for line in (folder / f"confirmed-{pid}.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if rec["state"] == "sent":
-            sent[rec["seq"]] = wire.Update(h.cfg.run_id, pid, rec["seq"], 0, h.init.size,
-                                           np.array(rec["indices"], np.int64),
-                                           np.array(rec["values"], np.float32))
+            sent[rec["seq"]] = wire.Update(
+                h.cfg.run_id,
+                pid,
+                rec["seq"],
+                0,
+                h.init.size,
+                np.array(rec["indices"], np.int64),
+                np.array(rec["values"], np.float32),
+            )
         else:
             confirmed.append(sent[rec["seq"]])
     return sent, confirmed
@@ -63,8 +72,9 @@ def read_oracle(folder: Path, pid: int, h: RunHandle) -> tuple[dict[int, wire.Up
 
 def oracle_run(make_run: Callable[..., RunHandle], participants: int = 3) -> RunHandle:
     # Integer values within a generous γ and the paper's raw sum: every sum is exact in float32.
-    return make_run(zero_init=True, participants=participants, theta_u=0.01, gamma=100.0,
-                    rule="sum")
+    return make_run(
+        zero_init=True, participants=participants, theta_u=0.01, gamma=100.0, rule="sum"
+    )
 
 
 def test_apply_is_exact_byte_for_byte(make_run: Callable[..., RunHandle], tmp_path: Path) -> None:
@@ -103,7 +113,9 @@ def test_duplicates_and_redeliveries_change_nothing(make_run: Callable[..., RunH
     assert_exact(h, updates)
 
 
-def _drain_dead_letters(h: RunHandle, expected: int, timeout: float = 20) -> list[tuple[str, bytes]]:
+def _drain_dead_letters(
+    h: RunHandle, expected: int, timeout: float = 20
+) -> list[tuple[str, bytes]]:
     conn = amqp_connect(h.conns.amqp_url, "dssgd-tests-dlq")
     ch = conn.channel()
     out: list[tuple[str, bytes]] = []
@@ -118,22 +130,29 @@ def _drain_dead_letters(h: RunHandle, expected: int, timeout: float = 20) -> lis
     return out
 
 
-def test_invalid_messages_are_dead_lettered_with_a_reason(make_run: Callable[..., RunHandle]) -> None:
+def test_invalid_messages_are_dead_lettered_with_a_reason(
+    make_run: Callable[..., RunHandle],
+) -> None:
     h = oracle_run(make_run)
     h.aggregator()
     rng = np.random.default_rng(9)
     n = h.init.size
     good = integer_update(h, 0, 1, rng)
-    too_big = wire.Update(h.cfg.run_id, 1, 1, 0, n, np.array([3], np.int64),
-                          np.array([1000.0], np.float32))
-    too_many = wire.Update(h.cfg.run_id, 1, 2, 0, n, np.arange(2000, dtype=np.int64),
-                           np.ones(2000, np.float32))
-    stranger = wire.Update(h.cfg.run_id, 99, 1, 0, n, np.array([3], np.int64),
-                           np.array([1.0], np.float32))
-    other_run = wire.Update("another-run", 1, 3, 0, n, np.array([3], np.int64),
-                            np.array([1.0], np.float32))
-    future = wire.Update(h.cfg.run_id, 2, 1, 10**6, n, np.array([3], np.int64),
-                         np.array([1.0], np.float32))
+    too_big = wire.Update(
+        h.cfg.run_id, 1, 1, 0, n, np.array([3], np.int64), np.array([1000.0], np.float32)
+    )
+    too_many = wire.Update(
+        h.cfg.run_id, 1, 2, 0, n, np.arange(2000, dtype=np.int64), np.ones(2000, np.float32)
+    )
+    stranger = wire.Update(
+        h.cfg.run_id, 99, 1, 0, n, np.array([3], np.int64), np.array([1.0], np.float32)
+    )
+    other_run = wire.Update(
+        "another-run", 1, 3, 0, n, np.array([3], np.int64), np.array([1.0], np.float32)
+    )
+    future = wire.Update(
+        h.cfg.run_id, 2, 1, 10**6, n, np.array([3], np.int64), np.array([1.0], np.float32)
+    )
     bad = {
         b"\x00garbage": "undecodable",
         wire.encode(too_big): "beyond-gamma",
@@ -178,8 +197,18 @@ def test_sigkill_aggregator_loses_nothing_applies_nothing_twice(
 ) -> None:
     h = oracle_run(make_run, participants=4)
     h.aggregator(log=tmp_path / "agg.log")
-    workers = [h.spawn("worker", "--synthetic", "--participants", str(p), "--record-dir",
-                       str(tmp_path), log=tmp_path / f"w{p}.log") for p in range(4)]
+    workers = [
+        h.spawn(
+            "worker",
+            "--synthetic",
+            "--participants",
+            str(p),
+            "--record-dir",
+            str(tmp_path),
+            log=tmp_path / f"w{p}.log",
+        )
+        for p in range(4)
+    ]
     rng = np.random.default_rng(3)
     kills = 0
     deadline = time.monotonic() + 25

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -20,8 +21,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def dssgd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dssgd", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "dssgd", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 @pytest.fixture
@@ -60,16 +67,16 @@ def _intervals(store: RunStore) -> list[tuple[float, float, int, int]]:
 
 
 @pytest.mark.parametrize("order", ["round-robin", "random"])
-def test_ordered_modes_hold_the_turn(order: str, run_id: str, tmp_path: Path,
-                                     conns: Connections) -> None:
-    summary = run_json(run_id, tmp_path, "--order", order, "--epochs", "4",
-                       "--participants", "5")
+def test_ordered_modes_hold_the_turn(
+    order: str, run_id: str, tmp_path: Path, conns: Connections
+) -> None:
+    summary = run_json(run_id, tmp_path, "--order", order, "--epochs", "4", "--participants", "5")
     assert summary["updates_applied"] == 20
     assert summary["mean_staleness"] == 0
     store = RunStore(redis_connect(conns.redis_url), run_id)
     intervals = _intervals(store)
     assert len(intervals) == 20
-    for (d1, a1, *who1), (d2, _a2, *who2) in zip(intervals, intervals[1:], strict=False):
+    for (d1, a1, *who1), (d2, _a2, *who2) in itertools.pairwise(intervals):
         assert a1 <= d2, f"{who1} applied at {a1} after {who2} downloaded at {d2}"
         assert d1 <= a1
     if order == "round-robin":

@@ -23,20 +23,28 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def secured(make_run: Callable[..., RunHandle], tmp_path: Path) -> Iterator[tuple[RunHandle, Path]]:
-    h = make_run(zero_init=True, participants=2, theta_u=0.01, gamma=100.0, rule="sum",
-                 max_staleness=1000)
+    h = make_run(
+        zero_init=True, participants=2, theta_u=0.01, gamma=100.0, rule="sum", max_staleness=1000
+    )
     creds = tmp_path / "creds"
     provision(h.cfg.run_id, 2, h.conns.amqp_url, h.conns.redis_url, creds)
-    h.spawn("aggregator", "--no-eval", "--credentials", str(creds / "aggregator.json"),
-            log=tmp_path / "agg.log")
+    h.spawn(
+        "aggregator",
+        "--no-eval",
+        "--credentials",
+        str(creds / "aggregator.json"),
+        log=tmp_path / "agg.log",
+    )
     yield h, creds
     deprovision(h.cfg.run_id, 2, h.conns.amqp_url, h.conns.redis_url)
 
 
 def participant_publisher(h: RunHandle, creds: Path, pid: int) -> tuple[Publisher, bytes]:
     c = read_credentials(creds / f"p{pid}.json")
-    return (Publisher(c["amqp_url"], h.names, app_id=str(pid), user_id=c["amqp_user"]),
-            bytes.fromhex(c["hmac_key"]))
+    return (
+        Publisher(c["amqp_url"], h.names, app_id=str(pid), user_id=c["amqp_user"]),
+        bytes.fromhex(c["hmac_key"]),
+    )
 
 
 def test_impersonation_is_refused_four_ways(secured: tuple[RunHandle, Path]) -> None:
@@ -84,15 +92,32 @@ def test_participant_cannot_write_the_store(secured: tuple[RunHandle, Path]) -> 
     assert r.get(k.version) is not None
     # ...and every write to what it must not touch is NOPERM.
     writes: list[tuple[str, ...]] = [
-        ("SET", k.params, "x"), ("SETRANGE", k.params, "0", "x"), ("APPEND", k.params, "x"),
-        ("DEL", k.params), ("SET", k.stat, "x"), ("INCR", k.version), ("SET", k.version, "9"),
-        ("HSET", k.dedup, "0", "0:0"), ("HDEL", k.dedup, "0"), ("SET", k.config, "{}"),
-        ("SET", k.fence, "1"), ("INCR", k.fence), ("HINCRBY", k.counters, "applied", "1"),
-        ("RPUSH", k.applied_log, "x"), ("SET", k.turn, "1"), ("SET", k.stop, "x"),
-        ("RENAME", k.params, "stolen"), ("EXPIRE", k.params, "1"), ("UNLINK", k.params),
-        ("HSET", k.participant(1), "epochs", "99"), ("RPUSH", k.wake(1), "1"),
-        ("FLUSHALL",), ("FLUSHDB",), ("EVAL", "return redis.call('SET', KEYS[1], 'x')", "1", k.params),
-        ("CONFIG", "SET", "appendonly", "no"), ("SET", "unrelated-key", "x"),
+        ("SET", k.params, "x"),
+        ("SETRANGE", k.params, "0", "x"),
+        ("APPEND", k.params, "x"),
+        ("DEL", k.params),
+        ("SET", k.stat, "x"),
+        ("INCR", k.version),
+        ("SET", k.version, "9"),
+        ("HSET", k.dedup, "0", "0:0"),
+        ("HDEL", k.dedup, "0"),
+        ("SET", k.config, "{}"),
+        ("SET", k.fence, "1"),
+        ("INCR", k.fence),
+        ("HINCRBY", k.counters, "applied", "1"),
+        ("RPUSH", k.applied_log, "x"),
+        ("SET", k.turn, "1"),
+        ("SET", k.stop, "x"),
+        ("RENAME", k.params, "stolen"),
+        ("EXPIRE", k.params, "1"),
+        ("UNLINK", k.params),
+        ("HSET", k.participant(1), "epochs", "99"),
+        ("RPUSH", k.wake(1), "1"),
+        ("FLUSHALL",),
+        ("FLUSHDB",),
+        ("EVAL", "return redis.call('SET', KEYS[1], 'x')", "1", k.params),
+        ("CONFIG", "SET", "appendonly", "no"),
+        ("SET", "unrelated-key", "x"),
     ]
     denied = 0
     for cmd in writes:
@@ -128,8 +153,9 @@ def test_replays_are_never_applied(secured: tuple[RunHandle, Path], conns: objec
     assert_exact(h, sent)
 
 
-def test_replay_into_another_run_is_refused(make_run: Callable[..., RunHandle],
-                                            secured: tuple[RunHandle, Path]) -> None:
+def test_replay_into_another_run_is_refused(
+    make_run: Callable[..., RunHandle], secured: tuple[RunHandle, Path]
+) -> None:
     h, creds = secured
     rng = np.random.default_rng(3)
     pub, key = participant_publisher(h, creds, 0)
@@ -153,21 +179,38 @@ def test_replay_into_another_run_is_refused(make_run: Callable[..., RunHandle],
 
 
 def test_poisoning_bounds_hold(make_run: Callable[..., RunHandle], tmp_path: Path) -> None:
-    h = make_run(zero_init=True, participants=3, theta_u=0.5, gamma=1.0, rule="sum",
-                 max_l2=2.0, max_staleness=3, rate_limit=5.0)
+    h = make_run(
+        zero_init=True,
+        participants=3,
+        theta_u=0.5,
+        gamma=1.0,
+        rule="sum",
+        max_l2=2.0,
+        max_staleness=3,
+        rate_limit=5.0,
+    )
     h.aggregator(log=tmp_path / "agg.log")
     n = h.init.size
     pub = Publisher(h.conns.amqp_url, h.names, app_id="mallory")
     try:
-        huge = wire.Update(h.cfg.run_id, 0, 1, 0, n, np.array([1, 2], np.int64),
-                           np.array([1e30, -1e30], np.float32))
+        huge = wire.Update(
+            h.cfg.run_id,
+            0,
+            1,
+            0,
+            n,
+            np.array([1, 2], np.int64),
+            np.array([1e30, -1e30], np.float32),
+        )
         pub.publish("upd.0", wire.encode(huge))
-        dense = wire.Update(h.cfg.run_id, 0, 2, 0, n, np.arange(n // 2, dtype=np.int64),
-                            np.ones(n // 2, np.float32))
+        dense = wire.Update(
+            h.cfg.run_id, 0, 2, 0, n, np.arange(n // 2, dtype=np.int64), np.ones(n // 2, np.float32)
+        )
         pub.publish("upd.0", wire.encode(dense))  # within γ but huge in L2: scaled to the bound
         for seq in range(1, 21):  # 10× the allowed rate from participant 1
-            u = wire.Update(h.cfg.run_id, 1, seq, 0, n, np.array([seq], np.int64),
-                            np.array([1.0], np.float32))
+            u = wire.Update(
+                h.cfg.run_id, 1, seq, 0, n, np.array([seq], np.int64), np.array([1.0], np.float32)
+            )
             pub.publish("upd.1", wire.encode(u))
     finally:
         pub.close()

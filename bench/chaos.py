@@ -1,0 +1,1016 @@
+"""Fault injection: kill and restart every part of dssgd, then check the exact-sum oracle.
+
+    python -m bench.chaos                        # all five scenarios (about 5–8 minutes)
+    python -m bench.chaos --quick                # fewer faults (about 2 minutes)
+    python -m bench.chaos --scenario redis       # one scenario; repeat the flag for more
+
+Every scenario drives a fresh run of synthetic participants (small integer updates, so float32
+sums are exact) and one aggregator against a PRIVATE Redis (AOF, appendfsync always) and a
+PRIVATE RabbitMQ node, both started here on free loopback ports inside a temporary directory.
+Only those two are restarted or killed; the shared servers on 5672/6379 are never touched.
+
+Scenarios (docs/RELIABILITY.md rows 1–4 and 15):
+  aggregator  SIGKILL the aggregator at random moments and restart it
+  rabbitmq    restart the broker mid-run (graceful stop, then kill -9 in the full version)
+  redis       restart Redis mid-run (SIGTERM, then kill -9 in the full version)
+  worker      SIGKILL worker processes at random and restart them with the same participants
+  backlog     queue max-length 200, aggregator killed while workers publish until the broker
+              refuses (nacks) them; then the aggregator comes back
+
+After each scenario: every confirmed update applied exactly once (lost 0, duplicated 0), an
+update sent but never confirmed applied at most once, the global parameters equal byte for byte
+to the float32 sum of the applied updates and stat to their counts. Recovery time runs from the
+moment the restart command returned to the next increase of the global version (worker
+scenario: until the restarted participants' next update is applied). Exit status: 0 all good,
+1 a check failed, 3 a scenario could not run, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+import numpy as np
+import pika
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from shared.amqp_names import AmqpNames
+from shared.broker import connect as amqp_connect
+from shared.broker import declare_topology, delete_topology, queue_depth
+from shared.config import DEFAULT_AMQP_URL, RunConfig
+from shared.dedup import decode_state
+from shared.errors import BrokerError, DssgdError
+from shared.models import initial_parameters
+from shared.store import RunStore
+from shared.store import connect as redis_connect
+
+ROOT = Path(__file__).resolve().parent.parent
+RESUME_LIMIT = 30.0  # seconds; RELIABILITY.md rows 2 and 3: everyone resumes on their own
+PROGRESS_TIMEOUT = 60.0  # a fault with no progress this long after it ended is a failure
+DRAIN_TIMEOUT = 90.0
+PR_SET_PDEATHSIG = 1
+
+
+class SetupError(Exception):
+    """A private server could not be started or stopped; the scenario cannot say anything."""
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def time_until(cond: Callable[[], bool], since: float, timeout: float = PROGRESS_TIMEOUT,
+               interval: float = 0.01) -> float | None:
+    """Seconds from ``since`` until ``cond`` holds; servers may still be coming back meanwhile."""
+    while time.monotonic() - since < timeout:
+        try:
+            if cond():
+                return time.monotonic() - since
+        except (DssgdError, redis.RedisError, pika.exceptions.AMQPError, OSError):
+            pass
+        time.sleep(interval)
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    # The detached RabbitMQ node is not our child, so it can linger as a zombie until init reaps
+    # it; os.kill(pid, 0) would call that alive.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: a bench killed with SIGKILL must not leave workers (epochs=0) running forever."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def popen(args: list[str], log: Path, env: dict[str, str] | None = None,
+          cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        # A new session: Ctrl-C reaches only the bench, which then stops everything in order.
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def stop_process(p: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+                 timeout: float = 30.0) -> int:
+    if p.poll() is None:
+        p.send_signal(sig)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return int(p.returncode)
+
+
+def repair_tail(path: Path) -> bool:
+    """Cut a record file back to its last complete line; True if a torn line was removed.
+
+    A SIGKILL can cut a JSON line short, and the restarted worker appends to the same file, so
+    an unterminated tail would swallow the first record of the new process.
+    """
+    if not path.exists():
+        return False
+    with path.open("r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return False
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return False
+        pos = size
+        while pos > 0:
+            step = min(65536, pos)
+            pos -= step
+            f.seek(pos)
+            chunk = f.read(step)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                f.truncate(pos + nl + 1)
+                return True
+        f.truncate(0)
+        return True
+
+
+# --- private servers --------------------------------------------------------------------------
+
+
+class PrivateRedis:
+    """Our own Redis with the durability production needs; restarting it disturbs no one."""
+
+    def __init__(self, base: Path) -> None:
+        self.dir = base / "redis"
+        self.dir.mkdir()
+        self.port = free_port()
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SetupError("redis-server is not installed")
+        self.binary = binary
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.version = ""
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 30.0) -> None:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+                "--dir", str(self.dir), "--daemonize", "no",
+                "--logfile", str(self.dir / "redis.log")]
+        self.proc = popen(args, self.dir / "stdout.log", cwd=self.dir)
+        # No client-side retries here: we want to see when the server answers, not hide it.
+        probe = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2,
+                            socket_connect_timeout=1, retry=Retry(NoBackoff(), 0),
+                            decode_responses=True)
+        proc = self.proc
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise SetupError(f"redis-server exited with {proc.returncode}; "
+                                 f"see {self.dir / 'redis.log'}")
+            try:
+                return bool(probe.ping())  # LOADING (AOF replay) is an error, so not up yet
+            except redis.RedisError:
+                return False
+
+        try:
+            if not wait_for(up, timeout, 0.01):
+                raise SetupError(f"Redis on port {self.port} did not answer in {timeout:.0f} s")
+            fsync = probe.config_get("appendfsync").get("appendfsync")
+            if fsync != "always":
+                raise SetupError(f"private Redis runs with appendfsync {fsync!r}, not 'always'")
+            self.version = str(probe.info("server").get("redis_version", ""))
+        finally:
+            probe.close()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, sig)
+            self.proc = None
+
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        self.stop(sig)
+        self.start()
+
+
+def _rabbit_tool(name: str) -> str:
+    # Debian's /usr/sbin wrappers `su` to the rabbitmq user, whose HOME holds the shared node's
+    # cookie and who cannot write our temporary directory; the real scripts run as us.
+    real = Path("/usr/lib/rabbitmq/bin") / name
+    if real.exists():
+        return str(real)
+    found = shutil.which(name)
+    if found is None:
+        raise SetupError(f"{name} is not installed")
+    return found
+
+
+class PrivateRabbit:
+    """Our own RabbitMQ node (own name, ports, data, logs, cookie); restarts touch only it."""
+
+    def __init__(self, base: Path) -> None:
+        self.dir = base / "rabbitmq"
+        self.dir.mkdir()
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.node = f"dssgd-chaos-{os.getpid()}@localhost"
+        self.server = _rabbit_tool("rabbitmq-server")
+        self.ctl = _rabbit_tool("rabbitmqctl")
+        (self.dir / "enabled_plugins").write_text("[].\n")  # no management: no port 15672 clash
+        (self.dir / "rabbitmq.conf").write_text(f"listeners.tcp.1 = 127.0.0.1:{self.port}\n")
+        # Our own env file, or /etc/rabbitmq/rabbitmq-env.conf would rename us after the shared
+        # node (NODENAME=rabbit@localhost).
+        (self.dir / "rabbitmq-env.conf").write_text("# private node of bench.chaos\n")
+        self.pid: int | None = None
+        self.version = ""
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    @property
+    def env(self) -> dict[str, str]:
+        d = str(self.dir)
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith(("RABBITMQ_", "ERL_"))}
+        return {
+            **base,
+            "HOME": d,  # the Erlang cookie of this node and its CLI: shared with no other node
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": f"{d}/mnesia",
+            "RABBITMQ_LOG_BASE": f"{d}/log",
+            "RABBITMQ_ENABLED_PLUGINS_FILE": f"{d}/enabled_plugins",
+            "RABBITMQ_CONFIG_FILE": f"{d}/rabbitmq",
+            "RABBITMQ_ADVANCED_CONFIG_FILE": f"{d}/advanced.config",
+            "RABBITMQ_CONF_ENV_FILE": f"{d}/rabbitmq-env.conf",
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "ERL_CRASH_DUMP": f"{d}/erl_crash.dump",
+            # Erlang distribution on loopback only, like the AMQP listener.
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+
+    def _ctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run([self.ctl, "-n", self.node, *args], env=self.env, cwd=self.dir,
+                                  capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            return subprocess.CompletedProcess(exc.cmd, 124, "", f"timed out after {timeout} s")
+
+    def _own_pids(self) -> list[int]:
+        """The node's OS process, found by its unique node name (never by a broad pattern)."""
+        # The name is not on the command line; the node keeps it in its environment.
+        needle = f"RABBITMQ_NODENAME={self.node}".encode()
+        out = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+                if b"beam" not in cmd.split(b"\0", 1)[0]:
+                    continue
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if needle in environ and pid_alive(int(entry.name)):
+                out.append(int(entry.name))
+        return out
+
+    def start(self, timeout: float = 120.0) -> None:
+        with (self.dir / "startup.log").open("ab") as out:
+            rc = subprocess.run([self.server, "-detached"], env=self.env, cwd=self.dir,
+                                stdout=out, stderr=subprocess.STDOUT, timeout=60,
+                                check=False).returncode
+        if rc != 0:
+            raise SetupError(f"rabbitmq-server -detached exited with {rc}")
+        deadline = time.monotonic() + timeout
+        while True:
+            # await_startup fails at once while the node has not registered with epmd yet.
+            r = self._ctl("await_startup", "--timeout", "30", timeout=45)
+            if r.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise SetupError(f"private RabbitMQ node {self.node} did not start: "
+                                 f"{(r.stderr or r.stdout).strip()[-400:]}")
+            time.sleep(0.5)
+        pids = self._own_pids()
+        self.pid = pids[0] if pids else None
+        try:
+            amqp_connect(self.url, "dssgd-chaos-probe", heartbeat=0).close()  # guest/guest
+        except BrokerError as exc:
+            raise SetupError(f"guest cannot log in to the private node: {exc}") from exc
+        if not self.version:
+            v = self._ctl("version", timeout=30)
+            self.version = v.stdout.strip() if v.returncode == 0 else "?"
+
+    def stop(self) -> None:
+        """Graceful: `rabbitmqctl shutdown` waits until the node's process has exited."""
+        r = self._ctl("shutdown", timeout=120)
+        pids = self._own_pids()
+        if pids and (r.returncode != 0 or not wait_for(lambda: not self._own_pids(), 30)):
+            self._kill(signal.SIGKILL)
+        self.pid = None
+
+    def kill9(self) -> None:
+        if not self._own_pids():
+            raise SetupError(f"no running process for {self.node}")
+        self._kill(signal.SIGKILL)
+
+    def _kill(self, sig: int) -> None:
+        pids = self._own_pids()
+        for pid in pids:
+            os.kill(pid, sig)
+        if not wait_for(lambda: not any(pid_alive(p) for p in pids), 30):
+            raise SetupError(f"node {self.node} (pids {pids}) survived signal {sig}")
+        self.pid = None
+
+    def restart(self, how: str) -> None:
+        if how == "kill9":
+            self.kill9()
+        else:
+            self.stop()
+        self.start()
+
+    def close(self) -> None:
+        # Ask by name even if no process was found: a node still booting may not show up yet.
+        with contextlib.suppress(SetupError, OSError):
+            self.stop()
+
+
+# --- one run of the system --------------------------------------------------------------------
+
+
+@dataclass
+class Oracle:
+    """What the synthetic participants recorded: every update sent, and the confirmed ones."""
+
+    sent: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]
+    confirmed: set[tuple[int, int]]
+    torn: int  # lines a SIGKILL cut short
+    reused: list[tuple[int, int]]  # a seq sent twice with different content (must never happen)
+
+
+def read_oracle(folder: Path, participants: int) -> Oracle:
+    sent: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    confirmed: set[tuple[int, int]] = set()
+    torn = 0
+    reused: list[tuple[int, int]] = []
+    for pid in range(participants):
+        path = folder / f"confirmed-{pid}.jsonl"
+        if not path.exists():
+            continue
+        with path.open() as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    torn += 1
+                    continue
+                key = (pid, int(rec["seq"]))
+                if rec["state"] == "sent":
+                    upd = (np.asarray(rec["indices"], np.int64),
+                           np.asarray(rec["values"], np.float32))
+                    old = sent.get(key)
+                    if old is not None and not (np.array_equal(old[0], upd[0])
+                                                and np.array_equal(old[1], upd[1])):
+                        reused.append(key)
+                    sent[key] = upd
+                elif rec["state"] == "confirmed":
+                    confirmed.add(key)
+    return Oracle(sent, confirmed, torn, reused)
+
+
+@dataclass
+class Result:
+    scenario: str
+    faults: int = 0
+    confirmed: int = 0
+    applied: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    w_exact: bool = False
+    recoveries: list[float] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # anything here fails the bench
+    notes: list[str] = field(default_factory=list)  # figures worth reading, not failures
+    skipped: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return (not self.skipped and not self.problems and self.lost == 0
+                and self.duplicated == 0 and self.w_exact)
+
+    def recovered(self, seconds: float | None, what: str) -> None:
+        if seconds is None:
+            self.problems.append(f"{what}: no progress within {PROGRESS_TIMEOUT:.0f} s")
+        else:
+            self.recoveries.append(seconds)
+
+
+class Run:
+    """A throw-away training run in the private servers, its processes and its oracle files."""
+
+    def __init__(self, svc: Services, name: str, participants: int, groups: list[tuple[int, ...]],
+                 pace: float, queue_max_length: int) -> None:
+        self.svc = svc
+        self.run_id = f"chaos-{name}-{uuid.uuid4().hex[:6]}"
+        # Integer values within a generous γ and the raw sum: every float32 sum stays exact.
+        # epochs=0: participants run until we stop them, however long the faults take.
+        self.cfg = RunConfig(run_id=self.run_id, participants=participants, theta_u=0.01,
+                             gamma=100.0, rule="sum", epochs=0, queue_max_length=queue_max_length)
+        self.names = AmqpNames(self.run_id)
+        self.groups = groups
+        self.pace = pace
+        self.dir = svc.base / self.run_id
+        self.records = self.dir / "records"
+        self.records.mkdir(parents=True)
+        self.store = RunStore(redis_connect(svc.redis_url), self.run_id)
+        self.store.create_config(self.cfg)
+        self.n = initial_parameters(self.cfg.model, self.cfg.seed).size
+        self.store.init_params(np.zeros(self.n, np.float32))  # zero init keeps sums integral
+        conn = amqp_connect(svc.amqp_url, "dssgd-chaos")
+        try:
+            declare_topology(conn.channel(), self.names, queue_max_length)
+        finally:
+            conn.close()
+        self.aggregator: subprocess.Popen[bytes] | None = None
+        self.workers: dict[tuple[int, ...], subprocess.Popen[bytes]] = {}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.aggregator_exit_codes: list[int] = []
+
+    # processes
+
+    def _spawn(self, module: str, args: list[str], log: str) -> subprocess.Popen[bytes]:
+        p = popen([sys.executable, "-m", module, "--run-id", self.run_id, *args],
+                  self.dir / log, env=self.svc.child_env)
+        self.procs.append(p)
+        return p
+
+    def start_aggregator(self) -> None:
+        self.aggregator = self._spawn("aggregator", ["--no-eval"], "aggregator.log")
+
+    def kill_aggregator(self) -> None:
+        assert self.aggregator is not None
+        stop_process(self.aggregator, signal.SIGKILL)
+        self.aggregator = None
+
+    def start_worker(self, group: tuple[int, ...]) -> None:
+        name = "-".join(map(str, group))
+        self.workers[group] = self._spawn(
+            "worker", ["--synthetic", "--participants", ",".join(map(str, group)),
+                       "--record-dir", str(self.records), "--pace", str(self.pace)],
+            f"worker-{name}.log")
+
+    def start_workers(self) -> None:
+        for g in self.groups:
+            self.start_worker(g)
+
+    def kill_worker(self, group: tuple[int, ...]) -> int:
+        """SIGKILL a worker; returns how many torn record lines had to be cut off."""
+        stop_process(self.workers.pop(group), signal.SIGKILL)
+        return sum(repair_tail(self.record(p)) for p in group)
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                stop_process(p, signal.SIGKILL)
+        # Only matters when the shared broker is the fallback: leave nothing behind there.
+        with contextlib.suppress(DssgdError, pika.exceptions.AMQPError, OSError):
+            conn = amqp_connect(self.svc.amqp_url, "dssgd-chaos")
+            delete_topology(conn.channel(), self.names)
+            conn.close()
+
+    # observations
+
+    def version(self) -> int:
+        return int(self.store.r.get(self.store.keys.version) or 0)
+
+    def highs(self) -> dict[int, int]:
+        raw = self.store.r.hgetall(self.store.keys.dedup)
+        return {int(k): decode_state(v)[0] for k, v in raw.items()}
+
+    def next_seq(self, pid: int) -> int:
+        """The seq a restarted participant starts from (mirrors worker.participant)."""
+        progress = self.store.progress(pid)
+        return max(int(progress.get("seq", 0)), int(progress.get("seq_sent", 0)),
+                   self.store.applied_high(pid)) + 1
+
+    def depth(self) -> int | None:
+        d = queue_depth(self.svc.amqp_url, self.names)
+        return None if d is None else d["updates"]
+
+    def record(self, pid: int) -> Path:
+        return self.records / f"confirmed-{pid}.jsonl"
+
+    def record_offsets(self) -> dict[int, int]:
+        return {p: self.record(p).stat().st_size if self.record(p).exists() else 0
+                for p in range(self.cfg.participants)}
+
+    def confirmed_since(self, offsets: dict[int, int]) -> bool:
+        """Has every participant had an update confirmed since these file offsets?"""
+        for pid, off in offsets.items():
+            with self.record(pid).open("rb") as f:
+                f.seek(off)
+                if b'"confirmed"' not in f.read():
+                    return False
+        return True
+
+    def await_progress(self) -> None:
+        everyone = set(range(self.cfg.participants))
+        if not wait_for(lambda: set(self.highs()) >= everyone, PROGRESS_TIMEOUT, 0.1):
+            raise SetupError(f"run {self.run_id}: not every participant had an update applied "
+                             f"within {PROGRESS_TIMEOUT:.0f} s (logs in {self.dir})")
+
+    def log_lines(self, pattern: str) -> list[str]:
+        rx = re.compile(pattern)
+        out = []
+        for path in self.dir.glob("worker-*.log"):
+            out += [ln for ln in path.read_text(errors="replace").splitlines() if rx.search(ln)]
+        return out
+
+    # the end of a scenario
+
+    def applied_keys(self) -> set[tuple[int, int]]:
+        return {(int(p), int(s)) for p, s, *_ in
+                (e.split(":", 2) for e in self.store.applied_log())}
+
+    def finish(self, res: Result) -> None:
+        """Stop the workers, let the aggregator drain the queue, stop it, check the oracle."""
+        self.store.request_stop("chaos scenario over")
+        for group, p in list(self.workers.items()):
+            try:
+                rc = p.wait(timeout=45)  # the stop request alone must end them, with 0
+            except subprocess.TimeoutExpired:
+                rc = stop_process(p, signal.SIGTERM)
+                res.problems.append(f"worker {group} ignored the stop request for 45 s")
+            if rc != 0:
+                res.problems.append(f"worker {group} exited with {rc} after the stop request")
+        if self.aggregator is None:
+            self.start_aggregator()
+        confirmed = read_oracle(self.records, self.cfg.participants).confirmed
+        last = [-1, time.monotonic()]
+
+        def drained() -> bool:
+            v = self.version()
+            if v != last[0]:
+                last[0], last[1] = v, time.monotonic()
+            return (time.monotonic() - last[1] >= 1.5 and self.depth() == 0
+                    and confirmed <= self.applied_keys())
+
+        if not wait_for(drained, DRAIN_TIMEOUT, 0.25):
+            res.problems.append(f"queue not drained within {DRAIN_TIMEOUT:.0f} s")
+        assert self.aggregator is not None
+        rc = stop_process(self.aggregator, signal.SIGTERM)
+        self.aggregator = None
+        if rc != 0:
+            res.problems.append(f"aggregator exited with {rc} on SIGTERM (expected 0)")
+        verify(self, res)
+
+
+def verify(run: Run, res: Result) -> None:
+    """The exact-sum oracle: lost, duplicated, and w/stat byte for byte."""
+    oracle = read_oracle(run.records, run.cfg.participants)
+    log = run.store.applied_log()
+    keys: list[tuple[int, int]] = []
+    by_version: dict[int, tuple[int, int]] = {}
+    for entry in log:
+        pid, seq, version, _staleness, _t = entry.split(":")
+        key = (int(pid), int(seq))
+        keys.append(key)
+        if by_version.setdefault(int(version), key) != key:
+            res.problems.append(f"version {version} logged for two different updates")
+    counts = Counter(keys)
+    applied = set(counts)
+    res.confirmed = len(oracle.confirmed)
+    res.applied = len(applied)
+    res.duplicated = sum(c - 1 for c in counts.values() if c > 1)
+    res.lost = len(oracle.confirmed - applied)
+    replayed = sum(c - 1 for c in Counter(log).values() if c > 1)
+    if replayed:
+        # Same entry text twice (same version and time stamp): one commit script that ran twice,
+        # not an update applied twice; reported apart so the cause is clear.
+        res.notes.append(f"{replayed} of the duplicates are identical log entries (a commit that "
+                         f"ran twice)")
+    unknown = applied - oracle.sent.keys()
+    if unknown:
+        res.problems.append(f"{len(unknown)} applied updates were never recorded as sent")
+    if oracle.confirmed - oracle.sent.keys():
+        res.problems.append("confirmed updates without a sent record")
+    if oracle.reused:
+        res.problems.append(f"sequence numbers reused with other content: {oracle.reused[:5]}")
+    if oracle.torn:
+        res.notes.append(f"{oracle.torn} torn record lines (SIGKILL mid-write) ignored")
+
+    version = run.version()
+    if sorted(by_version) != list(range(1, version + 1)):
+        res.problems.append(f"applied log versions are not exactly 1..{version}")
+    # One apply per version: the sum over versions is what w must hold, byte for byte.
+    w_exp = np.zeros(run.n, np.float64)
+    stat_exp = np.zeros(run.n, np.float64)
+    for key in by_version.values():
+        if key in oracle.sent:
+            idx, vals = oracle.sent[key]
+            w_exp[idx] += vals
+            stat_exp[idx] += 1
+    _, w, stat = run.store.read_params(with_stat=True)
+    assert stat is not None
+    res.w_exact = (not unknown and w.tobytes() == w_exp.astype(np.float32).tobytes()
+                   and stat.tobytes() == stat_exp.astype(np.float32).tobytes())
+    if not res.w_exact:
+        res.problems.append("global parameters differ from the exact sum of the applied updates")
+
+    counters = run.store.counters()
+    if counters.get("applied", 0) != len(log):
+        res.problems.append(f"counter applied={counters.get('applied', 0)} but the log has "
+                            f"{len(log)} entries")
+    late = len(applied & (oracle.sent.keys() - oracle.confirmed))
+    res.notes.append(f"sent but unconfirmed: {len(oracle.sent) - len(oracle.confirmed)}, of which "
+                     f"applied once: {late}; duplicates ignored by the aggregator: "
+                     f"{counters.get('duplicates', 0)}")
+    rejected = {k: v for k, v in counters.items() if k.startswith("rejected")}
+    depth = queue_depth(run.svc.amqp_url, run.names)
+    dead = depth["dead_letters"] if depth else None
+    if rejected or dead:
+        res.notes.append(f"dead-lettered: {dead} (aggregator rejections {rejected})")
+
+
+# --- the servers and the scenarios ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    aggregator_kills: int
+    rabbit_faults: tuple[str, ...]
+    redis_faults: tuple[str, ...]
+    worker_kills: int
+    backlog_hold: float  # seconds the full queue keeps refusing publishes
+    settle: float  # seconds of undisturbed traffic between two server restarts
+
+
+FULL = Plan(aggregator_kills=20, rabbit_faults=("stop", "kill9"),
+            redis_faults=("term", "kill9", "kill9"), worker_kills=8, backlog_hold=12.0,
+            settle=3.0)
+QUICK = Plan(aggregator_kills=6, rabbit_faults=("stop",), redis_faults=("kill9",),
+             worker_kills=3, backlog_hold=5.0, settle=1.5)
+
+
+class Services:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.redis = PrivateRedis(base)
+        self.rabbit: PrivateRabbit | None = None
+        self.fallback = ""  # why the shared broker is used, if it is
+
+    def start(self) -> None:
+        self.redis.start()
+        try:
+            self.rabbit = PrivateRabbit(self.base)
+            self.rabbit.start()
+        except (SetupError, OSError, subprocess.SubprocessError) as exc:
+            if self.rabbit is not None:
+                self.rabbit.close()
+            self.rabbit = None
+            self.fallback = f"no private RabbitMQ node ({exc}); using the shared broker"
+            print(f"[chaos] WARNING: {self.fallback}; the rabbitmq scenario is skipped",
+                  flush=True)
+
+    @property
+    def amqp_url(self) -> str:
+        return self.rabbit.url if self.rabbit is not None else DEFAULT_AMQP_URL
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url
+
+    @property
+    def child_env(self) -> dict[str, str]:
+        # Nothing inherited may point a child at the shared servers or change the run.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DSSGD_")}
+        return {**env, "DSSGD_AMQP_URL": self.amqp_url, "DSSGD_REDIS_URL": self.redis_url,
+                "PYTHONUNBUFFERED": "1"}
+
+    @contextlib.contextmanager
+    def run(self, name: str, pace: float, participants: int = 4,
+            queue_max_length: int = 100_000) -> Iterator[Run]:
+        groups = [tuple(range(i, participants, 2)) for i in range(2)]  # two worker processes
+        run = Run(self, name, participants, groups, pace, queue_max_length)
+        print(f"[chaos]   run {run.run_id}, logs in {run.dir}", flush=True)
+        try:
+            yield run
+        finally:
+            run.close()
+
+    def close(self) -> None:
+        if self.rabbit is not None:
+            self.rabbit.close()
+        self.redis.stop()
+
+
+def scenario_aggregator(svc: Services, plan: Plan, rng: random.Random, res: Result) -> None:
+    with svc.run("aggregator", pace=0.05) as run:
+        run.start_aggregator()
+        run.start_workers()
+        run.await_progress()
+        for _ in range(plan.aggregator_kills):
+            # Random moment after it has resumed: mid-batch, mid-commit, between acks or idle.
+            time.sleep(rng.uniform(0.0, 1.5))
+            run.kill_aggregator()
+            run.start_aggregator()
+            t_end = time.monotonic()
+            res.faults += 1
+            v0 = run.version()
+            res.recovered(time_until(lambda v0=v0: run.version() > v0, t_end), "aggregator kill")
+        time.sleep(plan.settle)
+        run.finish(res)
+
+
+def _server_faults(run: Run, res: Result, faults: tuple[str, ...], plan: Plan,
+                   rng: random.Random, restart: Callable[[str], None], what: str) -> None:
+    for how in faults:
+        time.sleep(plan.settle + rng.uniform(0.0, 1.0))
+        t_fault = time.monotonic()
+        restart(how)
+        t_end = time.monotonic()
+        res.faults += 1
+        v0 = run.version()
+        offsets = run.record_offsets()
+        res.recovered(time_until(lambda v0=v0: run.version() > v0, t_end), f"{what} {how}")
+        resumed = time_until(lambda v0=v0, offsets=offsets: run.version() > v0
+                             and run.confirmed_since(offsets), t_end)
+        shown = "never" if resumed is None else f"{resumed:.1f} s"
+        res.notes.append(f"{what} {how}: down {t_end - t_fault:.1f} s; every worker confirmed "
+                         f"again and the aggregator applied after {shown}")
+        if resumed is None or resumed > RESUME_LIMIT:
+            res.problems.append(f"{what} {how}: not everyone resumed within {RESUME_LIMIT:.0f} s")
+
+
+def scenario_rabbitmq(svc: Services, plan: Plan, rng: random.Random, res: Result) -> None:
+    rabbit = svc.rabbit
+    if rabbit is None:
+        res.skipped = svc.fallback or "no private RabbitMQ node"
+        return
+    with svc.run("rabbitmq", pace=0.05) as run:
+        run.start_aggregator()
+        run.start_workers()
+        run.await_progress()
+        _server_faults(run, res, plan.rabbit_faults, plan, rng, rabbit.restart, "RabbitMQ")
+        time.sleep(plan.settle)
+        run.finish(res)
+
+
+def scenario_redis(svc: Services, plan: Plan, rng: random.Random, res: Result) -> None:
+    def restart(how: str) -> None:
+        svc.redis.restart(signal.SIGKILL if how == "kill9" else signal.SIGTERM)
+
+    with svc.run("redis", pace=0.05) as run:
+        run.start_aggregator()
+        run.start_workers()
+        run.await_progress()
+        _server_faults(run, res, plan.redis_faults, plan, rng, restart, "Redis")
+        time.sleep(plan.settle)
+        run.finish(res)
+
+
+def scenario_worker(svc: Services, plan: Plan, rng: random.Random, res: Result) -> None:
+    # A short pace keeps the workers mostly publishing, so kills land mid-epoch and mid-confirm.
+    with svc.run("worker", pace=0.02) as run:
+        run.start_aggregator()
+        run.start_workers()
+        run.await_progress()
+        torn = 0
+        for _ in range(plan.worker_kills):
+            time.sleep(rng.uniform(0.2, 1.5))
+            group = rng.choice(run.groups)
+            torn += run.kill_worker(group)
+            starts = {p: run.next_seq(p) for p in group}
+            run.start_worker(group)
+            t_end = time.monotonic()
+            res.faults += 1
+            res.recovered(time_until(lambda g=group, s=starts: all(
+                run.store.applied_high(p) >= s[p] for p in g), t_end), f"worker {group} kill")
+        if torn:
+            res.notes.append(f"{torn} torn record lines cut before restarts")
+        time.sleep(plan.settle)
+        run.finish(res)
+
+
+def scenario_backlog(svc: Services, plan: Plan, rng: random.Random, res: Result) -> None:
+    limit = 200
+    with svc.run("backlog", pace=0.02, queue_max_length=limit) as run:
+        run.start_aggregator()
+        run.start_workers()
+        run.await_progress()
+        time.sleep(rng.uniform(0.0, 1.0))
+        run.kill_aggregator()
+        t_down = time.monotonic()
+        res.faults += 1
+        max_depth = [0]
+
+        def depth_at_least(n: int) -> bool:
+            d = run.depth() or 0
+            max_depth[0] = max(max_depth[0], d)
+            return d >= n
+
+        filled = time_until(lambda: depth_at_least(limit), t_down, interval=0.1)
+        hold_end = time.monotonic() + plan.backlog_hold
+        while time.monotonic() < hold_end:  # keep it full; publishers are being refused now
+            depth_at_least(limit)
+            time.sleep(0.2)
+        refused_before = len(run.log_lines(r"not confirmed \(broker refused"))
+        run.start_aggregator()
+        t_end = time.monotonic()
+        v0 = run.version()
+        res.recovered(time_until(lambda: run.version() > v0, t_end), "aggregator back")
+        time.sleep(plan.settle)
+        run.finish(res)
+        refused = run.log_lines(r"not confirmed \(broker refused")
+        messages = {m.groups() for m in
+                    (re.search(r"participant (\d+) seq (\d+) not confirmed", ln) for ln in refused)
+                    if m}
+        filled_s = "never" if filled is None else f"{filled:.1f} s"
+        res.notes.append(f"queue full (max-length {limit}) after {filled_s}; max depth seen "
+                         f"{max_depth[0]}; publishes refused (nacked) {len(refused)} times "
+                         f"({refused_before} while the aggregator was down), "
+                         f"{len(messages)} distinct updates, each retried until confirmed")
+        if not refused:
+            res.problems.append("no publish was ever refused: the backlog bound was not reached")
+        if max_depth[0] > limit:
+            res.problems.append(f"queue depth {max_depth[0]} exceeded max-length {limit}")
+
+
+SCENARIOS: dict[str, Callable[[Services, Plan, random.Random, Result], None]] = {
+    "aggregator": scenario_aggregator,
+    "rabbitmq": scenario_rabbitmq,
+    "redis": scenario_redis,
+    "worker": scenario_worker,
+    "backlog": scenario_backlog,
+}
+
+
+def run_scenario(name: str, svc: Services, plan: Plan, rng: random.Random) -> Result:
+    res = Result(name)
+    t0 = time.monotonic()
+    print(f"[chaos] {name} …", flush=True)
+    try:
+        SCENARIOS[name](svc, plan, rng, res)
+    except (SetupError, DssgdError, redis.RedisError, pika.exceptions.AMQPError, OSError,
+            subprocess.SubprocessError) as exc:
+        res.problems.append(f"scenario aborted: {exc}")
+    res.seconds = time.monotonic() - t0
+    verdict = "SKIPPED" if res.skipped else "ok" if res.ok else "FAILED"
+    print(f"[chaos] {name}: {verdict} in {res.seconds:.0f} s", flush=True)
+    return res
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def _fmt_s(values: list[float], f: Callable[[list[float]], float]) -> str:
+    return f"{f(values):.2f} s" if values else "-"
+
+
+def table(results: list[Result]) -> str:
+    head = (f"{'scenario':<11} {'faults':>6} {'confirmed':>9} {'applied':>7} {'lost':>4} "
+            f"{'dup':>4} {'w exact':>7} {'recovery max':>12} {'median':>8} {'verdict':>7}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if r.skipped:
+            lines.append(f"{r.scenario:<11} {'skipped: ' + r.skipped}")
+            continue
+        verdict = "ok" if r.ok else "FAILED"
+        lines.append(f"{r.scenario:<11} {r.faults:>6} {r.confirmed:>9} {r.applied:>7} "
+                     f"{r.lost:>4} {r.duplicated:>4} {'yes' if r.w_exact else 'NO':>7} "
+                     f"{_fmt_s(r.recoveries, max):>12} {_fmt_s(r.recoveries, statistics.median):>8}"
+                     f" {verdict:>7}")
+    lines.append("")
+    for r in results:
+        for p in r.problems:
+            lines.append(f"  {r.scenario}: FAILED: {p}")
+        for n in r.notes:
+            lines.append(f"  {r.scenario}: {n}")
+    return "\n".join(lines)
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGHUP: unwind through every finally, so the private servers are stopped."""
+
+
+def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer faults, about 2 minutes")
+    ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
+                    help="run only this scenario (repeatable; default: all, in order)")
+    ap.add_argument("--seed", type=int, default=None, help="seed of the fault timing")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the temporary directory (server data, logs, oracle files)")
+    args = ap.parse_args(argv)
+    names = args.scenario or list(SCENARIOS)
+    plan = QUICK if args.quick else FULL
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
+    rng = random.Random(seed)
+
+    global _LIBC
+    with contextlib.suppress(OSError):
+        _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork, used in the child
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+
+    base = Path(tempfile.mkdtemp(prefix="dssgd-chaos-"))
+    results: list[Result] = []
+    t0 = time.monotonic()
+    svc: Services | None = None
+    try:
+        svc = Services(base)
+        svc.start()
+        rabbit = (f"RabbitMQ {svc.rabbit.version} node {svc.rabbit.node} on "
+                  f"127.0.0.1:{svc.rabbit.port}" if svc.rabbit else svc.fallback)
+        print(f"[chaos] {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC, {platform.node()}, "
+              f"{os.cpu_count()} cores, {'quick' if args.quick else 'full'} plan, seed {seed}\n"
+              f"[chaos] private Redis {svc.redis.version} (appendonly yes, appendfsync always) "
+              f"on 127.0.0.1:{svc.redis.port}; {rabbit}; work dir {base}", flush=True)
+        for name in names:
+            results.append(run_scenario(name, svc, plan, rng))
+    except (KeyboardInterrupt, Interrupted) as exc:
+        print(f"[chaos] interrupted ({exc or 'Ctrl-C'}); stopping the private servers",
+              file=sys.stderr, flush=True)
+        return 130
+    except SetupError as exc:
+        print(f"[chaos] cannot start the private servers: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        # Ignore further signals while cleaning up, so a second Ctrl-C cannot leave a node behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if svc is not None:
+            svc.close()
+        if args.keep:
+            print(f"[chaos] kept {base}", file=sys.stderr)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+    print()
+    print(table(results))
+    print(f"\nrecovery = from the restart command's return to the next increase of the global "
+          f"version (worker: to the restarted participants' next applied update); "
+          f"total {time.monotonic() - t0:.0f} s")
+    if any(not r.skipped and not r.ok for r in results):
+        return 1
+    return 3 if any(r.skipped for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
