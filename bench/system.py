@@ -20,6 +20,8 @@ import multiprocessing as mp
 import os
 import platform
 import queue as queue_mod
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,6 +213,7 @@ class PubSpec:
     participants: int
     duration: float  # seconds of publishing
     max_bytes: int  # or stop after this many bytes
+    max_messages: int = 1 << 62  # or after this many messages
     window: int = 1000  # unconfirmed messages at most
     window_bytes: int = 16 << 20  # unconfirmed bytes at most
     templates: int = 16
@@ -282,7 +285,8 @@ class _AsyncPublisher:
         now = time.time()
         while not self.stopping and len(self.pending) < s.window and \
                 self.out_bytes < s.window_bytes:
-            if now >= self.deadline or self.sent_bytes >= s.max_bytes:
+            if now >= self.deadline or self.sent_bytes >= s.max_bytes or \
+                    self.sent >= s.max_messages:
                 self.stopping = True
                 break
             j = self.sent
@@ -441,12 +445,30 @@ def _collect(results: Any, count: int, timeout: float, poll: Any = None) -> list
     return out
 
 
-def _specs(cfg: LoadSettings, run_id: str, theta: float, exchange: str,
-           queue: str) -> list[PubSpec]:
+def _specs(cfg: LoadSettings, run_id: str, theta: float, exchange: str, queue: str,
+           messages: int | None = None) -> list[PubSpec]:
+    """One spec per publisher; with ``messages``, exactly that many in all (a backlog)."""
     url = conns().amqp_url
-    return [PubSpec(url, run_id, theta, exchange, queue, i * cfg.participants_each,
-                    cfg.participants_each, cfg.duration, cfg.max_bytes // cfg.publishers,
-                    window=cfg.window) for i in range(cfg.publishers)]
+    out = []
+    for i in range(cfg.publishers):
+        extra = {}
+        if messages is not None:
+            extra["max_messages"] = messages // cfg.publishers + (i < messages % cfg.publishers)
+        out.append(PubSpec(url, run_id, theta, exchange, queue, i * cfg.participants_each,
+                           cfg.participants_each, cfg.duration if messages is None else 600.0,
+                           cfg.max_bytes // cfg.publishers, window=cfg.window, **extra))
+    return out
+
+
+def _fill(cfg: LoadSettings, run_id: str, theta: float, exchange: str, queue: str,
+          messages: int) -> int:
+    """Publish a backlog of ``messages`` with nobody consuming; returns how many were confirmed."""
+    procs, go, results = _start_publishers(_specs(cfg, run_id, theta, exchange, queue, messages))
+    go.set()
+    rows = _collect(results, len(procs), 600)
+    for p in procs:
+        p.join(timeout=10)
+    return sum(r["acked"] for r in rows)
 
 
 def _pub_summary(rows: list[dict[str, Any]]) -> tuple[int, int, int, float, float]:
@@ -483,7 +505,7 @@ def measure_ceiling(cfg: LoadSettings, theta: float, run_id: str) -> LoadResult:
         meter.sample()
         go.set()
         rows = _collect(pub_results, len(procs), cfg.duration + 300)
-        acked, nacked, nbytes, t0, t1 = _pub_summary(rows)
+        acked, nacked, _, t0, t1 = _pub_summary(rows)
         meter.sample()
         expected.value = sum(r["sent"] for r in rows) - nacked
         got = results.get(timeout=300)
@@ -634,7 +656,8 @@ def measure_aggregator(cfg: LoadSettings, theta: float, run_id: str,
         note = ""
         if nacked:
             note = f"{nacked} publishes refused by the broker"
-        return LoadResult("aggregator", theta, target, nbytes, target * k, t_end - t0, t1 - t0, acked / (t1 - t0), nacked=nacked,
+        return LoadResult("aggregator", theta, target, nbytes, target * k, t_end - t0, t1 - t0,
+                          acked / (t1 - t0), nacked=nacked,
                           commits=counters.get("commits", 0),
                           rejected=counters.get("rejected", 0),
                           duplicates=counters.get("duplicates", 0),
@@ -651,6 +674,84 @@ def measure_aggregator(cfg: LoadSettings, theta: float, run_id: str,
         run.close()
 
 
+@dataclass
+class DrainResult:
+    what: str
+    theta: float
+    messages: int
+    seconds: float  # first delivery (ceiling) / first commit (aggregator) -> last
+    commits: int = 0
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def msg_per_s(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+
+def drain_ceiling(cfg: LoadSettings, theta: float, run_id: str, messages: int) -> DrainResult:
+    """An ack-only consumer draining a backlog of ``messages`` (nothing else running)."""
+    qname = new_id("ceiling")
+    conn = amqp_connect(conns().amqp_url, "bench-ceiling", heartbeat=0)
+    ch = conn.channel()
+    ch.queue_declare(qname, durable=True, arguments={"x-queue-type": "quorum"})
+    try:
+        total = _fill(cfg, run_id, theta, "", qname, messages)
+        ctx = mp.get_context("spawn")
+        ready, results, expected = ctx.Queue(), ctx.Queue(), ctx.Value("q", total)
+        consumer = ctx.Process(target=_ceiling_consumer_main, daemon=True,
+                               args=(conns().amqp_url, qname, cfg.prefetch, cfg.ack_every, ready,
+                                     expected, results))
+        consumer.start()
+        meter = CpuMeter()
+        meter.watch("consumer", consumer.pid)
+        _watch_services(meter)
+        meter.sample()
+        got = results.get(timeout=600)
+        meter.sample()
+        consumer.join(timeout=10)
+        return DrainResult("ceiling", theta, got["n"] - 1, got["t_last"] - got["t_first"],
+                           cpu=_shares(meter, got["t_first"], got["t_last"]))
+    finally:
+        ch.queue_delete(qname)
+        conn.close()
+
+
+def drain_aggregator(cfg: LoadSettings, theta: float, run_id: str,
+                     messages: int) -> DrainResult:
+    """The aggregator started on a backlog of ``messages``: from its first commit to its last."""
+    run = BenchRun(run_id, cfg.publishers * cfg.participants_each, theta)
+    try:
+        total = _fill(cfg, run_id, theta, AmqpNames(run_id).exchange, "", messages)
+        run.start_aggregator()
+        assert run.proc is not None
+        meter = CpuMeter()
+        meter.watch("aggregator", run.proc.pid)
+        _watch_services(meter)
+        v0 = t_first = 0.0
+        deadline = time.time() + 600
+        last = 0.0
+        while True:
+            v = run.version()
+            now = time.time()
+            if v and not t_first:
+                v0, t_first = v, now
+                meter.sample()
+            if v >= total:
+                break
+            if now > deadline or run.proc.poll() is not None:
+                raise RuntimeError(f"aggregator applied {v} of {total}; see {run.log}")
+            if t_first and now - last > 0.5:
+                meter.sample()
+                last = now
+            time.sleep(0.002)
+        meter.sample()
+        commits = run.store.counters().get("commits", 0)
+        return DrainResult("aggregator", theta, int(total - v0), now - t_first, commits,
+                           cpu=_shares(meter, t_first, now))
+    finally:
+        run.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Whole runs of `dssgd run`, watched from outside
 
@@ -664,13 +765,16 @@ class RunRecord:
     returncode: int | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     participants: int = 0
-    first_epoch: dict[int, tuple[float, float]] = field(default_factory=dict)  # (last_seen, t_epoch)
+    # per participant (last_seen, t_epoch) as first seen at the end of its epoch 1
+    first_epoch: dict[int, tuple[float, float]] = field(default_factory=dict)
     final: dict[int, dict[str, str]] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     epochs: list[tuple[float, int]] = field(default_factory=list)  # (time, Σ epochs)
     depth: list[tuple[float, int]] = field(default_factory=list)  # (time, ready messages)
+    unapplied: list[tuple[float, int]] = field(default_factory=list)  # (time, confirmed - applied)
     cpu: CpuMeter = field(default_factory=CpuMeter)
     stderr_tail: str = ""
+    milestones: dict[str, float] = field(default_factory=dict)  # seconds after t_start
 
     @property
     def wall(self) -> float:
@@ -744,13 +848,16 @@ def drive_run(args: list[str], tag: str, progress_every: float = 0.25,
             if rec.participants and now >= next_progress:
                 next_progress = now + progress_every
                 snap = store.all_progress(rec.participants)
-                total = 0
+                version = int(store.r.get(store.keys.version) or 0)
+                total = confirmed = 0
                 for pid, p in snap.items():
                     e = int(p.get("epochs", 0))
                     total += e
+                    confirmed += int(p.get("seq", 0))
                     if e == 1 and pid not in rec.first_epoch:
                         rec.first_epoch[pid] = (float(p["last_seen"]), float(p["t_epoch"]))
                 rec.epochs.append((now, total))
+                rec.unapplied.append((now, max(0, confirmed - version)))
             if watch and now >= next_sample:
                 next_sample = now + sample_every
                 if not agg_found:
@@ -784,6 +891,7 @@ def drive_run(args: list[str], tag: str, progress_every: float = 0.25,
             rec.participants = cfg.participants if cfg else 0
         rec.final = store.all_progress(rec.participants) if rec.participants else {}
         rec.metrics = store.metrics()
+        rec.milestones = milestones(Path(runs_dir) / run_id, rec)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -796,10 +904,49 @@ def drive_run(args: list[str], tag: str, progress_every: float = 0.25,
                 amqp.close()
         if not keep:
             delete_run(run_id)
+            shutil.rmtree(runs_dir, ignore_errors=True)
     if rec.returncode != 0:
         raise RuntimeError(f"dssgd run {' '.join(args)} failed ({rec.returncode}):\n"
                            f"{rec.stderr_tail}")
     return rec
+
+
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
+
+
+def _log_times(path: Path, needle: str) -> list[float]:
+    """Unix times of the log lines (logging's local-time stamps) that contain ``needle``."""
+    out = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            m = _STAMP.match(line)
+            if m and needle in line:
+                out.append(time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+                           + int(m.group(2)) / 1000)
+    return out
+
+
+def milestones(run_dir: Path, rec: RunRecord) -> dict[str, float]:
+    """Start-up of a ``dssgd run``, in seconds after the command started: supervisord spawned
+    the aggregator, the aggregator serves, the last worker hosts its participants, the first
+    epoch ended, the evaluator started (first accuracy point minus its elapsed)."""
+    out: dict[str, float] = {}
+    spawned = _log_times(run_dir / "supervisord.log", "spawned: 'aggregator'")
+    serving = _log_times(run_dir / "logs" / "aggregator.log", "serving")
+    hosting = [t for f in sorted((run_dir / "logs").glob("worker-*.log"))
+               for t in _log_times(f, "hosting participants")]
+    if spawned:
+        out["processes spawned"] = spawned[0] - rec.t_start
+    if serving:
+        out["aggregator serving"] = serving[0] - rec.t_start
+    if hosting:
+        out["workers ready"] = max(hosting) - rec.t_start
+    if rec.first_epoch:
+        out["first epoch done"] = min(t for t, _ in rec.first_epoch.values()) - rec.t_start
+    if rec.metrics:
+        m = min(rec.metrics, key=lambda x: x["time"])
+        out["evaluator started"] = m["time"] - m["elapsed"] - rec.t_start
+    return out
 
 
 CENTRALIZED = r"""
