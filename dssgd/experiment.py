@@ -184,9 +184,9 @@ def write_results(out: Path, name: str, preset: Preset, cen: Curve, alone: Curve
     rr01 = by_label.get("DSSGD round-robin θu=0.1")
     if rr01:
         lines += ["", f"Checks: DSSGD round-robin θu = 0.1 is "
-                  f"{100 * (cen.final - rr01['accuracy']):+.2f} points from centralized "
-                  f"(target within 1.5) and {100 * (rr01['accuracy'] - alone.final):+.2f} points "
-                  "above standalone (target ≥ 5)."]
+                  f"{100 * (cen.final - rr01['accuracy']):.2f} points below centralized "
+                  f"(target: within 1.5) and {100 * (rr01['accuracy'] - alone.final):.2f} points "
+                  "above standalone (target: at least 5)."]
     lines += ["", f"![accuracy against epochs](img/results-{name}-epochs.png)",
               f"![accuracy against ε/c](img/results-{name}-dp.png)", ""]
     section = "\n".join(lines)
