@@ -65,12 +65,20 @@ class Evaluator:
             # pass over 10k test images takes seconds) whatever the configured interval.
             pause = max(self.cfg.eval_interval, 4 * (time.perf_counter() - t_eval))
             last_version = version
-            point = {"time": time.time(), "elapsed": time.time() - start, "version": version,
-                     "applied": applied, "bytes_in": bytes_in,
-                     "accuracy": result.accuracy, "loss": result.loss}
+            point = {
+                "time": time.time(),
+                "elapsed": time.time() - start,
+                "version": version,
+                "applied": applied,
+                "bytes_in": bytes_in,
+                "accuracy": result.accuracy,
+                "loss": result.loss,
+            }
             self.agg.metrics.set_accuracy(result.accuracy, result.loss)
             try:
                 self.store.push_metric(point)
             except DssgdError as exc:
                 log.warning("could not record a metric: %s", exc)
-            log.info("version %d: test accuracy %.4f, loss %.4f", version, result.accuracy, result.loss)
+            log.info(
+                "version %d: test accuracy %.4f, loss %.4f", version, result.accuracy, result.loss
+            )

@@ -42,30 +42,54 @@ class AggregatorMetrics:
         self.run_id = run_id
         self.registry = CollectorRegistry(auto_describe=True)
         reg, run = self.registry, ("run",)
-        self._applied = Counter("dssgd_updates_applied", "Updates applied to the global model",
-                                run, registry=reg)
-        self._rejected = Counter("dssgd_updates_rejected", "Updates rejected by validation",
-                                 (*run, "reason"), registry=reg)
-        self._duplicates = Counter("dssgd_duplicates", "Redelivered updates dropped as duplicates",
-                                   run, registry=reg)
-        self._apply_seconds = Histogram("dssgd_apply_seconds",
-                                        "Latency of applying and committing one batch (seconds)",
-                                        run, registry=reg, buckets=APPLY_BUCKETS)
-        self._staleness = Histogram("dssgd_staleness",
-                                    "Global versions applied since the base version of an update",
-                                    run, registry=reg, buckets=STALENESS_BUCKETS)
-        self._bytes_in = Counter("dssgd_bytes_in", "Bytes of update messages received",
-                                 run, registry=reg)
-        self._version = Gauge("dssgd_global_version", "Global model version (updates applied)",
-                              run, registry=reg)
-        self._accuracy = Gauge("dssgd_test_accuracy", "Test accuracy of the global model",
-                               run, registry=reg)
+        self._applied = Counter(
+            "dssgd_updates_applied", "Updates applied to the global model", run, registry=reg
+        )
+        self._rejected = Counter(
+            "dssgd_updates_rejected",
+            "Updates rejected by validation",
+            (*run, "reason"),
+            registry=reg,
+        )
+        self._duplicates = Counter(
+            "dssgd_duplicates", "Redelivered updates dropped as duplicates", run, registry=reg
+        )
+        self._apply_seconds = Histogram(
+            "dssgd_apply_seconds",
+            "Latency of applying and committing one batch (seconds)",
+            run,
+            registry=reg,
+            buckets=APPLY_BUCKETS,
+        )
+        self._staleness = Histogram(
+            "dssgd_staleness",
+            "Global versions applied since the base version of an update",
+            run,
+            registry=reg,
+            buckets=STALENESS_BUCKETS,
+        )
+        self._bytes_in = Counter(
+            "dssgd_bytes_in", "Bytes of update messages received", run, registry=reg
+        )
+        self._version = Gauge(
+            "dssgd_global_version", "Global model version (updates applied)", run, registry=reg
+        )
+        self._accuracy = Gauge(
+            "dssgd_test_accuracy", "Test accuracy of the global model", run, registry=reg
+        )
         self._loss = Gauge("dssgd_test_loss", "Test loss of the global model", run, registry=reg)
-        self._epsilon = Gauge("dssgd_epsilon_spent", "Differential-privacy budget ε spent",
-                              (*run, "participant"), registry=reg)
-        self._batch_size = Gauge("dssgd_queue_batch_size",
-                                 "Messages in the last batch taken from the queue",
-                                 run, registry=reg)
+        self._epsilon = Gauge(
+            "dssgd_epsilon_spent",
+            "Differential-privacy budget ε spent",
+            (*run, "participant"),
+            registry=reg,
+        )
+        self._batch_size = Gauge(
+            "dssgd_queue_batch_size",
+            "Messages in the last batch taken from the queue",
+            run,
+            registry=reg,
+        )
         # Children created now so a scrape before the first batch shows zeros rather than missing
         # series (rate() over a series that appears mid-way loses its first increment). Accuracy,
         # loss and ε are left absent until measured: a 0 there would read as a real value.

@@ -11,6 +11,7 @@ the parameters turns the redelivery into a no-op).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -72,7 +73,9 @@ class _Delivery:
 
 
 class Aggregator:
-    def __init__(self, settings: AggregatorSettings, stop: StopFlag, cfg: RunConfig | None = None) -> None:
+    def __init__(
+        self, settings: AggregatorSettings, stop: StopFlag, cfg: RunConfig | None = None
+    ) -> None:
         self.s = settings
         self.stop = stop
         self.names = AmqpNames(settings.run_id)
@@ -130,9 +133,16 @@ class Aggregator:
         self.totals = Counter(store.counters())
         if self.evaluator is None and self.s.evaluate:
             self.evaluator = Evaluator(self, store, cfg)
-        log.info("run %s: serving %s (n=%d) at version %d, rule %s, order %s, fence %d",
-                 cfg.run_id, cfg.model, spec.n_params, self.state.version, self.rule.name,
-                 cfg.order, fence)
+        log.info(
+            "run %s: serving %s (n=%d) at version %d, rule %s, order %s, fence %d",
+            cfg.run_id,
+            cfg.model,
+            spec.n_params,
+            self.state.version,
+            self.rule.name,
+            cfg.order,
+            fence,
+        )
         conn = amqp_connect(self.s.connections.amqp_url, self.s.name)
         self._pending = []
         try:
@@ -141,8 +151,9 @@ class Aggregator:
             dead_ch = conn.channel()
             dead_ch.confirm_delivery()
             ch.basic_qos(prefetch_count=self.s.prefetch)
-            ch.basic_consume(self.names.queue, self._on_message, auto_ack=False,
-                             consumer_tag=self.s.name)
+            ch.basic_consume(
+                self.names.queue, self._on_message, auto_ack=False, consumer_tag=self.s.name
+            )
             last_housekeeping = 0.0
             while not self.stop.is_set():
                 conn.process_data_events(time_limit=0.5)
@@ -163,10 +174,10 @@ class Aggregator:
         except (pex.AMQPError, OSError) as exc:
             raise BrokerError(f"RabbitMQ connection failed: {exc!r}") from exc
         finally:
-            try:
+            # A broken connection may fail to close in many ways; the broker requeues our unacked
+            # deliveries either way.
+            with contextlib.suppress(Exception):
                 conn.close()
-            except Exception:  # already broken; the broker requeues our unacked deliveries
-                pass
 
     def _config(self, store: RunStore) -> RunConfig:
         if self.initial_cfg is not None:
@@ -174,19 +185,31 @@ class Aggregator:
             if created:
                 log.info("created run %s", cfg.run_id)
             elif cfg.replace(created=0.0) != self.initial_cfg.replace(created=0.0):
-                log.warning("run %s exists with a different configuration; using the stored one",
-                            cfg.run_id)
+                log.warning(
+                    "run %s exists with a different configuration; using the stored one", cfg.run_id
+                )
             return cfg
         return store.wait_config(self.stop)
 
-    def _on_message(self, _ch: BlockingChannel, method: pex.spec.Basic.Deliver,  # type: ignore[name-defined]
-                    props: pika.BasicProperties, body: bytes) -> None:
+    def _on_message(
+        self,
+        _ch: BlockingChannel,
+        method: pex.spec.Basic.Deliver,  # type: ignore[name-defined]
+        props: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
         self._pending.append(_Delivery(method.delivery_tag, props, body, method.routing_key))
 
     # --- one batch ------------------------------------------------------------------------------
 
-    def _process(self, batch: list[_Delivery], store: RunStore, fence: int,
-                 ch: BlockingChannel, dead_ch: BlockingChannel) -> None:
+    def _process(
+        self,
+        batch: list[_Delivery],
+        store: RunStore,
+        fence: int,
+        ch: BlockingChannel,
+        dead_ch: BlockingChannel,
+    ) -> None:
         assert self.state is not None and self.cfg is not None
         cfg, n = self.cfg, self.state.w.size
         counters: Counter[str] = Counter()
@@ -202,12 +225,20 @@ class Aggregator:
             for d in batch:
                 counters["bytes_in"] += len(d.body)
                 try:
-                    upd = wire.decode(d.body, expected_run=cfg.run_id, expected_n=n,
-                                      key_for=self._key_for if self.s.keys else None)
+                    upd = wire.decode(
+                        d.body,
+                        expected_run=cfg.run_id,
+                        expected_n=n,
+                        key_for=self._key_for if self.s.keys else None,
+                    )
                 except wire.WireError as exc:
                     text = str(exc).lower()
-                    reason = ("unauthenticated" if self.s.keys and ("mac" in text or "participant"
-                              in text or "unauthenticated" in text) else "undecodable")
+                    reason = (
+                        "unauthenticated"
+                        if self.s.keys
+                        and ("mac" in text or "participant" in text or "unauthenticated" in text)
+                        else "undecodable"
+                    )
                     dead.append((d, reason, str(exc)))
                     continue
                 # Replays first: a copy of an applied update is a duplicate whatever else holds.
@@ -253,17 +284,29 @@ class Aggregator:
         turn_expect = turn_next = ""
         if advance and holder is not None:
             turn_expect, turn_next = str(holder), self._next_turn(store, holder)
-        store.commit(fence, state, dedup_changes, dict(counters), log_entries, turn_expect, turn_next)
+        store.commit(
+            fence, state, dedup_changes, dict(counters), log_entries, turn_expect, turn_next
+        )
         ch.basic_ack(batch[-1].tag, multiple=True)
         self.totals.update(counters)
         self.metrics.observe_batch(
-            applied=counters["applied"], duplicates=counters["duplicates"],
-            rejected={k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("rejected:")},
-            staleness=stalenesses, bytes_in=counters["bytes_in"],
-            seconds=time.perf_counter() - t0, version=state.version)
+            applied=counters["applied"],
+            duplicates=counters["duplicates"],
+            rejected={
+                k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("rejected:")
+            },
+            staleness=stalenesses,
+            bytes_in=counters["bytes_in"],
+            seconds=time.perf_counter() - t0,
+            version=state.version,
+        )
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("batch of %d: %s in %.1f ms", len(batch), dict(counters),
-                      1000 * (time.perf_counter() - t0))
+            log.debug(
+                "batch of %d: %s in %.1f ms",
+                len(batch),
+                dict(counters),
+                1000 * (time.perf_counter() - t0),
+            )
 
     def _key_for(self, participant: int) -> bytes | None:
         if self.s.keys is None:
@@ -273,13 +316,15 @@ class Aggregator:
     def _check_sender(self, participant: int, d: _Delivery) -> None:
         """The broker vouches for user_id and the routing key; both must name the participant."""
         if d.routing_key != AmqpNames.routing_key(participant):
-            raise ValidationError("wrong-routing-key",
-                                  f"participant {participant} sent with key {d.routing_key!r}")
+            raise ValidationError(
+                "wrong-routing-key", f"participant {participant} sent with key {d.routing_key!r}"
+            )
         if self.s.keys is not None:
             expected = participant_user(self.s.run_id, participant)
             if d.props.user_id != expected:
-                raise ValidationError("impersonation", f"user_id {d.props.user_id!r} is not "
-                                      f"{expected!r}")
+                raise ValidationError(
+                    "impersonation", f"user_id {d.props.user_id!r} is not {expected!r}"
+                )
 
     def _check_rate(self, participant: int, cfg: RunConfig) -> None:
         if cfg.rate_limit is None:
@@ -289,17 +334,31 @@ class Aggregator:
         tokens = min(max(1.0, cfg.rate_limit), tokens + (now - last) * cfg.rate_limit)
         if tokens < 1.0:
             self._buckets[participant] = (tokens, now)
-            raise ValidationError("rate-limited", f"participant {participant} exceeds "
-                                  f"{cfg.rate_limit}/s")
+            raise ValidationError(
+                "rate-limited", f"participant {participant} exceeds {cfg.rate_limit}/s"
+            )
         self._buckets[participant] = (tokens - 1.0, now)
 
-    def _dead_letter(self, dead_ch: BlockingChannel, d: _Delivery, reason: str, detail: str) -> None:
-        log.warning("rejected message from %s (%s): %s", d.props.app_id or d.routing_key, reason, detail)
+    def _dead_letter(
+        self, dead_ch: BlockingChannel, d: _Delivery, reason: str, detail: str
+    ) -> None:
+        log.warning(
+            "rejected message from %s (%s): %s", d.props.app_id or d.routing_key, reason, detail
+        )
         headers = dict(d.props.headers or {})
-        headers.update({REASON_HEADER: reason, DETAIL_HEADER: detail[:500],
-                        "x-dssgd-routing-key": d.routing_key})
-        props = pika.BasicProperties(content_type=d.props.content_type, app_id=d.props.app_id,
-                                     delivery_mode=pika.DeliveryMode.Persistent, headers=headers)
+        headers.update(
+            {
+                REASON_HEADER: reason,
+                DETAIL_HEADER: detail[:500],
+                "x-dssgd-routing-key": d.routing_key,
+            }
+        )
+        props = pika.BasicProperties(
+            content_type=d.props.content_type,
+            app_id=d.props.app_id,
+            delivery_mode=pika.DeliveryMode.Persistent,
+            headers=headers,
+        )
         try:
             dead_ch.basic_publish(self.names.dead_exchange, "", d.body, props)
         except (pex.AMQPError, OSError) as exc:
@@ -323,9 +382,15 @@ class Aggregator:
 
     def _housekeeping(self, store: RunStore, fence: int) -> None:
         assert self.state is not None and self.cfg is not None
-        store.aggregator_heartbeat({"name": self.s.name, "version": self.state.version,
-                                    "fence": fence, "time": time.time(),
-                                    "metrics_url": self.metrics_url})
+        store.aggregator_heartbeat(
+            {
+                "name": self.s.name,
+                "version": self.state.version,
+                "fence": fence,
+                "time": time.time(),
+                "metrics_url": self.metrics_url,
+            }
+        )
         if not self.cfg.ordered:
             return
         holder = store.turn()

@@ -21,12 +21,15 @@ GAMMA_TOLERANCE = 1e-6
 def validate(update: Update, cfg: RunConfig, n: int, version: int) -> int:
     """Check an update; returns its staleness (global versions applied since its base)."""
     if update.run_id != cfg.run_id:
-        raise ValidationError("wrong-run", f"update for run {update.run_id!r}, serving {cfg.run_id!r}")
+        raise ValidationError(
+            "wrong-run", f"update for run {update.run_id!r}, serving {cfg.run_id!r}"
+        )
     if update.n != n:
         raise ValidationError("wrong-model", f"update for {update.n} parameters, model has {n}")
     if not 0 <= update.participant < cfg.participants:
         raise ValidationError(
-            "unknown-participant", f"participant {update.participant} not in 0..{cfg.participants - 1}"
+            "unknown-participant",
+            f"participant {update.participant} not in 0..{cfg.participants - 1}",
         )
     limit = budget(n, cfg.theta_u)
     if update.count > limit:

@@ -56,11 +56,21 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--gamma", "gamma", float, "bound γ on each shared value (default lr/4)"),
     ("--tau", "tau", float, "threshold τ for --selection threshold (default γ/10)"),
     ("--order", "order", str, f"{', '.join(ORDERS)} (default async)"),
-    ("--rule", "rule", str, f"server update rule: {', '.join(RULES)} (auto = staleness when "
-                            "async, the paper's sum when ordered)"),
+    (
+        "--rule",
+        "rule",
+        str,
+        f"server update rule: {', '.join(RULES)} (auto = staleness when "
+        "async, the paper's sum when ordered)",
+    ),
     ("--staleness-exponent", "staleness_exponent", float, "a in the weight (1+staleness)^-a"),
     ("--stat-decay", "stat_decay", float, "the paper's β: stat := β·stat per update (1 = off)"),
-    ("--value-coding", "value_coding", str, f"wire precision of values: {', '.join(VALUE_CODINGS)}"),
+    (
+        "--value-coding",
+        "value_coding",
+        str,
+        f"wire precision of values: {', '.join(VALUE_CODINGS)}",
+    ),
     ("--epochs", "epochs", int, "local epochs per participant (default 30, 0 = unlimited)"),
     ("--seed", "seed", int, "seed of initialisation, shards and shuffles (default 1)"),
     ("--data", "data", str, "MNIST source: auto, hub, or a directory of IDX files"),
@@ -69,8 +79,13 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-l2", "max_l2", float, "server-side L2 bound per update (larger ones are scaled down)"),
     ("--rate-limit", "rate_limit", float, "max updates per second per participant (server-side)"),
     ("--queue-max-length", "queue_max_length", int, "backlog bound of the update queue"),
-    ("--dp-eps-per-value", "dp_eps_per_value", float, "differential privacy with the sparse vector "
-     "technique: ε per shared value (the paper's ε/c); off by default"),
+    (
+        "--dp-eps-per-value",
+        "dp_eps_per_value",
+        float,
+        "differential privacy with the sparse vector "
+        "technique: ε per shared value (the paper's ε/c); off by default",
+    ),
     ("--dp-budget", "dp_budget", float, "total ε a participant may spend before it stops"),
     ("--dp-delta", "dp_delta", float, "δ' of the reported advanced-composition bound"),
 ]
@@ -85,11 +100,19 @@ def add_connection_options(p: argparse.ArgumentParser) -> None:
 def add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training run (stored with the run; every process uses the same)")
     g.add_argument("--config", metavar="FILE", help="TOML file with any of these settings")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="named set of hyper-parameters; "
-                   "'paper' = lr 0.001, batch 1, γ 0.001, τ 0.0001")
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="named set of hyper-parameters; 'paper' = lr 0.001, batch 1, γ 0.001, τ 0.0001",
+    )
     for flag, field_name, tp, help_text in RUN_OPTIONS:
-        g.add_argument(flag, dest=field_name, type=tp, metavar=field_name.upper().replace("_", "-")
-                       if tp is not str else None, help=help_text)
+        g.add_argument(
+            flag,
+            dest=field_name,
+            type=tp,
+            metavar=field_name.upper().replace("_", "-") if tp is not str else None,
+            help=help_text,
+        )
 
 
 def run_config_from_args(args: argparse.Namespace, run_id: str) -> RunConfig:
@@ -132,85 +155,148 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("run", help="train locally: aggregator + participants under supervisor",
-                       description="Run a whole training on this machine: starts the aggregator "
-                       "and the participants under supervisor, shows progress, stops on the first "
-                       "stop condition and prints a final table.")
+    p = sub.add_parser(
+        "run",
+        help="train locally: aggregator + participants under supervisor",
+        description="Run a whole training on this machine: starts the aggregator "
+        "and the participants under supervisor, shows progress, stops on the first "
+        "stop condition and prints a final table.",
+    )
     p.add_argument("--run-id", help="name of the run (default: run-<date>-<time>)")
-    p.add_argument("--workers", type=int, help="worker processes hosting the participants "
-                   "(default: number of CPU cores)")
-    p.add_argument("--target-accuracy", type=float, help="stop when the global test accuracy "
-                   "reaches this")
-    p.add_argument("--time-limit", type=float, default=900.0, help="stop after this many seconds "
-                   "(default 900)")
-    p.add_argument("--runs-dir", default=os.environ.get("DSSGD_RUNS_DIR", "runs"),
-                   help="where run folders (supervisor config, logs) go (default ./runs)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes hosting the participants (default: number of CPU cores)",
+    )
+    p.add_argument(
+        "--target-accuracy", type=float, help="stop when the global test accuracy reaches this"
+    )
+    p.add_argument(
+        "--time-limit", type=float, default=900.0, help="stop after this many seconds (default 900)"
+    )
+    p.add_argument(
+        "--runs-dir",
+        default=os.environ.get("DSSGD_RUNS_DIR", "runs"),
+        help="where run folders (supervisor config, logs) go (default ./runs)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an existing run of that id")
     p.add_argument("--json", action="store_true", help="print the final table as JSON")
     add_run_options(p)
     add_connection_options(p)
 
-    p = sub.add_parser("aggregator", help="the aggregator service on its own",
-                       description="Consume updates of a run and apply them to the global "
-                       "parameters in Redis. Creates the run from the given options if it does "
-                       "not exist yet.")
+    p = sub.add_parser(
+        "aggregator",
+        help="the aggregator service on its own",
+        description="Consume updates of a run and apply them to the global "
+        "parameters in Redis. Creates the run from the given options if it does "
+        "not exist yet.",
+    )
     p.add_argument("--run-id", default=os.environ.get("DSSGD_RUN_ID", "default"))
     p.add_argument("--prefetch", type=int, default=1000)
     p.add_argument("--max-batch", type=int, default=500, help="updates per Redis commit at most")
     p.add_argument("--no-eval", action="store_true", help="do not evaluate the global model")
-    p.add_argument("--check", action="store_true", help="health check: exit 0 if an aggregator "
-                   "of this run has reported within 15 s")
-    p.add_argument("--metrics-port", type=int, default=_env_int("DSSGD_METRICS_PORT"),
-                   help="serve Prometheus metrics on this port (0 = any free port)")
-    p.add_argument("--metrics-addr", default=os.environ.get("DSSGD_METRICS_ADDR", "127.0.0.1"),
-                   help="address for the metrics endpoint (0.0.0.0 in a container)")
-    p.add_argument("--credentials", metavar="FILE", help="aggregator.json from `dssgd provision`: "
-                   "least-privilege users and the participants' HMAC keys (then every update must "
-                   "be authenticated)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="health check: exit 0 if an aggregator of this run has reported within 15 s",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env_int("DSSGD_METRICS_PORT"),
+        help="serve Prometheus metrics on this port (0 = any free port)",
+    )
+    p.add_argument(
+        "--metrics-addr",
+        default=os.environ.get("DSSGD_METRICS_ADDR", "127.0.0.1"),
+        help="address for the metrics endpoint (0.0.0.0 in a container)",
+    )
+    p.add_argument(
+        "--credentials",
+        metavar="FILE",
+        help="aggregator.json from `dssgd provision`: "
+        "least-privilege users and the participants' HMAC keys (then every update must "
+        "be authenticated)",
+    )
     add_run_options(p)
     add_connection_options(p)
 
-    p = sub.add_parser("worker", help="a worker hosting one or more participants",
-                       description="Host participants of a run. Either name them (--participants "
-                       "0,1,2 or --slot I/W for every p with p mod W == I) or claim free ids "
-                       "from Redis (--claim K, the default claims one).")
+    p = sub.add_parser(
+        "worker",
+        help="a worker hosting one or more participants",
+        description="Host participants of a run. Either name them (--participants "
+        "0,1,2 or --slot I/W for every p with p mod W == I) or claim free ids "
+        "from Redis (--claim K, the default claims one).",
+    )
     p.add_argument("--run-id", default=os.environ.get("DSSGD_RUN_ID", "default"))
     p.add_argument("--participants", help="comma-separated participant ids")
     p.add_argument("--slot", help="I/W: host the participants p with p %% W == I")
-    p.add_argument("--claim", type=int, default=int(os.environ.get("DSSGD_CLAIM", "1")),
-                   help="claim this many free participant ids (default 1)")
-    p.add_argument("--synthetic", action="store_true", help="send small integer updates instead "
-                   "of training (exact-sum test oracle)")
+    p.add_argument(
+        "--claim",
+        type=int,
+        default=int(os.environ.get("DSSGD_CLAIM", "1")),
+        help="claim this many free participant ids (default 1)",
+    )
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="send small integer updates instead of training (exact-sum test oracle)",
+    )
     p.add_argument("--record-dir", help="synthetic mode: write confirmed updates here")
-    p.add_argument("--pace", type=float, default=0.0, help="minimum seconds between two epochs "
-                   "of one participant")
-    p.add_argument("--check", action="store_true", help="health check: exit 0 if Redis and "
-                   "RabbitMQ answer")
-    p.add_argument("--credentials", metavar="FILE", help="p<N>.json from `dssgd provision`: run, "
-                   "participant id, least-privilege URLs and the HMAC key")
+    p.add_argument(
+        "--pace",
+        type=float,
+        default=0.0,
+        help="minimum seconds between two epochs of one participant",
+    )
+    p.add_argument(
+        "--check", action="store_true", help="health check: exit 0 if Redis and RabbitMQ answer"
+    )
+    p.add_argument(
+        "--credentials",
+        metavar="FILE",
+        help="p<N>.json from `dssgd provision`: run, "
+        "participant id, least-privilege URLs and the HMAC key",
+    )
     add_connection_options(p)
 
-    p = sub.add_parser("provision", help="least-privilege users and keys for a run",
-                       description="Create one RabbitMQ user per participant (may publish only "
-                       "its own routing key, with a verified user_id), Redis ACL users (read-only "
-                       "on the parameters), an aggregator user, and HMAC keys; write credential "
-                       "files (mode 0600). Needs the RabbitMQ management API.")
+    p = sub.add_parser(
+        "provision",
+        help="least-privilege users and keys for a run",
+        description="Create one RabbitMQ user per participant (may publish only "
+        "its own routing key, with a verified user_id), Redis ACL users (read-only "
+        "on the parameters), an aggregator user, and HMAC keys; write credential "
+        "files (mode 0600). Needs the RabbitMQ management API.",
+    )
     p.add_argument("run_id", metavar="RUN")
     p.add_argument("--participants", type=int, required=True, help="number of participants N")
-    p.add_argument("--out", help="directory for the credential files "
-                   "(default runs/RUN/credentials)")
+    p.add_argument(
+        "--out", help="directory for the credential files (default runs/RUN/credentials)"
+    )
     p.add_argument("--runs-dir", default=os.environ.get("DSSGD_RUNS_DIR", "runs"))
-    p.add_argument("--management-url", help="RabbitMQ management API (default http://<amqp "
-                   "host>:15672, admin credentials from --amqp-url)")
+    p.add_argument(
+        "--management-url",
+        help="RabbitMQ management API (default http://<amqp "
+        "host>:15672, admin credentials from --amqp-url)",
+    )
     add_connection_options(p)
 
-    p = sub.add_parser("status", help="where a run stands",
-                       description="Version, updates, queue depth, accuracy and per-participant "
-                       "progress of a run (the latest one by default).")
+    p = sub.add_parser(
+        "status",
+        help="where a run stands",
+        description="Version, updates, queue depth, accuracy and per-participant "
+        "progress of a run (the latest one by default).",
+    )
     p.add_argument("--run-id", help="run to show (default: the most recently created)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
-                   help="refresh every SECONDS (default 2) until Ctrl-C")
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
     add_connection_options(p)
 
     p = sub.add_parser("plot", help="PNG of a run's accuracy against time, updates and bytes")
@@ -219,11 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default=os.environ.get("DSSGD_RUNS_DIR", "runs"))
     add_connection_options(p)
 
-    p = sub.add_parser("export", help="write a run's global model as a PyTorch state dict",
-                       description="Write the global parameters of RUN as a state dict that "
-                       "loads into the plain model class: "
-                       "model = shared.models.build_model(NAME); model.load_state_dict("
-                       "torch.load(FILE)).")
+    p = sub.add_parser(
+        "export",
+        help="write a run's global model as a PyTorch state dict",
+        description="Write the global parameters of RUN as a state dict that "
+        "loads into the plain model class: "
+        "model = shared.models.build_model(NAME); model.load_state_dict("
+        "torch.load(FILE)).",
+    )
     p.add_argument("run_id", metavar="RUN")
     p.add_argument("--out", help="file (default runs/RUN/model.pt)")
     p.add_argument("--runs-dir", default=os.environ.get("DSSGD_RUNS_DIR", "runs"))
@@ -235,13 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_connection_options(p)
 
-    p = sub.add_parser("experiment", help="regenerate the paper's results table",
-                       description="Run the baselines and DSSGD (through RabbitMQ and Redis) "
-                       "for the paper's settings and write RESULTS.md with plots.")
+    p = sub.add_parser(
+        "experiment",
+        help="regenerate the paper's results table",
+        description="Run the baselines and DSSGD (through RabbitMQ and Redis) "
+        "for the paper's settings and write RESULTS.md with plots.",
+    )
     p.add_argument("name", choices=["paper"], help="the experiment to run")
-    p.add_argument("--preset", choices=["quick", "full", "smoke"], default="quick",
-                   help="quick: N=20, about 15 min on 2 cores; full: the paper's N=150; "
-                   "smoke: a few seconds, to check the set-up")
+    p.add_argument(
+        "--preset",
+        choices=["quick", "full", "smoke"],
+        default="quick",
+        help="quick: N=20, about 15 min on 2 cores; full: the paper's N=150; "
+        "smoke: a few seconds, to check the set-up",
+    )
     p.add_argument("--out", default="docs", help="folder for RESULTS.md and img/ (default docs)")
     p.add_argument("--runs-dir", default=os.environ.get("DSSGD_RUNS_DIR", "runs"))
     p.add_argument("--verbose", action="store_true", help="print every baseline epoch")
@@ -292,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
             return getattr(status, f"cmd_{args.command}")(args)
     except (BrokerError, StoreError) as exc:
         print(f"dssgd: {exc}", file=sys.stderr)
-        print("dssgd: is the service running? `bash deploy/dev.sh services` starts both locally.",
-              file=sys.stderr)
+        print(
+            "dssgd: is the service running? `bash deploy/dev.sh services` starts both locally.",
+            file=sys.stderr,
+        )
         return EXIT_UNAVAILABLE
     except (ConfigError, DataError) as exc:
         print(f"dssgd: {exc}", file=sys.stderr)
@@ -313,7 +411,9 @@ def parse_participants(text: str | None) -> tuple[int, ...]:
     try:
         return tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
     except ValueError:
-        raise ConfigError(f"--participants must be comma-separated integers, got {text!r}") from None
+        raise ConfigError(
+            f"--participants must be comma-separated integers, got {text!r}"
+        ) from None
 
 
 def parse_slot(slot: str) -> tuple[int, int]:

@@ -58,8 +58,15 @@ PRESETS = {
     # About 15 minutes on 2 cores.
     "quick": Preset(participants=20, epochs=8, baseline_epochs=8),
     # Seconds: checks the machinery end to end (used by the test suite).
-    "smoke": Preset(participants=2, epochs=1, baseline_epochs=1, thetas=(0.1,),
-                    orders=("async",), dp_thetas=(0.1,), dp_eps=(10.0,)),
+    "smoke": Preset(
+        participants=2,
+        epochs=1,
+        baseline_epochs=1,
+        thetas=(0.1,),
+        orders=("async",),
+        dp_thetas=(0.1,),
+        dp_eps=(10.0,),
+    ),
     # The paper's N = 150 (shards of 600 overlap: 90k images drawn from 50k). About 35 minutes
     # on 2 cores: 4 epochs per participant, and the DP sweep at the two ε/c the paper's
     # figure is checked against.
@@ -75,21 +82,41 @@ def _say(msg: str) -> None:
 
 def run_point(label: str, preset: Preset, extra: list[str], runs_dir: Path) -> dict[str, Any]:
     run_id = f"exp-{uuid.uuid4().hex[:8]}"
-    cmd = [sys.executable, "-m", "dssgd", "run", "--run-id", run_id, "--runs-dir", str(runs_dir),
-           "--json", *MODEL_OPTIONS, "--participants", str(preset.participants), "--epochs",
-           str(preset.epochs), "--eval-interval", "1", "--time-limit", "3600",
-           *preset.run_options, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dssgd",
+        "run",
+        "--run-id",
+        run_id,
+        "--runs-dir",
+        str(runs_dir),
+        "--json",
+        *MODEL_OPTIONS,
+        "--participants",
+        str(preset.participants),
+        "--epochs",
+        str(preset.epochs),
+        "--eval-interval",
+        "1",
+        "--time-limit",
+        "3600",
+        *preset.run_options,
+        *extra,
+    ]
     t0 = time.monotonic()
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise DssgdError(f"{label} failed (exit {res.returncode}): {res.stderr[-1500:]}")
     summary = json.loads(res.stdout)
-    store = RunStore(redis_connect(os.environ.get("DSSGD_REDIS_URL", "redis://127.0.0.1:6379/0")),
-                     run_id)
+    store = RunStore(
+        redis_connect(os.environ.get("DSSGD_REDIS_URL", "redis://127.0.0.1:6379/0")), run_id
+    )
     curve = [(m["version"] / preset.participants, m["accuracy"]) for m in store.metrics()]
     curve.append((summary["updates_applied"] / preset.participants, summary["accuracy"]))
-    subprocess.run([sys.executable, "-m", "dssgd", "delete", run_id], capture_output=True,
-                   check=False)
+    subprocess.run(
+        [sys.executable, "-m", "dssgd", "delete", run_id], capture_output=True, check=False
+    )
     summary.update(label=label, curve=curve, seconds=time.monotonic() - t0)
     _say(f"{label}: accuracy {summary['accuracy']:.4f} in {summary['seconds']:.0f} s")
     return summary
@@ -104,12 +131,20 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     img.mkdir(parents=True, exist_ok=True)
     runs_dir = Path(args.runs_dir)
     t_start = time.monotonic()
-    cfg = RunConfig(run_id="baseline", model="cnn", participants=preset.participants,
-                    lr=0.1, batch_size=32, shard_size=600)
+    cfg = RunConfig(
+        run_id="baseline",
+        model="cnn",
+        participants=preset.participants,
+        lr=0.1,
+        batch_size=32,
+        shard_size=600,
+    )
     data = load_mnist(cfg.data)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    _say(f"preset {args.preset}: N={preset.participants}, {preset.epochs} epochs per "
-         f"participant, CNN on 32×32, 600 images each")
+    _say(
+        f"preset {args.preset}: N={preset.participants}, {preset.epochs} epochs per "
+        f"participant, CNN on 32×32, 600 images each"
+    )
     cen = centralized(cfg, data, preset.baseline_epochs, _say if args.verbose else None)
     _say(f"centralized: {cen.final:.4f} ({cen.images} images, {cen.seconds:.0f} s)")
     alone = standalone(cfg, data, preset.epochs, 0, _say if args.verbose else None)
@@ -119,14 +154,23 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     points: list[dict[str, Any]] = []
     for order in preset.orders:
         for theta in preset.thetas:
-            points.append(run_point(f"DSSGD {order} θu={theta}", preset,
-                                    ["--order", order, "--theta-u", str(theta)], runs_dir))
+            points.append(
+                run_point(
+                    f"DSSGD {order} θu={theta}",
+                    preset,
+                    ["--order", order, "--theta-u", str(theta)],
+                    runs_dir,
+                )
+            )
     dp_points: list[dict[str, Any]] = []
     for theta in preset.dp_thetas:
         for eps in preset.dp_eps:
-            r = run_point(f"DSSGD DP θu={theta} ε/c={eps}", preset,
-                          ["--order", "round-robin", "--theta-u", str(theta),
-                           "--dp-eps-per-value", str(eps)], runs_dir)
+            r = run_point(
+                f"DSSGD DP θu={theta} ε/c={eps}",
+                preset,
+                ["--order", "round-robin", "--theta-u", str(theta), "--dp-eps-per-value", str(eps)],
+                runs_dir,
+            )
             r.update(theta=theta, eps=eps)
             dp_points.append(r)
     wall = time.monotonic() - t_start
@@ -135,18 +179,31 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def write_results(out: Path, name: str, preset: Preset, cen: Curve, alone: Curve,
-                  points: list[dict[str, Any]], dp_points: list[dict[str, Any]],
-                  wall: float) -> None:
+def write_results(
+    out: Path,
+    name: str,
+    preset: Preset,
+    cen: Curve,
+    alone: Curve,
+    points: list[dict[str, Any]],
+    dp_points: list[dict[str, Any]],
+    wall: float,
+) -> None:
     img = out / "img"
-    series = {"centralized": [(float(e), a) for e, a in cen.points],
-              "standalone": [(float(e), a) for e, a in alone.points]}
+    series = {
+        "centralized": [(float(e), a) for e, a in cen.points],
+        "standalone": [(float(e), a) for e, a in alone.points],
+    }
     for p in points:
         series[p["label"].replace("DSSGD ", "")] = [(e, a) for e, a in p["curve"]]
-    plot_series(series, img / f"results-{name}-epochs.png", "epochs (per participant)",
-                "test accuracy", f"MNIST CNN, N={preset.participants}: accuracy against epochs",
-                reference={"paper centralized": PAPER_CENTRALIZED,
-                           "paper standalone": PAPER_STANDALONE})
+    plot_series(
+        series,
+        img / f"results-{name}-epochs.png",
+        "epochs (per participant)",
+        "test accuracy",
+        f"MNIST CNN, N={preset.participants}: accuracy against epochs",
+        reference={"paper centralized": PAPER_CENTRALIZED, "paper standalone": PAPER_STANDALONE},
+    )
     dp_series: dict[str, list[tuple[float, float]]] = {}
     for p in dp_points:
         dp_series.setdefault(f"ours θu={p['theta']}", []).append((p["eps"], p["accuracy"]))
@@ -154,8 +211,14 @@ def write_results(out: Path, name: str, preset: Preset, cen: Curve, alone: Curve
         if theta in {p["theta"] for p in dp_points}:
             dp_series[f"paper θu={theta}"] = sorted(pts.items())
     if dp_series:
-        plot_series(dp_series, img / f"results-{name}-dp.png", "ε/c (privacy budget per value)",
-                    "test accuracy", f"DSSGD with DP, N={preset.participants}", logx=True)
+        plot_series(
+            dp_series,
+            img / f"results-{name}-dp.png",
+            "ε/c (privacy budget per value)",
+            "test accuracy",
+            f"DSSGD with DP, N={preset.participants}",
+            logx=True,
+        )
     by_label = {p["label"]: p for p in points}
     lines = [
         f"## Preset `{name}` (N = {preset.participants}, {preset.epochs} epochs per participant)",
@@ -179,20 +242,40 @@ def write_results(out: Path, name: str, preset: Preset, cen: Curve, alone: Curve
     lines += ["", "| DP point (round robin) | ours | paper |", "|---|---|---|"]
     for p in dp_points:
         ref = PAPER_DP.get(p["theta"], {}).get(p["eps"])
-        lines.append(f"| θu = {p['theta']}, ε/c = {p['eps']} | {p['accuracy']:.4f} | "
-                     f"{ref if ref is not None else '-'} |")
+        lines.append(
+            f"| θu = {p['theta']}, ε/c = {p['eps']} | {p['accuracy']:.4f} | "
+            f"{ref if ref is not None else '-'} |"
+        )
     rr01 = by_label.get("DSSGD round-robin θu=0.1")
     if rr01:
-        lines += ["", f"Checks: DSSGD round-robin θu = 0.1 is "
-                  f"{100 * (cen.final - rr01['accuracy']):.2f} points below centralized "
-                  f"(target: within 1.5) and {100 * (rr01['accuracy'] - alone.final):.2f} points "
-                  "above standalone (target: at least 5)."]
-    lines += ["", f"![accuracy against epochs](img/results-{name}-epochs.png)",
-              f"![accuracy against ε/c](img/results-{name}-dp.png)", ""]
+        lines += [
+            "",
+            f"Checks: DSSGD round-robin θu = 0.1 is "
+            f"{100 * (cen.final - rr01['accuracy']):.2f} points below centralized "
+            f"(target: within 1.5) and {100 * (rr01['accuracy'] - alone.final):.2f} points "
+            "above standalone (target: at least 5).",
+        ]
+    lines += [
+        "",
+        f"![accuracy against epochs](img/results-{name}-epochs.png)",
+        f"![accuracy against ε/c](img/results-{name}-dp.png)",
+        "",
+    ]
     section = "\n".join(lines)
-    (out / f"results-{name}.json").write_text(json.dumps({
-        "preset": name, "centralized": cen.points, "standalone": alone.points,
-        "points": points, "dp_points": dp_points, "wall_seconds": wall}, indent=1, default=str))
+    (out / f"results-{name}.json").write_text(
+        json.dumps(
+            {
+                "preset": name,
+                "centralized": cen.points,
+                "standalone": alone.points,
+                "points": points,
+                "dp_points": dp_points,
+                "wall_seconds": wall,
+            },
+            indent=1,
+            default=str,
+        )
+    )
     results = out / "RESULTS.md"
     text = results.read_text() if results.exists() else ""
     marker_start, marker_end = f"<!-- preset:{name} -->", f"<!-- /preset:{name} -->"

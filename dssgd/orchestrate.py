@@ -65,8 +65,10 @@ def _show(p: Progress, limit: float, tty: bool) -> None:
     bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
     acc = f"{p.accuracy:.4f}" if p.accuracy is not None else "  -   "
     total = f"/{p.epochs_total}" if p.epochs_total else ""
-    line = (f"[{bar}] {100 * frac:5.1f}%  epochs {p.epochs}{total}  version {p.version}  "
-            f"accuracy {acc}  {p.elapsed:6.1f} s")
+    line = (
+        f"[{bar}] {100 * frac:5.1f}%  epochs {p.epochs}{total}  version {p.version}  "
+        f"accuracy {acc}  {p.elapsed:6.1f} s"
+    )
     if tty:
         sys.stderr.write("\r" + line)
     else:
@@ -112,18 +114,28 @@ def summary(store: RunStore, cfg: RunConfig, wall: float, reason: str) -> dict[s
     applied = counters.get("applied", 0)
     n = store.read_params()[1].size
     return {
-        "run_id": cfg.run_id, "model": cfg.model, "order": cfg.order,
-        "rule": cfg.effective_rule, "participants": cfg.participants,
-        "theta_u": cfg.theta_u, "theta_d": cfg.theta_d,
-        "accuracy": acc, "loss": loss,
-        "epochs_total": sum(epochs), "epochs_min": min(epochs), "epochs_max": max(epochs),
-        "updates_applied": applied, "updates_rejected": counters.get("rejected", 0),
+        "run_id": cfg.run_id,
+        "model": cfg.model,
+        "order": cfg.order,
+        "rule": cfg.effective_rule,
+        "participants": cfg.participants,
+        "theta_u": cfg.theta_u,
+        "theta_d": cfg.theta_d,
+        "accuracy": acc,
+        "loss": loss,
+        "epochs_total": sum(epochs),
+        "epochs_min": min(epochs),
+        "epochs_max": max(epochs),
+        "updates_applied": applied,
+        "updates_rejected": counters.get("rejected", 0),
         "duplicates_ignored": counters.get("duplicates", 0),
-        "bytes_up": up, "bytes_down": down,
+        "bytes_up": up,
+        "bytes_down": down,
         "bytes_up_per_update": up / applied if applied else 0.0,
         "dense_bytes_per_update": 4 * n,
         "mean_staleness": counters.get("staleness_sum", 0) / applied if applied else 0.0,
-        "wall_seconds": wall, "stop_reason": reason,
+        "wall_seconds": wall,
+        "stop_reason": reason,
     }
 
 
@@ -132,15 +144,27 @@ def print_table(s: dict[str, Any]) -> None:
         return f"{x / 1e6:.2f} MB"
 
     rows = [
-        ("run", f"{s['run_id']} ({s['model']}, {s['participants']} participants, {s['order']}, "
-                f"rule {s['rule']}, θu={s['theta_u']}, θd={s['theta_d']})"),
+        (
+            "run",
+            f"{s['run_id']} ({s['model']}, {s['participants']} participants, {s['order']}, "
+            f"rule {s['rule']}, θu={s['theta_u']}, θd={s['theta_d']})",
+        ),
         ("test accuracy", f"{s['accuracy']:.4f} (loss {s['loss']:.4f})"),
-        ("epochs", f"{s['epochs_total']} in all, {s['epochs_min']}–{s['epochs_max']} per participant"),
-        ("updates applied", f"{s['updates_applied']} (rejected {s['updates_rejected']}, duplicates "
-                            f"ignored {s['duplicates_ignored']}, mean staleness "
-                            f"{s['mean_staleness']:.2f})"),
-        ("bytes up", f"{mb(s['bytes_up'])} ({s['bytes_up_per_update']:.0f} B per update; dense "
-                     f"would be {s['dense_bytes_per_update']} B)"),
+        (
+            "epochs",
+            f"{s['epochs_total']} in all, {s['epochs_min']}–{s['epochs_max']} per participant",
+        ),
+        (
+            "updates applied",
+            f"{s['updates_applied']} (rejected {s['updates_rejected']}, duplicates "
+            f"ignored {s['duplicates_ignored']}, mean staleness "
+            f"{s['mean_staleness']:.2f})",
+        ),
+        (
+            "bytes up",
+            f"{mb(s['bytes_up'])} ({s['bytes_up_per_update']:.0f} B per update; dense "
+            f"would be {s['dense_bytes_per_update']} B)",
+        ),
         ("bytes down", mb(s["bytes_down"])),
         ("wall time", f"{s['wall_seconds']:.1f} s"),
         ("stopped because", s["stop_reason"]),
@@ -173,8 +197,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_services(store, conns.amqp_url, names, cfg.queue_max_length)
     stored, created = store.create_config(cfg)
     if not created and not args.resume:
-        raise ConfigError(f"run {run_id!r} already exists; pass --resume to continue it or "
-                          "choose another --run-id (dssgd runs lists them)")
+        raise ConfigError(
+            f"run {run_id!r} already exists; pass --resume to continue it or "
+            "choose another --run-id (dssgd runs lists them)"
+        )
     if not created:
         cfg = stored
         store.clear_stop()
@@ -185,8 +211,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     sup = Supervisor(run_dir, render_config(run_dir.resolve(), run_id, workers, conns))
     stop = StopFlag()
     install_signal_handlers(stop)
-    log.info("run %s: %d participants in %d worker processes; folder %s", run_id,
-             cfg.participants, workers, run_dir)
+    log.info(
+        "run %s: %d participants in %d worker processes; folder %s",
+        run_id,
+        cfg.participants,
+        workers,
+        run_dir,
+    )
     sup.start()
     tty = sys.stderr.isatty()
     reason = ""
@@ -198,11 +229,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                 break
             p = _snapshot(store, cfg, t_start)
             if p.finished >= cfg.participants:
-                reason = (f"every participant finished its {cfg.epochs} epochs"
-                          if cfg.dp_budget is None else
-                          f"every participant stopped ({cfg.epochs} epochs or its privacy budget)")
-            elif args.target_accuracy is not None and p.accuracy is not None \
-                    and p.accuracy >= args.target_accuracy:
+                reason = (
+                    f"every participant finished its {cfg.epochs} epochs"
+                    if cfg.dp_budget is None
+                    else f"every participant stopped ({cfg.epochs} epochs or its privacy budget)"
+                )
+            elif (
+                args.target_accuracy is not None
+                and p.accuracy is not None
+                and p.accuracy >= args.target_accuracy
+            ):
                 reason = f"target accuracy {args.target_accuracy} reached"
             elif p.elapsed >= args.time_limit:
                 reason = f"time limit of {args.time_limit:.0f} s reached"

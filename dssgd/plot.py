@@ -94,10 +94,17 @@ def plot_run(points: Sequence[Mapping[str, float]], out: Path, title: str = "") 
     axes: list[Axes] = list(fig.subplots(1, 3, sharey=True))
     for ax, (xs, xlabel, subtitle) in zip(axes, panels, strict=True):
         # Unclipped so the first point, at x = 0 on the axis edge, shows a whole marker.
-        ax.plot(xs, accuracy, linewidth=1.5, color="C0", marker=marker, markersize=markersize,
-                clip_on=False, zorder=3)
-        ax.axhline(final, color="0.35", linestyle=":", linewidth=1.2,
-                   label=f"final {final:.4f}")
+        ax.plot(
+            xs,
+            accuracy,
+            linewidth=1.5,
+            color="C0",
+            marker=marker,
+            markersize=markersize,
+            clip_on=False,
+            zorder=3,
+        )
+        ax.axhline(final, color="0.35", linestyle=":", linewidth=1.2, label=f"final {final:.4f}")
         ax.set_xlabel(xlabel)
         ax.set_title(subtitle, fontsize=10)
         ax.grid(True, alpha=0.35)
@@ -141,9 +148,13 @@ def plot_series(
         ys = [float(y) for _, y in pts]
         ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.5, label=label)
     for i, (label, y) in enumerate((reference or {}).items()):
-        ax.axhline(float(y), color="0.4", linewidth=1.1,
-                   linestyle=_REFERENCE_STYLES[i % len(_REFERENCE_STYLES)],
-                   label=f"{label} ({float(y):g})")
+        ax.axhline(
+            float(y),
+            color="0.4",
+            linewidth=1.1,
+            linestyle=_REFERENCE_STYLES[i % len(_REFERENCE_STYLES)],
+            label=f"{label} ({float(y):g})",
+        )
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)

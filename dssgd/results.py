@@ -29,8 +29,10 @@ def _store_and_config(args: argparse.Namespace) -> tuple[RunStore, RunConfig]:
 
 
 def title_of(cfg: RunConfig) -> str:
-    return (f"{cfg.run_id}: {cfg.model}, N={cfg.participants}, {cfg.order}, "
-            f"rule {cfg.effective_rule}, θu={cfg.theta_u}, θd={cfg.theta_d}")
+    return (
+        f"{cfg.run_id}: {cfg.model}, N={cfg.participants}, {cfg.order}, "
+        f"rule {cfg.effective_rule}, θu={cfg.theta_u}, θd={cfg.theta_d}"
+    )
 
 
 def write_plot(store: RunStore, cfg: RunConfig, out: Path) -> Path:
@@ -62,10 +64,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     # A file for the user's own use, never a wire format: plain tensors, loadable with
     # torch.load(weights_only=True).
     torch.save(model.state_dict(), out)
-    (out.with_suffix(".json")).write_text(json.dumps({"model": cfg.model, "run": cfg.run_id,
-                                                      "version": store.read_params()[0]}) + "\n")
-    print(f"wrote {out} ({cfg.model}); load it with shared.models.build_model({cfg.model!r})"
-          ".load_state_dict(torch.load(path, weights_only=True))")
+    (out.with_suffix(".json")).write_text(
+        json.dumps({"model": cfg.model, "run": cfg.run_id, "version": store.read_params()[0]})
+        + "\n"
+    )
+    print(
+        f"wrote {out} ({cfg.model}); load it with shared.models.build_model({cfg.model!r})"
+        ".load_state_dict(torch.load(path, weights_only=True))"
+    )
     return EXIT_OK
 
 
@@ -77,15 +83,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
             state = torch.load(args.from_file, weights_only=True)
             model.load_state_dict(state)
         except (OSError, RuntimeError, ValueError) as exc:
-            raise ConfigError(f"cannot load {args.from_file} as a {cfg.model} state dict: {exc}") from exc
+            raise ConfigError(
+                f"cannot load {args.from_file} as a {cfg.model} state dict: {exc}"
+            ) from exc
     else:
         model = global_model(store, cfg)
     data = load_mnist(cfg.data)
     r = evaluate(model, prepare(data.test_x, cfg.model), labels_tensor(data.test_y))
     if args.json:
-        print(json.dumps({"run_id": cfg.run_id, "accuracy": r.accuracy, "loss": r.loss,
-                          "examples": r.examples}))
+        print(
+            json.dumps(
+                {
+                    "run_id": cfg.run_id,
+                    "accuracy": r.accuracy,
+                    "loss": r.loss,
+                    "examples": r.examples,
+                }
+            )
+        )
     else:
-        print(f"{cfg.run_id}: test accuracy {r.accuracy:.4f}, loss {r.loss:.4f} "
-              f"on {r.examples} MNIST test images")
+        print(
+            f"{cfg.run_id}: test accuracy {r.accuracy:.4f}, loss {r.loss:.4f} "
+            f"on {r.examples} MNIST test images"
+        )
     return EXIT_OK

@@ -37,8 +37,10 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
             print(f"no aggregator of run {args.run_id} reported in the last 15 s", file=sys.stderr)
             return EXIT_UNAVAILABLE
         info = json.loads(raw)
-        print(f"ok: {info['name']} at version {info['version']}, "
-              f"{time.time() - info['time']:.1f} s ago")
+        print(
+            f"ok: {info['name']} at version {info['version']}, "
+            f"{time.time() - info['time']:.1f} s ago"
+        )
         return EXIT_OK
     # Options given: create the run from them unless it exists. None given: wait for the run.
     cfg = run_config_from_args(args, args.run_id) if _any_run_option(args) else None
@@ -46,12 +48,21 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     if args.credentials:
         creds = read_credentials(args.credentials)
         if creds["run_id"] != args.run_id:
-            raise ConfigError(f"{args.credentials} is for run {creds['run_id']!r}, not {args.run_id!r}")
+            raise ConfigError(
+                f"{args.credentials} is for run {creds['run_id']!r}, not {args.run_id!r}"
+            )
         conns = Connections(amqp_url=creds["amqp_url"], redis_url=creds["redis_url"])
         keys = {int(p): bytes.fromhex(k) for p, k in creds["hmac_keys"].items()}
-    settings = AggregatorSettings(run_id=args.run_id, connections=conns, prefetch=args.prefetch,
-                                  max_batch=args.max_batch, evaluate=not args.no_eval, keys=keys,
-                                  metrics_port=args.metrics_port, metrics_addr=args.metrics_addr)
+    settings = AggregatorSettings(
+        run_id=args.run_id,
+        connections=conns,
+        prefetch=args.prefetch,
+        max_batch=args.max_batch,
+        evaluate=not args.no_eval,
+        keys=keys,
+        metrics_port=args.metrics_port,
+        metrics_addr=args.metrics_addr,
+    )
     stop = StopFlag()
     install_signal_handlers(stop)
     return Aggregator(settings, stop, cfg).run()
@@ -101,10 +112,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_provision(args: argparse.Namespace) -> int:
     conns = connections(args)
     out = Path(args.out or Path(args.runs_dir) / args.run_id / "credentials")
-    summary = provision(args.run_id, args.participants, conns.amqp_url, conns.redis_url, out,
-                        args.management_url)
-    print(f"provisioned run {summary['run_id']}: {summary['rabbitmq_users']} RabbitMQ users, "
-          f"{summary['redis_users']} Redis ACL users, {summary['participants']} HMAC keys")
-    print(f"credentials (mode 0600) in {summary['directory']}: give p<N>.json to participant N "
-          "(dssgd worker --credentials FILE) and aggregator.json to the aggregator")
+    summary = provision(
+        args.run_id, args.participants, conns.amqp_url, conns.redis_url, out, args.management_url
+    )
+    print(
+        f"provisioned run {summary['run_id']}: {summary['rabbitmq_users']} RabbitMQ users, "
+        f"{summary['redis_users']} Redis ACL users, {summary['participants']} HMAC keys"
+    )
+    print(
+        f"credentials (mode 0600) in {summary['directory']}: give p<N>.json to participant N "
+        "(dssgd worker --credentials FILE) and aggregator.json to the aggregator"
+    )
     return EXIT_OK

@@ -46,19 +46,26 @@ def collect(store: RunStore, amqp_url: str) -> dict[str, Any]:
         p = progress.get(pid, {})
         last = float(p.get("last_seen", 0) or 0)
         base = int(p.get("base_version", 0) or 0)
-        participants.append({
-            "participant": pid,
-            "epochs": int(p.get("epochs", 0)),
-            "seq": int(p.get("seq", 0)),
-            "state": "finished" if pid in finished else "active" if pid in active else
-                     "waiting" if not p else "gone",
-            "last_seen_s": round(now - last, 1) if last else None,
-            "staleness": version - base if p else None,
-            "bytes_up": int(p.get("bytes_up", 0)),
-            "loss": float(p["loss"]) if "loss" in p else None,
-            "epsilon": float(p["dp_total"]) if "dp_total" in p else None,
-            "stopped": p.get("stopped"),
-        })
+        participants.append(
+            {
+                "participant": pid,
+                "epochs": int(p.get("epochs", 0)),
+                "seq": int(p.get("seq", 0)),
+                "state": "finished"
+                if pid in finished
+                else "active"
+                if pid in active
+                else "waiting"
+                if not p
+                else "gone",
+                "last_seen_s": round(now - last, 1) if last else None,
+                "staleness": version - base if p else None,
+                "bytes_up": int(p.get("bytes_up", 0)),
+                "loss": float(p["loss"]) if "loss" in p else None,
+                "epsilon": float(p["dp_total"]) if "dp_total" in p else None,
+                "stopped": p.get("stopped"),
+            }
+        )
     agg = store.r.get(store.keys.heartbeat_aggregator)
     last_metric = metrics[-1] if metrics else None
     rate = None
@@ -105,9 +112,11 @@ def render(s: dict[str, Any]) -> str:
         seen = f"{p['last_seen_s']:.1f} s" if p["last_seen_s"] is not None else "-"
         loss = f"{p['loss']:.4f}" if p["loss"] is not None else "-"
         stale = p["staleness"] if p["staleness"] is not None else "-"
-        lines.append(f"  {p['participant']:>11}  {p['state']:<8} {p['epochs']:>6} {p['seq']:>5} "
-                     f"{stale!s:>10}  {seen:>9}  {loss:>7} {p['bytes_up'] / 1e6:8.2f} "
-                     f"{p['epsilon'] if p['epsilon'] is not None else '-'!s:>9}")
+        lines.append(
+            f"  {p['participant']:>11}  {p['state']:<8} {p['epochs']:>6} {p['seq']:>5} "
+            f"{stale!s:>10}  {seen:>9}  {loss:>7} {p['bytes_up'] / 1e6:8.2f} "
+            f"{p['epsilon'] if p['epsilon'] is not None else '-'!s:>9}"
+        )
     return "\n".join(lines)
 
 
@@ -136,11 +145,16 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for run in list_runs(r):
         store = RunStore(r, run)
         cfg = store.load_config()
-        rows.append({"run_id": run, "model": cfg.model if cfg else None,
-                     "participants": cfg.participants if cfg else None,
-                     "order": cfg.order if cfg else None,
-                     "created": cfg.created if cfg else None,
-                     "version": int(r.get(store.keys.version) or 0)})
+        rows.append(
+            {
+                "run_id": run,
+                "model": cfg.model if cfg else None,
+                "participants": cfg.participants if cfg else None,
+                "order": cfg.order if cfg else None,
+                "created": cfg.created if cfg else None,
+                "version": int(r.get(store.keys.version) or 0),
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
@@ -148,15 +162,19 @@ def cmd_runs(args: argparse.Namespace) -> int:
     else:
         for row in rows:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"] or 0))
-            print(f"{row['run_id']:<32} {when}  {row['model']}  N={row['participants']}  "
-                  f"{row['order']}  version {row['version']}")
+            print(
+                f"{row['run_id']:<32} {when}  {row['model']}  N={row['participants']}  "
+                f"{row['order']}  version {row['version']}"
+            )
     return EXIT_OK
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     conns = connections(args)
     store = RunStore(redis_connect(conns.redis_url), args.run_id)
-    if store.load_config() is None and not list(store.r.scan_iter(match=store.keys.all_patterns()[0])):
+    if store.load_config() is None and not list(
+        store.r.scan_iter(match=store.keys.all_patterns()[0])
+    ):
         raise ConfigError(f"run {args.run_id!r} does not exist")
     removed = store.delete_run()
     conn = amqp_connect(conns.amqp_url, "dssgd-delete")

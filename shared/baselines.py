@@ -35,17 +35,30 @@ class Curve:
 
 
 def union_indices(cfg: RunConfig, labels: np.ndarray) -> np.ndarray:
-    parts = [shard_indices(labels, p, cfg.participants, cfg.shard_size, cfg.seed, cfg.label_skew)
-             for p in range(cfg.participants)]
+    parts = [
+        shard_indices(labels, p, cfg.participants, cfg.shard_size, cfg.seed, cfg.label_skew)
+        for p in range(cfg.participants)
+    ]
     return np.unique(np.concatenate(parts))
 
 
-def train_curve(name: str, cfg: RunConfig, data: Mnist, indices: np.ndarray, epochs: int,
-                progress: Callable[[str], None] | None = None) -> Curve:
+def train_curve(
+    name: str,
+    cfg: RunConfig,
+    data: Mnist,
+    indices: np.ndarray,
+    epochs: int,
+    progress: Callable[[str], None] | None = None,
+) -> Curve:
     model = build_model(cfg.model, cfg.seed)
-    trainer = LocalTrainer(model, prepare(data.train_x[indices], cfg.model),
-                           labels_tensor(data.train_y[indices]), cfg.lr, cfg.batch_size,
-                           seed=cfg.seed)
+    trainer = LocalTrainer(
+        model,
+        prepare(data.train_x[indices], cfg.model),
+        labels_tensor(data.train_y[indices]),
+        cfg.lr,
+        cfg.batch_size,
+        seed=cfg.seed,
+    )
     tx, ty = prepare(data.test_x, cfg.model), labels_tensor(data.test_y)
     points = []
     t0 = time.perf_counter()
@@ -58,13 +71,20 @@ def train_curve(name: str, cfg: RunConfig, data: Mnist, indices: np.ndarray, epo
     return Curve(name, points, time.perf_counter() - t0, len(indices))
 
 
-def centralized(cfg: RunConfig, data: Mnist, epochs: int,
-                progress: Callable[[str], None] | None = None) -> Curve:
+def centralized(
+    cfg: RunConfig, data: Mnist, epochs: int, progress: Callable[[str], None] | None = None
+) -> Curve:
     return train_curve("centralized", cfg, data, union_indices(cfg, data.train_y), epochs, progress)
 
 
-def standalone(cfg: RunConfig, data: Mnist, epochs: int, participant: int = 0,
-               progress: Callable[[str], None] | None = None) -> Curve:
-    idx = shard_indices(data.train_y, participant, cfg.participants, cfg.shard_size, cfg.seed,
-                        cfg.label_skew)
+def standalone(
+    cfg: RunConfig,
+    data: Mnist,
+    epochs: int,
+    participant: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> Curve:
+    idx = shard_indices(
+        data.train_y, participant, cfg.participants, cfg.shard_size, cfg.seed, cfg.label_skew
+    )
     return train_curve("standalone", cfg, data, idx, epochs, progress)

@@ -6,6 +6,7 @@ pika's exception types.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -49,13 +50,13 @@ def _redact(url: str) -> str:
     return url
 
 
-def declare_topology(channel: BlockingChannel, names: AmqpNames, max_length: int = DEFAULT_MAX_LENGTH) -> None:
+def declare_topology(
+    channel: BlockingChannel, names: AmqpNames, max_length: int = DEFAULT_MAX_LENGTH
+) -> None:
     """Durable exchanges and queues for a run; idempotent (same arguments every time)."""
     try:
         channel.exchange_declare(names.dead_exchange, exchange_type="fanout", durable=True)
-        channel.queue_declare(
-            names.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
-        )
+        channel.queue_declare(names.dead_queue, durable=True, arguments={"x-queue-type": "quorum"})
         channel.queue_bind(names.dead_queue, names.dead_exchange)
         channel.exchange_declare(names.exchange, exchange_type="topic", durable=True)
         channel.queue_declare(
@@ -82,7 +83,7 @@ def delete_topology(channel: BlockingChannel, names: AmqpNames) -> None:
 
 
 def queue_depth(url: str, names: AmqpNames) -> dict[str, int] | None:
-    """Ready messages in the update and dead-letter queues (passive declare), None if unreachable."""
+    """Ready messages in the update and dead-letter queues; None if RabbitMQ is unreachable."""
     try:
         conn = connect(url, "dssgd-status", heartbeat=0)
     except BrokerError:
@@ -99,10 +100,8 @@ def queue_depth(url: str, names: AmqpNames) -> dict[str, int] | None:
     except (pex.AMQPError, OSError):
         return None
     finally:
-        try:
+        with contextlib.suppress(pex.AMQPError, OSError):
             conn.close()
-        except (pex.AMQPError, OSError):
-            pass
 
 
 @dataclass
@@ -132,9 +131,16 @@ class Publisher:
         self._closed = False
         self._thread.start()
 
-    def publish(self, routing_key: str, body: bytes, headers: dict[str, Any] | None = None,
-                timeout: float = 30.0, *, exchange: str | None = None,
-                user_id: str | bool | None = True) -> None:
+    def publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        headers: dict[str, Any] | None = None,
+        timeout: float = 30.0,
+        *,
+        exchange: str | None = None,
+        user_id: str | bool | None = True,
+    ) -> None:
         """Publish and wait for the confirm. ``exchange``/``user_id`` overrides exist for tests
         that play an attacker (``user_id=True`` means this publisher's own user)."""
         props = pika.BasicProperties(
@@ -171,10 +177,9 @@ class Publisher:
 
     def _drop(self) -> None:
         if self._conn is not None:
-            try:
+            # Closing a broken connection may fail in many ways; it is gone either way.
+            with contextlib.suppress(Exception):
                 self._conn.close()
-            except Exception:  # closing a broken connection may fail in many ways; it is gone anyway
-                pass
         self._conn, self._channel = None, None
 
     def _run(self) -> None:
@@ -194,8 +199,9 @@ class Publisher:
                 continue
             try:
                 ch = self._ensure()
-                ch.basic_publish(req.exchange, req.routing_key, req.body, req.properties,
-                                 mandatory=True)
+                ch.basic_publish(
+                    req.exchange, req.routing_key, req.body, req.properties, mandatory=True
+                )
                 req.future.set_result(None)
             except pex.UnroutableError:
                 req.future.set_exception(UnroutableError(f"no queue bound for {req.routing_key}"))

@@ -45,7 +45,7 @@ class RunConfig:
     theta_d: float = 1.0  # fraction of parameters downloaded per epoch (most-updated first)
     download: str = "most-updated"  # or "random": which θd fraction to download
     selection: str = "topk"  # "topk" (largest |Δw|) or "threshold" (random among |Δw| > τ)
-    # lr 0.2 with batch 32 reaches the 0.93 target fastest in asynchronous mode (docs/UPDATE_RULES.md)
+    # lr 0.2, batch 32: fastest to the 0.93 target in asynchronous mode (docs/UPDATE_RULES.md)
     lr: float = 0.2
     batch_size: int = 32
     gamma: float | None = None  # bound on each shared value; None = lr / 4 (scales with the step)
@@ -118,13 +118,17 @@ class RunConfig:
             problems.append("max staleness must be >= 0")
         if self.max_l2 is not None and not (math.isfinite(self.max_l2) and self.max_l2 > 0):
             problems.append("max L2 norm must be > 0")
-        if self.rate_limit is not None and not (math.isfinite(self.rate_limit) and self.rate_limit > 0):
+        if self.rate_limit is not None and not (
+            math.isfinite(self.rate_limit) and self.rate_limit > 0
+        ):
             problems.append("rate limit must be > 0 updates per second")
         if self.dp_eps_per_value is not None and not (
             math.isfinite(self.dp_eps_per_value) and self.dp_eps_per_value > 0
         ):
             problems.append("DP ε per value must be > 0")
-        if self.dp_budget is not None and not (math.isfinite(self.dp_budget) and self.dp_budget > 0):
+        if self.dp_budget is not None and not (
+            math.isfinite(self.dp_budget) and self.dp_budget > 0
+        ):
             problems.append("DP budget must be > 0")
         if self.dp_budget is not None and self.dp_eps_per_value is None:
             problems.append("a DP budget needs --dp-eps-per-value")
@@ -183,9 +187,13 @@ class Connections:
 
     def __post_init__(self) -> None:
         if not self.amqp_url.startswith(("amqp://", "amqps://")):
-            raise ConfigError(f"RabbitMQ URL must start with amqp:// or amqps://, got {self.amqp_url!r}")
+            raise ConfigError(
+                f"RabbitMQ URL must start with amqp:// or amqps://, got {self.amqp_url!r}"
+            )
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(f"Redis URL must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+            raise ConfigError(
+                f"Redis URL must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
+            )
 
     @classmethod
     def from_env(cls, amqp_url: str | None = None, redis_url: str | None = None) -> Connections:
@@ -223,7 +231,9 @@ def from_mapping(cls: Any, raw: dict[str, Any], where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+        raise ConfigError(
+            f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(fields)}"
+        )
     values = {k: _coerce(fields[k].type, v, k, where) for k, v in raw.items()}
     return cls(**values)
 

@@ -23,7 +23,6 @@ import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -154,7 +153,12 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def _find_idx(directory: Path, stem: str) -> Path | None:
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+    for name in (
+        stem,
+        stem + ".gz",
+        stem.replace("-idx", ".idx"),
+        stem.replace("-idx", ".idx") + ".gz",
+    ):
         if (directory / name).is_file():
             return directory / name
     return None
@@ -184,14 +188,18 @@ def read_idx_dir(directory: Path) -> Mnist:
 
 def _cache_path(cache_dir: Path, origin: Path) -> Path:
     stat = origin.stat()
-    tag = hashlib.sha256(f"{origin.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    tag = hashlib.sha256(
+        f"{origin.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    ).hexdigest()
     return cache_dir / f"mnist-{tag[:16]}.npz"
 
 
 def _write_cache(path: Path, data: Mnist) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    np.savez(buf, train_x=data.train_x, train_y=data.train_y, test_x=data.test_x, test_y=data.test_y)
+    np.savez(
+        buf, train_x=data.train_x, train_y=data.train_y, test_x=data.test_x, test_y=data.test_y
+    )
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)  # atomic, so concurrent workers never read half a file
@@ -203,7 +211,7 @@ def _read_cache(path: Path, source: str) -> Mnist:
 
 
 def load_mnist(source: str = "auto", cache_dir: Path | None = None) -> Mnist:
-    """Load MNIST from ``auto`` (the hub package, else ``$DSSGD_DATA_DIR``), ``hub`` or a directory."""
+    """Load MNIST from ``auto`` (the hub package, else ``$DSSGD_DATA_DIR``), ``hub`` or a folder."""
     cache_dir = cache_dir or default_cache_dir()
     if source not in ("auto", "hub"):
         directory = Path(source)
@@ -266,8 +274,10 @@ def shard_indices(
     pools = {c: np.flatnonzero(labels == c) for c in classes}
     short = [int(c) for c, k in zip(classes, counts, strict=True) if k > pools[c].size]
     if short:
-        raise ConfigError(f"label skew {label_skew} asks for more images of class(es) {short} "
-                          "than the training set has; use a larger α or a smaller shard")
+        raise ConfigError(
+            f"label skew {label_skew} asks for more images of class(es) {short} "
+            "than the training set has; use a larger α or a smaller shard"
+        )
     picked = [
         rng.choice(pools[c], size=k, replace=False)
         for c, k in zip(classes, counts, strict=True)

@@ -53,10 +53,16 @@ class Management:
     @classmethod
     def from_amqp_url(cls, amqp_url: str, management_url: str | None = None) -> Management:
         parts = urllib.parse.urlparse(amqp_url)
-        base = management_url or os.environ.get("DSSGD_MANAGEMENT_URL") or \
-            f"http://{parts.hostname or '127.0.0.1'}:15672"
-        return cls(base.rstrip("/"), urllib.parse.unquote(parts.username or "guest"),
-                   urllib.parse.unquote(parts.password or "guest"))
+        base = (
+            management_url
+            or os.environ.get("DSSGD_MANAGEMENT_URL")
+            or f"http://{parts.hostname or '127.0.0.1'}:15672"
+        )
+        return cls(
+            base.rstrip("/"),
+            urllib.parse.unquote(parts.username or "guest"),
+            urllib.parse.unquote(parts.password or "guest"),
+        )
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -73,8 +79,10 @@ class Management:
                 return None
             raise BrokerError(f"RabbitMQ management API {method} {path}: HTTP {exc.code}") from exc
         except (urllib.error.URLError, OSError) as exc:
-            raise BrokerError(f"RabbitMQ management API at {self.url} unreachable ({exc}); "
-                              "enable it with `rabbitmq-plugins enable rabbitmq_management`") from exc
+            raise BrokerError(
+                f"RabbitMQ management API at {self.url} unreachable ({exc}); "
+                "enable it with `rabbitmq-plugins enable rabbitmq_management`"
+            ) from exc
 
 
 def _q(text: str) -> str:
@@ -85,8 +93,14 @@ def _re(text: str) -> str:
     return text.replace(".", r"\.")
 
 
-def provision(run_id: str, participants: int, amqp_url: str, redis_url: str, out_dir: Path,
-              management_url: str | None = None) -> dict[str, Any]:
+def provision(
+    run_id: str,
+    participants: int,
+    amqp_url: str,
+    redis_url: str,
+    out_dir: Path,
+    management_url: str | None = None,
+) -> dict[str, Any]:
     """Create every user and key of a run; returns a summary without any secret."""
     if participants < 1:
         raise ConfigError("a run needs at least one participant")
@@ -107,8 +121,11 @@ def provision(run_id: str, participants: int, amqp_url: str, redis_url: str, out
     agg_secret = secrets.token_urlsafe(24)
     run_names = f"^dssgd\\.{_re(run_id)}\\..*"
     mgmt.call("PUT", f"/api/users/{_q(agg_name)}", {"password": agg_secret, "tags": ""})
-    mgmt.call("PUT", f"/api/permissions/{_q(vhost)}/{_q(agg_name)}",
-              {"configure": run_names, "write": run_names, "read": run_names})
+    mgmt.call(
+        "PUT",
+        f"/api/permissions/{_q(vhost)}/{_q(agg_name)}",
+        {"configure": run_names, "write": run_names, "read": run_names},
+    )
     hmac_keys: dict[str, str] = {}
     try:
         for p in range(participants):
@@ -118,48 +135,109 @@ def provision(run_id: str, participants: int, amqp_url: str, redis_url: str, out
             hmac_keys[str(p)] = key
             mgmt.call("PUT", f"/api/users/{_q(user)}", {"password": secret, "tags": ""})
             # Write only to the run's update exchange; no configure, no read.
-            mgmt.call("PUT", f"/api/permissions/{_q(vhost)}/{_q(user)}",
-                      {"configure": "^$", "write": f"^{_re(names.exchange)}$", "read": "^$"})
+            mgmt.call(
+                "PUT",
+                f"/api/permissions/{_q(vhost)}/{_q(user)}",
+                {"configure": "^$", "write": f"^{_re(names.exchange)}$", "read": "^$"},
+            )
             # ...and on that exchange only its own routing key.
-            mgmt.call("PUT", f"/api/topic-permissions/{_q(vhost)}/{_q(user)}",
-                      {"exchange": names.exchange, "write": f"^upd\\.{p}$", "read": "^$"})
+            mgmt.call(
+                "PUT",
+                f"/api/topic-permissions/{_q(vhost)}/{_q(user)}",
+                {"exchange": names.exchange, "write": f"^upd\\.{p}$", "read": "^$"},
+            )
             # Redis: read the run, write only its own bookkeeping. %R~ / %RW~ need Redis >= 7.
             r.execute_command(
-                "ACL", "SETUSER", user, "reset", "on", f">{secret}",
-                f"%R~{keys.config}", f"%R~{keys.params}", f"%R~{keys.stat}", f"%R~{keys.version}",
-                f"%R~{keys.dedup}", f"%R~{keys.turn}", f"%R~{keys.stop}", f"%RW~{keys.finished}",
-                f"%RW~{keys.participant(p)}", f"%RW~{keys.wake(p)}", f"%RW~{keys.active}",
+                "ACL",
+                "SETUSER",
+                user,
+                "reset",
+                "on",
+                f">{secret}",
+                f"%R~{keys.config}",
+                f"%R~{keys.params}",
+                f"%R~{keys.stat}",
+                f"%R~{keys.version}",
+                f"%R~{keys.dedup}",
+                f"%R~{keys.turn}",
+                f"%R~{keys.stop}",
+                f"%RW~{keys.finished}",
+                f"%RW~{keys.participant(p)}",
+                f"%RW~{keys.wake(p)}",
+                f"%RW~{keys.active}",
                 f"%RW~{keys.trace}",
-                "+@connection", "+get", "+mget", "+getrange", "+strlen", "+exists", "+hget",
-                "+hgetall", "+hmget", "+smembers", "+sismember", "+lrange", "+lindex", "+llen",
-                "+hset", "+hdel", "+sadd", "+rpush", "+ltrim", "+blpop", "+multi", "+exec", "+discard",
-                "+ping", "+select",
+                "+@connection",
+                "+get",
+                "+mget",
+                "+getrange",
+                "+strlen",
+                "+exists",
+                "+hget",
+                "+hgetall",
+                "+hmget",
+                "+smembers",
+                "+sismember",
+                "+lrange",
+                "+lindex",
+                "+llen",
+                "+hset",
+                "+hdel",
+                "+sadd",
+                "+rpush",
+                "+ltrim",
+                "+blpop",
+                "+multi",
+                "+exec",
+                "+discard",
+                "+ping",
+                "+select",
             )
             creds = {
-                "run_id": run_id, "participant": p, "amqp_user": user,
+                "run_id": run_id,
+                "participant": p,
+                "amqp_user": user,
                 "amqp_url": f"amqp://{_q(user)}:{_q(secret)}@{host}:{port}/{_q(vhost)}",
                 "redis_url": f"redis://{_q(user)}:{_q(secret)}@{rhost}:{rport}{rdb}",
                 "hmac_key": key,
             }
             _write_secret(out_dir / f"p{p}.json", creds)
         r.execute_command(
-            "ACL", "SETUSER", agg_name, "reset", "on", f">{agg_secret}",
-            f"~dssgd:{{{run_id}}}:*", "+@all", "-@dangerous", "+info", "+ping",
+            "ACL",
+            "SETUSER",
+            agg_name,
+            "reset",
+            "on",
+            f">{agg_secret}",
+            f"~dssgd:{{{run_id}}}:*",
+            "+@all",
+            "-@dangerous",
+            "+info",
+            "+ping",
         )
     except redis.RedisError as exc:
         raise StoreError(f"cannot create Redis ACL users: {exc}") from exc
-    _write_secret(out_dir / "aggregator.json", {
-        "run_id": run_id, "amqp_user": agg_name,
-        "amqp_url": f"amqp://{_q(agg_name)}:{_q(agg_secret)}@{host}:{port}/{_q(vhost)}",
-        "redis_url": f"redis://{_q(agg_name)}:{_q(agg_secret)}@{rhost}:{rport}{rdb}",
-        "hmac_keys": hmac_keys,
-    })
-    return {"run_id": run_id, "participants": participants, "directory": str(out_dir),
-            "rabbitmq_users": participants + 1, "redis_users": participants + 1}
+    _write_secret(
+        out_dir / "aggregator.json",
+        {
+            "run_id": run_id,
+            "amqp_user": agg_name,
+            "amqp_url": f"amqp://{_q(agg_name)}:{_q(agg_secret)}@{host}:{port}/{_q(vhost)}",
+            "redis_url": f"redis://{_q(agg_name)}:{_q(agg_secret)}@{rhost}:{rport}{rdb}",
+            "hmac_keys": hmac_keys,
+        },
+    )
+    return {
+        "run_id": run_id,
+        "participants": participants,
+        "directory": str(out_dir),
+        "rabbitmq_users": participants + 1,
+        "redis_users": participants + 1,
+    }
 
 
-def deprovision(run_id: str, participants: int, amqp_url: str, redis_url: str,
-                management_url: str | None = None) -> None:
+def deprovision(
+    run_id: str, participants: int, amqp_url: str, redis_url: str, management_url: str | None = None
+) -> None:
     mgmt = Management.from_amqp_url(amqp_url, management_url)
     r = redis.Redis.from_url(redis_url, socket_timeout=10)
     users = [participant_user(run_id, p) for p in range(participants)] + [aggregator_user(run_id)]
@@ -181,7 +259,9 @@ def read_credentials(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(p.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"credentials file {p} does not exist (create it with dssgd provision)") from None
+        raise ConfigError(
+            f"credentials file {p} does not exist (create it with dssgd provision)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read credentials file {p}: {exc}") from exc
     if not isinstance(data, dict) or "run_id" not in data:

@@ -35,7 +35,9 @@ class UpdateRule:
         return update_weight(self.name, staleness, self.exponent, self.n_participants)
 
 
-def update_weight(rule: str, staleness: int, exponent: float = 1.0, n_participants: int = 1) -> float:
+def update_weight(
+    rule: str, staleness: int, exponent: float = 1.0, n_participants: int = 1
+) -> float:
     """The multiplier applied to an update computed ``staleness`` global versions ago."""
     if rule == "sum":
         return 1.0

@@ -19,7 +19,7 @@ def budget(n: int, theta_u: float) -> int:
 
 
 def select_top_k(delta: np.ndarray, k: int) -> np.ndarray:
-    """Indices (sorted) of the k entries of largest |Δw|; ties broken by position, deterministically."""
+    """Indices (sorted) of the k entries of largest |Δw| (deterministic for equal input)."""
     n = delta.size
     if k >= n:
         return np.arange(n, dtype=np.int64)

@@ -226,17 +226,35 @@ class RunStore:
         k = self.keys
         with guarded("committing updates"):
             self._commit(
-                keys=[k.fence, k.params, k.stat, k.version, k.dedup, k.counters, k.applied_log,
-                      k.turn, wake],
-                args=[str(fence), state.w.tobytes(), state.stat.tobytes(), str(state.version),
-                      payload, str(APPLIED_LOG_CAP)],
+                keys=[
+                    k.fence,
+                    k.params,
+                    k.stat,
+                    k.version,
+                    k.dedup,
+                    k.counters,
+                    k.applied_log,
+                    k.turn,
+                    wake,
+                ],
+                args=[
+                    str(fence),
+                    state.w.tobytes(),
+                    state.stat.tobytes(),
+                    str(state.version),
+                    payload,
+                    str(APPLIED_LOG_CAP),
+                ],
             )
 
     def pass_turn(self, fence: int, expect: str, nxt: str) -> bool:
         wake = self.keys.wake(int(nxt)) if nxt else self.keys.wake(-1)
         with guarded("passing the turn"):
-            return bool(self._pass_turn(keys=[self.keys.fence, self.keys.turn, wake],
-                                        args=[str(fence), expect, nxt]))
+            return bool(
+                self._pass_turn(
+                    keys=[self.keys.fence, self.keys.turn, wake], args=[str(fence), expect, nxt]
+                )
+            )
 
     def counters(self) -> dict[str, int]:
         with guarded("reading counters"):
@@ -304,8 +322,9 @@ class RunStore:
 
     def record_progress(self, participant: int, **fields: Any) -> None:
         with guarded("recording progress"):
-            self.r.hset(self.keys.participant(participant),
-                        mapping={k: str(v) for k, v in fields.items()})
+            self.r.hset(
+                self.keys.participant(participant), mapping={k: str(v) for k, v in fields.items()}
+            )
 
     def progress(self, participant: int) -> dict[str, str]:
         with guarded("reading progress"):
@@ -318,7 +337,9 @@ class RunStore:
             for p in range(n):
                 pipe.hgetall(self.keys.participant(p))
             rows = pipe.execute()
-        return {p: {k.decode(): v.decode() for k, v in row.items()} for p, row in enumerate(rows) if row}
+        return {
+            p: {k.decode(): v.decode() for k, v in row.items()} for p, row in enumerate(rows) if row
+        }
 
     def applied_high(self, participant: int) -> int:
         from shared.dedup import decode_state

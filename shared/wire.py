@@ -109,7 +109,7 @@ _IX_NAMES = {
 }
 
 
-class ValueCoding(str, enum.Enum):
+class ValueCoding(enum.StrEnum):
     """How the values of an update travel.
 
     * ``F32``: raw float32, exact.

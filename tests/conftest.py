@@ -33,8 +33,10 @@ def conns() -> Connections:
         redis_connect(c.redis_url).ping()
         amqp_connect(c.amqp_url, "dssgd-tests", heartbeat=0).close()
     except Exception as exc:  # the suite needs both servers; say so plainly
-        pytest.fail(f"RabbitMQ and Redis must run for integration tests "
-                    f"(bash deploy/dev.sh services): {exc}")
+        pytest.fail(
+            f"RabbitMQ and Redis must run for integration tests "
+            f"(bash deploy/dev.sh services): {exc}"
+        )
     return c
 
 
@@ -59,13 +61,22 @@ class RunHandle:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "DSSGD_AMQP_URL": self.conns.amqp_url,
-                "DSSGD_REDIS_URL": self.conns.redis_url, "PYTHONUNBUFFERED": "1"}
+        return {
+            **os.environ,
+            "DSSGD_AMQP_URL": self.conns.amqp_url,
+            "DSSGD_REDIS_URL": self.conns.redis_url,
+            "PYTHONUNBUFFERED": "1",
+        }
 
     def spawn(self, module: str, *args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
         out = log.open("ab") if log else subprocess.DEVNULL
-        p = subprocess.Popen([sys.executable, "-m", module, "--run-id", self.cfg.run_id, *args],
-                             env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(
+            [sys.executable, "-m", module, "--run-id", self.cfg.run_id, *args],
+            env=self.env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         self.procs.append(p)
         return p
 

@@ -154,8 +154,17 @@ def test_effective_rule(order: str, rule: str, expected: str) -> None:
 
 def test_json_round_trip() -> None:
     cfg = RunConfig(
-        run_id="rt-1", model="cnn", participants=150, label_skew=0.3, theta_u=0.01, gamma=0.02,
-        order="round-robin", rule="mean", max_staleness=5, created=1234.5, data="/tmp/x",
+        run_id="rt-1",
+        model="cnn",
+        participants=150,
+        label_skew=0.3,
+        theta_u=0.01,
+        gamma=0.02,
+        order="round-robin",
+        rule="mean",
+        max_staleness=5,
+        created=1234.5,
+        data="/tmp/x",
     )
     back = RunConfig.from_json(cfg.to_json())
     assert back == cfg
@@ -206,8 +215,14 @@ def test_from_mapping_coerces_environment_strings() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [{"lr": "fast"}, {"participants": "2.5"}, {"participants": 2.5}, {"lr": None},
-     {"theta_u": "1.5"}, {"epochs": "none"}],
+    [
+        {"lr": "fast"},
+        {"participants": "2.5"},
+        {"participants": 2.5},
+        {"lr": None},
+        {"theta_u": "1.5"},
+        {"epochs": "none"},
+    ],
 )
 def test_from_mapping_rejects_bad_values(raw: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
@@ -319,8 +334,16 @@ def test_mean_weight_is_one_over_n(n: int) -> None:
 
 @pytest.mark.parametrize(
     ("staleness", "exponent", "expected"),
-    [(0, 1.0, 1.0), (1, 1.0, 0.5), (3, 1.0, 0.25), (3, 0.5, 0.5), (9, 2.0, 0.01), (5, 0.0, 1.0),
-     (-1, 1.0, 1.0), (-10, 2.0, 1.0)],
+    [
+        (0, 1.0, 1.0),
+        (1, 1.0, 0.5),
+        (3, 1.0, 0.25),
+        (3, 0.5, 0.5),
+        (9, 2.0, 0.01),
+        (5, 0.0, 1.0),
+        (-1, 1.0, 1.0),
+        (-10, 2.0, 1.0),
+    ],
 )
 def test_staleness_weight(staleness: int, exponent: float, expected: float) -> None:
     assert update_weight("staleness", staleness, exponent) == pytest.approx(expected)

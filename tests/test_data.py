@@ -454,8 +454,15 @@ def test_label_skew_concentrates_classes() -> None:
 
 @pytest.mark.parametrize(
     ("participant", "n_participants", "shard_size", "skew"),
-    [(-1, 10, 10, None), (10, 10, 10, None), (0, 0, 10, None), (0, 10, 0, None),
-     (0, 10, 5001, None), (0, 10, 10, 0.0), (0, 10, 10, -1.0)],
+    [
+        (-1, 10, 10, None),
+        (10, 10, 10, None),
+        (0, 0, 10, None),
+        (0, 10, 0, None),
+        (0, 10, 5001, None),
+        (0, 10, 10, 0.0),
+        (0, 10, 10, -1.0),
+    ],
 )
 def test_invalid_shard_arguments_raise_config_error(
     participant: int, n_participants: int, shard_size: int, skew: float | None

@@ -28,8 +28,13 @@ def test_docker_compose_config_validates() -> None:
     cmd = _compose_cmd()
     if cmd is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
-    res = subprocess.run([*cmd, "-f", str(ROOT / "docker-compose.yml"), "config"],
-                         capture_output=True, text=True, check=False, cwd=ROOT)
+    res = subprocess.run(
+        [*cmd, "-f", str(ROOT / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, res.stderr
 
 
@@ -72,8 +77,14 @@ def test_deploy_supervisor_config_parses() -> None:
 
 
 def dssgd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dssgd", *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "dssgd", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize(
@@ -104,7 +115,21 @@ def test_unreachable_service_exit_code() -> None:
 def test_help_teaches() -> None:
     res = dssgd("run", "--help")
     assert res.returncode == 0
-    for flag in ("--theta-u", "--theta-d", "--gamma", "--tau", "--order", "--selection",
-                 "--lr", "--batch-size", "--seed", "--amqp-url", "--redis-url",
-                 "--target-accuracy", "--time-limit", "--participants", "--shard-size"):
+    for flag in (
+        "--theta-u",
+        "--theta-d",
+        "--gamma",
+        "--tau",
+        "--order",
+        "--selection",
+        "--lr",
+        "--batch-size",
+        "--seed",
+        "--amqp-url",
+        "--redis-url",
+        "--target-accuracy",
+        "--time-limit",
+        "--participants",
+        "--shard-size",
+    ):
         assert flag in res.stdout

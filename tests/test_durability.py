@@ -39,9 +39,24 @@ class PrivateRedis:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--appendonly",
-             "yes", "--appendfsync", "always", "--save", "", "--dir", str(self.folder)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with socket.socket() as s:
@@ -71,13 +86,15 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
         r.crash()
 
 
-def test_acked_updates_survive_a_redis_crash(private_redis: PrivateRedis, conns: Connections,
-                                              tmp_path: Path) -> None:
+def test_acked_updates_survive_a_redis_crash(
+    private_redis: PrivateRedis, conns: Connections, tmp_path: Path
+) -> None:
     c = Connections(amqp_url=conns.amqp_url, redis_url=private_redis.url)
     from shared.config import RunConfig
 
-    cfg = RunConfig(run_id=f"durable-{os.getpid()}", participants=2, theta_u=0.01, gamma=100.0,
-                    rule="sum")
+    cfg = RunConfig(
+        run_id=f"durable-{os.getpid()}", participants=2, theta_u=0.01, gamma=100.0, rule="sum"
+    )
     h = RunHandle(c, cfg, zero_init=True)
     try:
         h.aggregator(log=tmp_path / "agg.log")

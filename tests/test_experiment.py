@@ -15,9 +15,26 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_smoke_preset_writes_results_and_plots(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "dssgd", "experiment", "paper", "--preset",
-                          "smoke", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "runs")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dssgd",
+            "experiment",
+            "paper",
+            "--preset",
+            "smoke",
+            "--out",
+            str(tmp_path),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| centralized" in text and "| standalone" in text and "ε/c = 10.0" in text

@@ -24,20 +24,30 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def dssgd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dssgd", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=env, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "dssgd", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
 
 
-def test_status_metrics_plot_export_eval(make_run: Callable[..., RunHandle],
-                                         tmp_path: Path) -> None:
+def test_status_metrics_plot_export_eval(
+    make_run: Callable[..., RunHandle], tmp_path: Path
+) -> None:
     h = make_run(participants=4, epochs=6, eval_interval=0.3)
     h.spawn("aggregator", "--metrics-port", "0", log=tmp_path / "agg.log")
     workers = [h.spawn("worker", "--slot", f"{i}/2", log=tmp_path / f"w{i}.log") for i in (0, 1)]
     for w in workers:
         assert w.wait(timeout=120) == 0
     h.wait(lambda: h.version() == 24, what="all updates")
-    h.wait(lambda: bool(h.store.metrics()) and h.store.metrics()[-1]["version"] == 24,
-           what="an evaluation of the final version")
+    h.wait(
+        lambda: bool(h.store.metrics()) and h.store.metrics()[-1]["version"] == 24,
+        what="an evaluation of the final version",
+    )
     status = json.loads(dssgd("status", "--run-id", h.cfg.run_id, "--json", env=h.env).stdout)
     assert status["version"] == 24 and status["counters"]["applied"] == 24
     assert [p["epochs"] for p in status["participants"]] == [6, 6, 6, 6]
@@ -62,14 +72,16 @@ def test_status_metrics_plot_export_eval(make_run: Callable[..., RunHandle],
     model = build_model("mlp")
     model.load_state_dict(torch.load(model_file, weights_only=True))
     live = json.loads(dssgd("eval", h.cfg.run_id, "--json", env=h.env).stdout)
-    from_file = json.loads(dssgd("eval", h.cfg.run_id, "--from-file", str(model_file), "--json",
-                                 env=h.env).stdout)
+    from_file = json.loads(
+        dssgd("eval", h.cfg.run_id, "--from-file", str(model_file), "--json", env=h.env).stdout
+    )
     assert live["accuracy"] == from_file["accuracy"]
     assert live["accuracy"] == pytest.approx(acc, abs=1e-9)
 
 
-def test_sigterm_is_graceful_and_the_run_completes(make_run: Callable[..., RunHandle],
-                                                   tmp_path: Path) -> None:
+def test_sigterm_is_graceful_and_the_run_completes(
+    make_run: Callable[..., RunHandle], tmp_path: Path
+) -> None:
     h = make_run(participants=2, epochs=40, eval_interval=60)
     agg = h.spawn("aggregator", "--no-eval", log=tmp_path / "agg.log")
     worker = h.spawn("worker", "--participants", "0,1", log=tmp_path / "w.log")
@@ -82,16 +94,19 @@ def test_sigterm_is_graceful_and_the_run_completes(make_run: Callable[..., RunHa
     confirmed = {p: int(h.store.progress(p).get("seq", 0)) for p in (0, 1)}
     h.spawn("aggregator", "--no-eval", log=tmp_path / "agg.log")
     # Nothing lost: every confirmed update gets applied by the restarted aggregator.
-    h.wait(lambda: all(h.store.applied_high(p) >= s for p, s in confirmed.items()),
-           what="confirmed updates applied after restart")
+    h.wait(
+        lambda: all(h.store.applied_high(p) >= s for p, s in confirmed.items()),
+        what="confirmed updates applied after restart",
+    )
     worker = h.spawn("worker", "--participants", "0,1", log=tmp_path / "w.log")
     assert worker.wait(timeout=120) == 0
     h.wait(lambda: h.version() == 80, timeout=30, what="the whole run")
     assert h.store.counters().get("rejected", 0) == 0
 
 
-def test_anonymous_workers_claim_distinct_identities(make_run: Callable[..., RunHandle],
-                                                     tmp_path: Path) -> None:
+def test_anonymous_workers_claim_distinct_identities(
+    make_run: Callable[..., RunHandle], tmp_path: Path
+) -> None:
     h = make_run(participants=3, epochs=2, eval_interval=60)
     h.aggregator()
     workers = [h.spawn("worker", "--claim", "1", log=tmp_path / f"w{i}.log") for i in range(3)]
@@ -109,11 +124,13 @@ def test_anonymous_workers_claim_distinct_identities(make_run: Callable[..., Run
     assert "already has all 3 participants" in (tmp_path / "w3.log").read_text()
 
 
-def test_participant_over_privacy_budget_stops(make_run: Callable[..., RunHandle],
-                                               tmp_path: Path) -> None:
+def test_participant_over_privacy_budget_stops(
+    make_run: Callable[..., RunHandle], tmp_path: Path
+) -> None:
     # ε/c = 10 with c = ⌈0.1·109,386⌉ = 10,939 → 109,390 per epoch; a budget of 300,000 allows 2.
-    h = make_run(participants=1, epochs=10, dp_eps_per_value=10.0, dp_budget=300_000.0,
-                 eval_interval=60)
+    h = make_run(
+        participants=1, epochs=10, dp_eps_per_value=10.0, dp_budget=300_000.0, eval_interval=60
+    )
     h.aggregator()
     assert h.spawn("worker", "--participants", "0", log=tmp_path / "w.log").wait(timeout=120) == 0
     progress = h.store.progress(0)

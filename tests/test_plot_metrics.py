@@ -34,9 +34,15 @@ def _png_size(path: Path) -> tuple[int, int]:
 def _points(n: int) -> list[dict[str, float]]:
     t0 = 1_700_000_000.0
     return [
-        {"time": t0 + 2.0 * i, "elapsed": 2.0 * i + 0.5, "version": 40 * i, "applied": 40 * i,
-         "bytes_in": 350_000 * i, "accuracy": 0.1 + 0.85 * (1 - math.exp(-i / 5)),
-         "loss": 2.3 * math.exp(-i / 5)}
+        {
+            "time": t0 + 2.0 * i,
+            "elapsed": 2.0 * i + 0.5,
+            "version": 40 * i,
+            "applied": 40 * i,
+            "bytes_in": 350_000 * i,
+            "accuracy": 0.1 + 0.85 * (1 - math.exp(-i / 5)),
+            "loss": 2.3 * math.exp(-i / 5),
+        }
         for i in range(n)
     ]
 
@@ -71,8 +77,15 @@ def test_plot_run_rejects_no_points(tmp_path: Path) -> None:
 
 
 def test_plot_run_with_one_point(tmp_path: Path) -> None:
-    point = {"time": 1.0, "elapsed": 0.0, "version": 0, "applied": 0, "bytes_in": 0,
-             "accuracy": 0.11, "loss": 2.3}
+    point = {
+        "time": 1.0,
+        "elapsed": 0.0,
+        "version": 0,
+        "applied": 0,
+        "bytes_in": 0,
+        "accuracy": 0.11,
+        "loss": 2.3,
+    }
     out = plot_run([point], tmp_path / "one.png")
     assert out.read_bytes()[:8] == PNG_SIGNATURE
 
@@ -83,9 +96,15 @@ def test_plot_series_log_x_with_references(tmp_path: Path) -> None:
         "θ=0.1": [(10.0, 0.97), (0.1, 0.85), (1.0, 0.93)],  # unsorted on purpose
         "no data yet": [],
     }
-    out = plot_series(series, tmp_path / "sub" / "eps.png", xlabel="ε", ylabel="test accuracy",
-                      title="accuracy vs ε", logx=True,
-                      reference={"paper, θ=0.1": 0.98, "standalone": 0.89})
+    out = plot_series(
+        series,
+        tmp_path / "sub" / "eps.png",
+        xlabel="ε",
+        ylabel="test accuracy",
+        title="accuracy vs ε",
+        logx=True,
+        reference={"paper, θ=0.1": 0.98, "standalone": 0.89},
+    )
     assert out.read_bytes()[:8] == PNG_SIGNATURE
     assert out.stat().st_size > 10_000
 
@@ -94,8 +113,9 @@ def test_plot_series_refuses_nothing_and_nonpositive_log_x(tmp_path: Path) -> No
     with pytest.raises(ValueError):
         plot_series({"a": []}, tmp_path / "x.png", xlabel="x", ylabel="y")
     with pytest.raises(ValueError, match="positive"):
-        plot_series({"a": [(0.0, 1.0), (1.0, 2.0)]}, tmp_path / "x.png", xlabel="x", ylabel="y",
-                    logx=True)
+        plot_series(
+            {"a": [(0.0, 1.0), (1.0, 2.0)]}, tmp_path / "x.png", xlabel="x", ylabel="y", logx=True
+        )
 
 
 # --- Prometheus metrics ------------------------------------------------------------------------
@@ -112,10 +132,24 @@ def _value(samples: list[Sample], name: str, **labels: str) -> float:
 
 
 def _fill(m: AggregatorMetrics) -> None:
-    m.observe_batch(applied=3, duplicates=1, rejected={"stale": 2}, staleness=[0, 1, 5],
-                    bytes_in=1000, seconds=0.0007, version=3)
-    m.observe_batch(applied=2, duplicates=0, rejected={"stale": 1, "wrong-run": 1, "too-big": 0},
-                    staleness=[3, 300], bytes_in=500, seconds=0.3, version=5)
+    m.observe_batch(
+        applied=3,
+        duplicates=1,
+        rejected={"stale": 2},
+        staleness=[0, 1, 5],
+        bytes_in=1000,
+        seconds=0.0007,
+        version=3,
+    )
+    m.observe_batch(
+        applied=2,
+        duplicates=0,
+        rejected={"stale": 1, "wrong-run": 1, "too-big": 0},
+        staleness=[3, 300],
+        bytes_in=500,
+        seconds=0.3,
+        version=5,
+    )
     m.set_accuracy(0.91, 0.31)
     m.set_accuracy(0.93, 0.25)  # a gauge keeps the latest
     m.set_epsilon(0, 0.5)
@@ -138,16 +172,33 @@ def _check(samples: list[Sample], run: str) -> None:
     assert _value(samples, "dssgd_epsilon_spent", participant="7", **r) == 1.25
 
     # Staleness observed: 0, 1, 5, 3, 300 (buckets are cumulative).
-    expected = {"0.0": 1, "1.0": 2, "2.0": 2, "4.0": 3, "8.0": 4, "16.0": 4, "32.0": 4,
-                "64.0": 4, "128.0": 4, "256.0": 4, "+Inf": 5}
-    buckets = {s.labels["le"]: s.value for s in samples
-               if s.name == "dssgd_staleness_bucket" and s.labels["run"] == run}
+    expected = {
+        "0.0": 1,
+        "1.0": 2,
+        "2.0": 2,
+        "4.0": 3,
+        "8.0": 4,
+        "16.0": 4,
+        "32.0": 4,
+        "64.0": 4,
+        "128.0": 4,
+        "256.0": 4,
+        "+Inf": 5,
+    }
+    buckets = {
+        s.labels["le"]: s.value
+        for s in samples
+        if s.name == "dssgd_staleness_bucket" and s.labels["run"] == run
+    }
     assert buckets == expected
     assert _value(samples, "dssgd_staleness_count", **r) == 5
     assert _value(samples, "dssgd_staleness_sum", **r) == 309
 
-    apply = {s.labels["le"]: s.value for s in samples
-             if s.name == "dssgd_apply_seconds_bucket" and s.labels["run"] == run}
+    apply = {
+        s.labels["le"]: s.value
+        for s in samples
+        if s.name == "dssgd_apply_seconds_bucket" and s.labels["run"] == run
+    }
     assert float(min(apply, key=lambda le: float(le))) == 0.0005
     assert float(max((le for le in apply if le != "+Inf"), key=float)) == 2.0
     assert apply["0.0005"] == 0 and apply["0.001"] == 1 and apply["0.25"] == 1
@@ -194,8 +245,9 @@ def test_serve_on_a_free_port(served: AggregatorMetrics) -> None:
 def test_two_instances_do_not_clash() -> None:
     a, b = AggregatorMetrics("run-a"), AggregatorMetrics("run-b")
     _fill(a)
-    b.observe_batch(applied=7, duplicates=0, rejected={}, staleness=[], bytes_in=10,
-                    seconds=0.01, version=7)
+    b.observe_batch(
+        applied=7, duplicates=0, rejected={}, staleness=[], bytes_in=10, seconds=0.01, version=7
+    )
     _check(_samples(a.render().decode()), "run-a")
     sb = _samples(b.render().decode())
     assert _value(sb, "dssgd_updates_applied_total", run="run-b") == 7

@@ -45,9 +45,18 @@ class EpochReport:
 
 
 class Participant:
-    def __init__(self, pid: int, cfg: RunConfig, store: RunStore, publisher: Publisher,
-                 stop: StopFlag, data: Mnist | None, synthetic: bool = False,
-                 record_dir: Path | None = None, hmac_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        pid: int,
+        cfg: RunConfig,
+        store: RunStore,
+        publisher: Publisher,
+        stop: StopFlag,
+        data: Mnist | None,
+        synthetic: bool = False,
+        record_dir: Path | None = None,
+        hmac_key: bytes | None = None,
+    ) -> None:
         self.pid, self.cfg, self.store, self.pub, self.stop = pid, cfg, store, publisher, stop
         self.synthetic = synthetic
         self.hmac_key = hmac_key
@@ -64,31 +73,52 @@ class Participant:
         self.t_train = float(progress.get("t_train", 0.0))
         self.t_epoch = float(progress.get("t_epoch", 0.0))
         # Never reuse a sequence number that may already have been applied.
-        self.seq = max(int(progress.get("seq", 0)), int(progress.get("seq_sent", 0)),
-                       store.applied_high(pid)) + 1
+        self.seq = (
+            max(
+                int(progress.get("seq", 0)),
+                int(progress.get("seq_sent", 0)),
+                store.applied_high(pid),
+            )
+            + 1
+        )
         self.model = build_model(cfg.model, cfg.seed)
         self.n = sum(p.numel() for p in self.model.parameters())
         if not synthetic:
             assert data is not None
-            idx = shard_indices(data.train_y, pid, cfg.participants, cfg.shard_size, cfg.seed,
-                                cfg.label_skew)
-            self.trainer = LocalTrainer(self.model, prepare(data.train_x[idx], cfg.model),
-                                        labels_tensor(data.train_y[idx]), cfg.lr, cfg.batch_size,
-                                        seed=cfg.seed * 100_003 + pid + self.epochs)
+            idx = shard_indices(
+                data.train_y, pid, cfg.participants, cfg.shard_size, cfg.seed, cfg.label_skew
+            )
+            self.trainer = LocalTrainer(
+                self.model,
+                prepare(data.train_x[idx], cfg.model),
+                labels_tensor(data.train_y[idx]),
+                cfg.lr,
+                cfg.batch_size,
+                seed=cfg.seed * 100_003 + pid + self.epochs,
+            )
         self.local = get_flat(self.model)
         self.budget_exhausted = ""
         self.svt: SvtParams | None = None
         self.accountant: PrivacyAccountant | None = None
         if cfg.dp_eps_per_value is not None:
             c = budget(self.n, cfg.theta_u)
-            self.svt = SvtParams(epsilon=epsilon_for(cfg.dp_eps_per_value, c), c=c,
-                                 gamma=cfg.effective_gamma, tau=cfg.effective_tau)
+            self.svt = SvtParams(
+                epsilon=epsilon_for(cfg.dp_eps_per_value, c),
+                c=c,
+                gamma=cfg.effective_gamma,
+                tau=cfg.effective_tau,
+            )
             # Noise from a cryptographically seeded generator, never from the run's seed.
             self.noise = noise_rng()
-            self.accountant = PrivacyAccountant.from_dict(
-                {k[4:]: v for k, v in progress.items() if k.startswith("dp_")}
-            ) if any(k.startswith("dp_") for k in progress) else PrivacyAccountant(
-                eps_per_epoch=self.svt.epsilon, delta_prime=cfg.dp_delta, budget=cfg.dp_budget)
+            self.accountant = (
+                PrivacyAccountant.from_dict(
+                    {k[4:]: v for k, v in progress.items() if k.startswith("dp_")}
+                )
+                if any(k.startswith("dp_") for k in progress)
+                else PrivacyAccountant(
+                    eps_per_epoch=self.svt.epsilon, delta_prime=cfg.dp_delta, budget=cfg.dp_budget
+                )
+            )
 
     @property
     def done(self) -> bool:
@@ -96,7 +126,8 @@ class Participant:
             if not self.budget_exhausted:
                 self.budget_exhausted = (
                     f"privacy budget exhausted: ε spent {self.accountant.total:.4g} of "
-                    f"{self.accountant.budget:.4g}; participant {self.pid} stops publishing")
+                    f"{self.accountant.budget:.4g}; participant {self.pid} stops publishing"
+                )
                 log.warning("%s", self.budget_exhausted)
             return True
         return self.cfg.epochs > 0 and self.epochs >= self.cfg.epochs
@@ -113,7 +144,7 @@ class Participant:
             self.local[:] = w
         else:
             if self.cfg.download == "random":
-                k = max(1, int(round(self.cfg.theta_d * self.n)))
+                k = max(1, round(self.cfg.theta_d * self.n))
                 chosen = np.sort(self.rng.choice(self.n, size=k, replace=False))
             else:
                 assert stat is not None
@@ -134,18 +165,32 @@ class Participant:
             if self.svt is not None:
                 indices, values = self._private_selection(delta)
             else:
-                indices = select(delta, self.cfg.theta_u, self.cfg.selection,
-                                 self.cfg.effective_tau, self.rng)
+                indices = select(
+                    delta, self.cfg.theta_u, self.cfg.selection, self.cfg.effective_tau, self.rng
+                )
                 values = clip(delta[indices], self.cfg.effective_gamma)
         t2 = time.perf_counter()
-        update = wire.Update(run_id=self.cfg.run_id, participant=self.pid, seq=self.seq,
-                             base_version=version, n=self.n, indices=indices, values=values)
+        update = wire.Update(
+            run_id=self.cfg.run_id,
+            participant=self.pid,
+            seq=self.seq,
+            base_version=version,
+            n=self.n,
+            indices=indices,
+            values=values,
+        )
         body = wire.encode(update, values=self.cfg.value_coding, rng=self.rng, key=self.hmac_key)
         # Burn the sequence number before it can reach the broker: a restart after a crash
         # between publish and confirm must never reuse it for different content.
         self.store.record_progress(self.pid, seq_sent=self.seq)
-        self._log_record({"seq": self.seq, "state": "sent", "indices": indices.tolist(),
-                          "values": values.tolist()})
+        self._log_record(
+            {
+                "seq": self.seq,
+                "state": "sent",
+                "indices": indices.tolist(),
+                "values": values.tolist(),
+            }
+        )
         self._publish(body)
         confirmed_seq, self.seq = self.seq, self.seq + 1
         self._log_record({"seq": confirmed_seq, "state": "confirmed"})
@@ -153,13 +198,28 @@ class Participant:
         self.bytes_up += len(body)
         self.bytes_down += bytes_down
         self.t_epoch += time.perf_counter() - t0
-        report = EpochReport(confirmed_seq, version, int(indices.size), len(body), bytes_down, loss,
-                             t2 - t1, time.perf_counter() - t0)
+        report = EpochReport(
+            confirmed_seq,
+            version,
+            int(indices.size),
+            len(body),
+            bytes_down,
+            loss,
+            t2 - t1,
+            time.perf_counter() - t0,
+        )
         self.store.record_progress(
-            self.pid, epochs=self.epochs, seq=confirmed_seq, bytes_up=self.bytes_up,
-            bytes_down=self.bytes_down, loss=f"{loss:.5f}", last_seen=f"{time.time():.3f}",
-            base_version=version, entries=indices.size,
-            t_train=f"{self.t_train:.4f}", t_epoch=f"{self.t_epoch:.4f}",
+            self.pid,
+            epochs=self.epochs,
+            seq=confirmed_seq,
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            loss=f"{loss:.5f}",
+            last_seen=f"{time.time():.3f}",
+            base_version=version,
+            entries=indices.size,
+            t_train=f"{self.t_train:.4f}",
+            t_epoch=f"{self.t_epoch:.4f}",
         )
         return report
 
@@ -167,8 +227,9 @@ class Participant:
         """The sparse vector technique; the ε is spent and recorded before anything is sent."""
         assert self.svt is not None and self.accountant is not None
         self.accountant.spend()  # raises BudgetExhausted rather than exceed the budget
-        self.store.record_progress(self.pid, **{f"dp_{k}": v
-                                                for k, v in self.accountant.to_dict().items()})
+        self.store.record_progress(
+            self.pid, **{f"dp_{k}": v for k, v in self.accountant.to_dict().items()}
+        )
         return svt_select(delta, self.svt, self.noise)
 
     def _log_record(self, entry: dict[str, object]) -> None:
@@ -194,8 +255,9 @@ class Participant:
                 self.pub.publish(key, body, headers={"participant": self.pid, "seq": self.seq})
                 return
             except BrokerError as exc:
-                log.warning("participant %d seq %d not confirmed (%s); retrying", self.pid,
-                            self.seq, exc)
+                log.warning(
+                    "participant %d seq %d not confirmed (%s); retrying", self.pid, self.seq, exc
+                )
                 if not backoff.sleep(self.stop):
                     # A stop during retries leaves this update unconfirmed: never counted.
                     raise StopRequested(f"stopped with seq {self.seq} unconfirmed") from exc

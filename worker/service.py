@@ -8,6 +8,7 @@ again; the turn only moves on once the aggregator has applied the update.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -75,31 +76,50 @@ class Worker:
         if bad:
             raise ConfigError(f"participant ids {bad} are outside 0..{cfg.participants - 1}")
         data = None if self.s.synthetic else load_mnist(cfg.data)
-        publisher = Publisher(self.s.connections.amqp_url, AmqpNames(cfg.run_id),
-                              app_id=",".join(map(str, pids)), user_id=self.s.amqp_user)
+        publisher = Publisher(
+            self.s.connections.amqp_url,
+            AmqpNames(cfg.run_id),
+            app_id=",".join(map(str, pids)),
+            user_id=self.s.amqp_user,
+        )
         parts: dict[int, Participant] = {}
         try:
             for pid in pids:
                 parts[pid] = self._with_retry(
-                    lambda pid=pid: Participant(pid, cfg, store, publisher, self.stop, data,
-                                                self.s.synthetic, self.s.record_dir,
-                                                self.s.hmac_key))
-            log.info("%s hosting participants %s of run %s (%s order)", self.s.name, pids,
-                     cfg.run_id, cfg.order)
+                    lambda pid=pid: Participant(
+                        pid,
+                        cfg,
+                        store,
+                        publisher,
+                        self.stop,
+                        data,
+                        self.s.synthetic,
+                        self.s.record_dir,
+                        self.s.hmac_key,
+                    )
+                )
+            log.info(
+                "%s hosting participants %s of run %s (%s order)",
+                self.s.name,
+                pids,
+                cfg.run_id,
+                cfg.order,
+            )
             self._loop(cfg, store, parts)
         except StopRequested as exc:
             log.info("stopping: %s", exc)
         finally:
             for pid, part in parts.items():
-                try:
+                with contextlib.suppress(StoreError):
                     store.leave(pid, finished=part.done)
-                except StoreError:
-                    pass
                 part.close()
             publisher.close()
         epochs = {pid: p.epochs for pid, p in parts.items()}
-        log.info("worker stopped (%s); epochs per participant: %s",
-                 self.stop.reason or "all participants done", epochs)
+        log.info(
+            "worker stopped (%s); epochs per participant: %s",
+            self.stop.reason or "all participants done",
+            epochs,
+        )
         return EXIT_OK
 
     def _participants(self, store: RunStore, cfg: RunConfig) -> list[int]:
@@ -145,7 +165,9 @@ class Worker:
                     self._with_retry(lambda pid=pid: store.leave(pid, finished=True))
                     left.add(pid)
                     why = part.budget_exhausted or f"finished its {part.epochs} epochs"
-                    self._with_retry(lambda pid=pid, why=why: store.record_progress(pid, stopped=why))
+                    self._with_retry(
+                        lambda pid=pid, why=why: store.record_progress(pid, stopped=why)
+                    )
                     log.info("participant %d %s", pid, why)
             live = [p for p in order if p not in left]
             if not live:
@@ -167,9 +189,16 @@ class Worker:
             part = parts[pid]
             report = self._with_retry(part.run_epoch)
             last_epoch[pid] = time.monotonic()
-            log.debug("participant %d epoch %d: seq %d, %d entries, %d B up, loss %.4f, %.0f ms",
-                      pid, part.epochs, report.seq, report.entries, report.bytes_up, report.loss,
-                      1000 * report.seconds_total)
+            log.debug(
+                "participant %d epoch %d: seq %d, %d entries, %d B up, loss %.4f, %.0f ms",
+                pid,
+                part.epochs,
+                report.seq,
+                report.entries,
+                report.bytes_up,
+                report.loss,
+                1000 * report.seconds_total,
+            )
             if cfg.ordered:
                 # We hold the turn until the aggregator applies this update and passes it on;
                 # looking at the turn before that would start a second epoch on stale state.

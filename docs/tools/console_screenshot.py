@@ -18,8 +18,11 @@ def main() -> None:
     ap.add_argument("--url", default="http://127.0.0.1:15672")
     ap.add_argument("--user", default="guest")
     ap.add_argument("--password", default="guest")
-    ap.add_argument("--page", default="queues", help="console page: overview, queues, "
-                    "queues/%%2F/<queue name>, exchanges, connections")
+    ap.add_argument(
+        "--page",
+        default="queues",
+        help="console page: overview, queues, queues/%%2F/<queue name>, exchanges, connections",
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument("--width", type=int, default=1400)
     ap.add_argument("--height", type=int, default=900)
@@ -27,9 +30,15 @@ def main() -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path="/usr/bin/chromium",
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
         )
         page = browser.new_page(viewport={"width": args.width, "height": args.height})
         page.goto(args.url + "/")
