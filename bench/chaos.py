@@ -1,6 +1,6 @@
 """Fault injection: kill and restart every part of dssgd, then check the exact-sum oracle.
 
-    python -m bench.chaos                        # all six scenarios (about 6–7 minutes)
+    python -m bench.chaos                        # all six scenarios (about 4–6 minutes)
     python -m bench.chaos --quick                # fewer faults, no redis-stall (2–3 minutes)
     python -m bench.chaos --scenario redis       # one scenario; repeat the flag for more
 
@@ -528,7 +528,6 @@ class Run:
         self.aggregator: subprocess.Popen[bytes] | None = None
         self.workers: dict[tuple[int, ...], subprocess.Popen[bytes]] = {}
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.aggregator_exit_codes: list[int] = []
 
     # processes
 

@@ -560,11 +560,14 @@ class BenchRun:
     def version(self) -> int:
         return int(self.store.r.get(self.store.keys.version) or 0)
 
-    def start_aggregator(self, extra: tuple[str, ...] = ()) -> int:
+    def start_aggregator(self, command: list[str] | None = None) -> int:
+        """``python -m aggregator --run-id R --no-eval`` (or ``command`` + those arguments, to
+        try a variant); returns its pid once it consumes from the run's queue."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        cmd = command or [sys.executable, "-m", "aggregator"]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "aggregator", "--run-id", self.run_id, "--no-eval", *extra],
+                [*cmd, "--run-id", self.run_id, "--no-eval"],
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + 90
         conn = amqp_connect(conns().amqp_url, "bench-probe", heartbeat=0)
@@ -607,14 +610,15 @@ def delete_run(run_id: str) -> None:
 
 
 def measure_aggregator(cfg: LoadSettings, theta: float, run_id: str,
-                       profiler: list[str] | None = None) -> LoadResult:
+                       profiler: list[str] | None = None,
+                       command: list[str] | None = None) -> LoadResult:
     """The real aggregator (``python -m aggregator --no-eval``) under the same load; the end is
     the moment the version key shows every confirmed message applied."""
     run = BenchRun(run_id, cfg.publishers * cfg.participants_each, theta)
     procs: list[Any] = []
     prof: subprocess.Popen[bytes] | None = None
     try:
-        agg_pid = run.start_aggregator()
+        agg_pid = run.start_aggregator(command)
         procs, go, pub_results = _start_publishers(
             _specs(cfg, run_id, theta, AmqpNames(run_id).exchange, ""))
         meter = CpuMeter()
@@ -716,13 +720,13 @@ def drain_ceiling(cfg: LoadSettings, theta: float, run_id: str, messages: int) -
         conn.close()
 
 
-def drain_aggregator(cfg: LoadSettings, theta: float, run_id: str,
-                     messages: int) -> DrainResult:
+def drain_aggregator(cfg: LoadSettings, theta: float, run_id: str, messages: int,
+                     command: list[str] | None = None) -> DrainResult:
     """The aggregator started on a backlog of ``messages``: from its first commit to its last."""
     run = BenchRun(run_id, cfg.publishers * cfg.participants_each, theta)
     try:
         total = _fill(cfg, run_id, theta, AmqpNames(run_id).exchange, "", messages)
-        run.start_aggregator()
+        run.start_aggregator(command)
         assert run.proc is not None
         meter = CpuMeter()
         meter.watch("aggregator", run.proc.pid)
