@@ -77,8 +77,11 @@ ensure_rabbitmq() {
     fi
     # The management console (http://127.0.0.1:15672, guest/guest) shows queues and rates.
     if command -v rabbitmq-plugins >/dev/null 2>&1 && ! port_open 15672; then
-        rabbitmq-plugins enable --quiet rabbitmq_management >/dev/null 2>&1 || \
+        if rabbitmq-plugins enable --quiet rabbitmq_management >/dev/null 2>&1; then
+            for _ in $(seq 60); do port_open 15672 && break; sleep 0.5; done
+        else
             say "could not enable the RabbitMQ management console (continuing)"
+        fi
     fi
 }
 
