@@ -26,8 +26,11 @@ log = logging.getLogger(__name__)
 # Bounded backlog: when the aggregator falls this far behind, publishes are refused (nacked) and
 # publishers back off instead of the broker growing without limit.
 DEFAULT_MAX_LENGTH = 100_000
-DELIVERY_LIMIT = 10  # a message redelivered this often is dead-lettered (poison that kills us)
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# A message delivered this often is dead-lettered. Quorum queues also count deliveries that were
+# prefetched when a consumer died, so the limit must outlast a burst of aggregator crashes (every
+# prefetched message is counted at each one) while still stopping a message that kills every
+# consumer it reaches; the replay window makes re-sending a dead letter safe.
+DELIVERY_LIMIT = 100
 
 
 def connect(url: str, name: str, heartbeat: int = 30) -> pika.BlockingConnection:

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import redis
 import redis.exceptions as rex
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from shared.config import RunConfig
 from shared.errors import ConfigError, FencedError, StoreError
@@ -39,6 +41,10 @@ def connect(url: str) -> redis.Redis:
     try:
         return redis.Redis.from_url(
             url,
+            # No silent retries: a timed-out commit that Redis did carry out must surface as an
+            # error (we then reload and let the replay window absorb redeliveries), never be
+            # run a second time underneath us.
+            retry=Retry(NoBackoff(), 0),
             socket_timeout=10,
             socket_connect_timeout=3,
             health_check_interval=15,
