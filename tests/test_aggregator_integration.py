@@ -244,3 +244,29 @@ def test_consumer_properties_name_the_participant(make_run: Callable[..., RunHan
     assert props.app_id == "7"
     assert props.content_type == "application/x-dssgd-update"
     assert props.delivery_mode == pika.DeliveryMode.Persistent.value
+
+
+def test_a_second_aggregator_fences_off_the_first(
+    make_run: Callable[..., RunHandle], tmp_path: Path
+) -> None:
+    h = oracle_run(make_run)
+    first = h.aggregator(log=tmp_path / "a1.log")
+    rng = np.random.default_rng(12)
+    pub = Publisher(h.conns.amqp_url, h.names, app_id="test")
+    try:
+        updates = [integer_update(h, 0, 1, rng)]
+        pub.publish("upd.0", wire.encode(updates[0]))
+        h.wait(lambda: h.version() == 1, what="the first aggregator applying")
+        second = h.aggregator(log=tmp_path / "a2.log")
+        h.wait(lambda: int(h.store.r.get(h.store.keys.fence) or 0) == 2, what="the new fence")
+        for seq in range(2, 41):
+            updates.append(integer_update(h, 0, seq, rng))
+            pub.publish("upd.0", wire.encode(updates[-1]))
+    finally:
+        pub.close()
+    # Whichever of the two received a delivery after the takeover: the deposed one cannot write
+    # (its commit is refused) and exits 75; every update is applied exactly once by the new one.
+    h.wait(lambda: h.version() == 40, what="every update applied")
+    assert first.wait(timeout=20) == 75
+    assert second.poll() is None
+    assert_exact(h, updates)
