@@ -31,7 +31,7 @@ from aggregator.validate import validate
 from shared import dedup, wire
 from shared.amqp_names import DETAIL_HEADER, REASON_HEADER, AmqpNames
 from shared.broker import connect as amqp_connect
-from shared.broker import declare_topology
+from shared.broker import declare_topology, tune_for_large_messages
 from shared.config import Connections, RunConfig
 from shared.errors import BrokerError, ConfigError, FencedError, StoreError, ValidationError
 from shared.lifecycle import EXIT_FENCED, EXIT_OK, Backoff, StopFlag
@@ -50,6 +50,9 @@ class AggregatorSettings:
     connections: Connections = field(default_factory=Connections)
     prefetch: int = 1000  # deliveries in flight; bounds memory and the size of a group commit
     max_batch: int = 500  # messages per Redis commit at most
+    # How long a batch may wait for more deliveries after its first one: every commit writes the
+    # whole parameter vector, so fuller batches are cheaper per update (group commit).
+    batch_window: float = 0.005
     evaluate: bool = True  # run the periodic test-set evaluation thread
     turn_timeout: float = 60.0  # a turn holder silent this long loses the turn (ordered modes)
     # Per-participant HMAC keys (from `dssgd provision`); when set, every message must carry a
@@ -88,6 +91,7 @@ class Aggregator:
         self.rng = random.Random()
         self._pending: list[_Delivery] = []
         self._buckets: dict[int, tuple[float, float]] = {}  # rate limit: (tokens, last time)
+        tune_for_large_messages()
         self.metrics = AggregatorMetrics(settings.run_id)
         self.metrics_url: str | None = None
         if settings.metrics_port is not None:
@@ -158,7 +162,12 @@ class Aggregator:
             while not self.stop.is_set():
                 conn.process_data_events(time_limit=0.5)
                 if self._pending:
-                    conn.process_data_events(time_limit=0)  # drain what is already buffered
+                    deadline = time.monotonic() + self.s.batch_window
+                    while len(self._pending) < self.s.max_batch:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        conn.process_data_events(time_limit=left)
                 while self._pending:
                     batch = self._pending[: self.s.max_batch]
                     self._pending = self._pending[self.s.max_batch :]
