@@ -93,6 +93,11 @@ def proc_cpu(pid: int, tid: int | None = None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def loadavg() -> float:
+    """The 1-minute load average: how busy the shared machine was before a measurement."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 def system_busy() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
     parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -482,10 +487,7 @@ def _pub_summary(rows: list[dict[str, Any]]) -> tuple[int, int, int, float, floa
 
 def measure_ceiling(cfg: LoadSettings, theta: float, run_id: str) -> LoadResult:
     """The broker with an empty consumer: same publishers and bytes, plain durable quorum queue."""
-    qname = new_id("ceiling")
-    conn = amqp_connect(conns().amqp_url, "bench-ceiling", heartbeat=0)
-    ch = conn.channel()
-    ch.queue_declare(qname, durable=True, arguments={"x-queue-type": "quorum"})
+    qname = _declare_plain_queue()
     ctx = mp.get_context("spawn")
     ready, results, expected = ctx.Queue(), ctx.Queue(), ctx.Value("q", 0)
     consumer = ctx.Process(target=_ceiling_consumer_main, daemon=True,
@@ -520,7 +522,22 @@ def measure_ceiling(cfg: LoadSettings, theta: float, run_id: str) -> LoadResult:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-        ch.queue_delete(qname)
+        _delete_queue(qname)
+
+
+def _declare_plain_queue() -> str:
+    qname = new_id("ceiling")
+    conn = amqp_connect(conns().amqp_url, "bench-ceiling", heartbeat=0)
+    conn.channel().queue_declare(qname, durable=True, arguments={"x-queue-type": "quorum"})
+    conn.close()
+    return qname
+
+
+def _delete_queue(qname: str) -> None:
+    conn = amqp_connect(conns().amqp_url, "bench-ceiling", heartbeat=0)
+    try:
+        conn.channel().queue_delete(qname)
+    finally:
         conn.close()
 
 
@@ -586,6 +603,7 @@ class BenchRun:
         raise RuntimeError("the aggregator did not start consuming within 90 s")
 
     def close(self) -> None:
+        crashed = self.proc is not None and self.proc.poll() not in (None, 0)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -594,6 +612,8 @@ class BenchRun:
                 self.proc.kill()
                 self.proc.wait()
         delete_run(self.run_id)
+        if not crashed:  # a crashed aggregator's log stays for inspection (named in the error)
+            shutil.rmtree(self.log.parent, ignore_errors=True)
 
 
 def delete_run(run_id: str) -> None:
@@ -694,10 +714,8 @@ class DrainResult:
 
 def drain_ceiling(cfg: LoadSettings, theta: float, run_id: str, messages: int) -> DrainResult:
     """An ack-only consumer draining a backlog of ``messages`` (nothing else running)."""
-    qname = new_id("ceiling")
-    conn = amqp_connect(conns().amqp_url, "bench-ceiling", heartbeat=0)
-    ch = conn.channel()
-    ch.queue_declare(qname, durable=True, arguments={"x-queue-type": "quorum"})
+    qname = _declare_plain_queue()
+    consumer = None
     try:
         total = _fill(cfg, run_id, theta, "", qname, messages)
         ctx = mp.get_context("spawn")
@@ -712,12 +730,14 @@ def drain_ceiling(cfg: LoadSettings, theta: float, run_id: str, messages: int) -
         meter.sample()
         got = results.get(timeout=600)
         meter.sample()
-        consumer.join(timeout=10)
         return DrainResult("ceiling", theta, got["n"] - 1, got["t_last"] - got["t_first"],
                            cpu=_shares(meter, got["t_first"], got["t_last"]))
     finally:
-        ch.queue_delete(qname)
-        conn.close()
+        if consumer is not None:
+            consumer.join(timeout=10)
+            if consumer.is_alive():
+                consumer.kill()
+        _delete_queue(qname)
 
 
 def drain_aggregator(cfg: LoadSettings, theta: float, run_id: str, messages: int,
@@ -784,6 +804,11 @@ class RunRecord:
     def wall(self) -> float:
         return self.t_exit - self.t_start
 
+    @property
+    def machine_busy(self) -> float | None:
+        """Busy share of all cores over the whole command (ours and everybody else's)."""
+        return self.cpu.share("machine", self.t_start, self.t_exit)
+
     def participant_wall(self, pid: int) -> float | None:
         """From the first download to the last confirm of one participant: the end of its last
         epoch (``last_seen``) minus the start of its first (end of epoch 1 minus its t_epoch)."""
@@ -841,6 +866,7 @@ def drive_run(args: list[str], tag: str, progress_every: float = 0.25,
         if watch:
             amqp = amqp_connect(c.amqp_url, "bench-watch", heartbeat=0)
             _watch_services(rec.cpu)
+        rec.cpu.sample()
         next_progress = next_sample = 0.0
         agg_found = False
         workers: set[int] = set()
@@ -862,30 +888,32 @@ def drive_run(args: list[str], tag: str, progress_every: float = 0.25,
                         rec.first_epoch[pid] = (float(p["last_seen"]), float(p["t_epoch"]))
                 rec.epochs.append((now, total))
                 rec.unapplied.append((now, max(0, confirmed - version)))
-            if watch and now >= next_sample:
+            if now >= next_sample:
                 next_sample = now + sample_every
-                if not agg_found:
-                    pids = find_pids(f"-m aggregator --run-id {run_id}")
-                    if pids:
-                        agg_found = True
-                        rec.cpu.watch("aggregator", pids[0])
-                        rec.cpu.watch("aggregator main thread", pids[0], pids[0])
-                for pid in find_pids(f"-m worker --run-id {run_id}"):
-                    if pid not in workers:
-                        workers.add(pid)
-                        rec.cpu.watch("workers", pid)
-                rec.cpu.sample()
-                assert amqp is not None
-                try:
-                    ch = amqp.channel()
-                    depth = ch.queue_declare(names.queue, passive=True).method.message_count
-                    ch.close()
-                    rec.depth.append((now, depth))
-                except pex.ChannelClosedByBroker:
-                    pass  # not declared yet
+                if watch:
+                    if not agg_found:
+                        pids = find_pids(f"-m aggregator --run-id {run_id}")
+                        if pids:
+                            agg_found = True
+                            rec.cpu.watch("aggregator", pids[0])
+                            rec.cpu.watch("aggregator main thread", pids[0], pids[0])
+                    for pid in find_pids(f"-m worker --run-id {run_id}"):
+                        if pid not in workers:
+                            workers.add(pid)
+                            rec.cpu.watch("workers", pid)
+                rec.cpu.sample()  # without watch: the machine's busy share only
+                if amqp is not None:
+                    try:
+                        ch = amqp.channel()
+                        depth = ch.queue_declare(names.queue, passive=True).method.message_count
+                        ch.close()
+                        rec.depth.append((now, depth))
+                    except pex.ChannelClosedByBroker:
+                        pass  # not declared yet
             time.sleep(min(progress_every, sample_every, 0.05))
         out = proc.stdout.read() if proc.stdout else b""
         rec.t_exit = time.time()
+        rec.cpu.sample()
         rec.returncode = proc.returncode
         rec.stderr_tail = err.read_text(errors="replace")[-3000:]
         with contextlib.suppress(ValueError):
@@ -959,7 +987,8 @@ from shared.baselines import train_curve, union_indices
 from shared.config import RunConfig
 from shared.data import load_mnist
 import torch
-target, epochs = float(sys.argv[1]), int(sys.argv[2])
+target, epochs, threads = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
 cfg = RunConfig(run_id="bench-centralized", lr=0.2, batch_size=32)
 data = load_mnist(cfg.data)
 idx = union_indices(cfg, data.train_y)
@@ -977,7 +1006,7 @@ train_curve("centralized", cfg, data, idx, epochs, progress)
 @dataclass
 class CentralRecord:
     t_start: float
-    ready: float  # data and model ready, just before the first epoch
+    ready: float  # MNIST loaded and the union of the shards computed
     images: int
     threads: int
     points: list[tuple[float, float]]  # (time, accuracy) after every epoch
@@ -987,11 +1016,14 @@ class CentralRecord:
         return None if hit is None else hit - self.t_start
 
 
-def run_centralized(target: float, max_epochs: int = 50) -> CentralRecord:
-    """The same MLP on the union of the 10 shards, in a fresh process, timed from its start."""
+def run_centralized(target: float, threads: int, max_epochs: int = 50) -> CentralRecord:
+    """The same MLP on the union of the 10 shards, in a fresh process with ``threads`` torch
+    threads, timed from its start."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-c", CENTRALIZED, str(target), str(max_epochs)],
-                         cwd=ROOT, capture_output=True, text=True, check=False)
+    res = subprocess.run([sys.executable, "-c", CENTRALIZED, str(target), str(max_epochs),
+                          str(threads)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=False)
     if res.returncode != 0:
         raise RuntimeError(f"centralized baseline failed:\n{res.stderr[-2000:]}")
     lines = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
