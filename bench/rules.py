@@ -10,59 +10,25 @@ configuration in asynchronous order and reports the participant-epochs and wall 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
-import uuid
+from pathlib import Path
 
-from shared.config import Connections
-from shared.store import RunStore
-from shared.store import connect as redis_connect
+from dssgd.experiment import measured_run
+from shared.errors import DssgdError
 
 TARGET = 0.93
 
 
 def one(order: str, rule: str, epochs: int, seed: int, extra: list[str]) -> dict[str, object]:
-    run_id = f"bench-rules-{uuid.uuid4().hex[:8]}"
+    options = ["--order", order, "--rule", rule, "--epochs", str(epochs), "--seed", str(seed),
+               "--eval-interval", "0.25", *extra]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dssgd",
-                "run",
-                "--run-id",
-                run_id,
-                "--runs-dir",
-                tmp,
-                "--json",
-                "--order",
-                order,
-                "--rule",
-                rule,
-                "--epochs",
-                str(epochs),
-                "--seed",
-                str(seed),
-                "--eval-interval",
-                "0.25",
-                *extra,
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    if res.returncode != 0:
-        raise SystemExit(res.stderr[-2000:])
-    summary = json.loads(res.stdout)
-    store = RunStore(redis_connect(Connections.from_env().redis_url), run_id)
-    metrics = store.metrics()
+        try:
+            summary, metrics = measured_run("bench-rules", options, Path(tmp))
+        except DssgdError as exc:
+            raise SystemExit(str(exc)) from exc
     n = summary["participants"]
     hit = next((m for m in metrics if m["accuracy"] >= TARGET), None)
-    subprocess.run(
-        [sys.executable, "-m", "dssgd", "delete", run_id], capture_output=True, check=False
-    )
     return {
         "order": order,
         "rule": rule,

@@ -25,7 +25,7 @@ import torch
 
 from dssgd.plot import plot_series
 from shared.baselines import Curve, centralized, standalone
-from shared.config import RunConfig
+from shared.config import Connections, RunConfig
 from shared.data import load_mnist
 from shared.errors import ConfigError, DssgdError
 from shared.lifecycle import EXIT_OK
@@ -80,43 +80,33 @@ def _say(msg: str) -> None:
     print(f"[experiment] {msg}", file=sys.stderr, flush=True)
 
 
-def run_point(label: str, preset: Preset, extra: list[str], runs_dir: Path) -> dict[str, Any]:
-    run_id = f"exp-{uuid.uuid4().hex[:8]}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "dssgd",
-        "run",
-        "--run-id",
-        run_id,
-        "--runs-dir",
-        str(runs_dir),
-        "--json",
-        *MODEL_OPTIONS,
-        "--participants",
-        str(preset.participants),
-        "--epochs",
-        str(preset.epochs),
-        "--eval-interval",
-        "1",
-        "--time-limit",
-        "3600",
-        *preset.run_options,
-        *extra,
-    ]
-    t0 = time.monotonic()
+def measured_run(
+    prefix: str, options: list[str], runs_dir: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One `dssgd run` through the real services: (its summary, its metrics series), then the run
+    is deleted. Shared by the experiment runner and `bench.rules`."""
+    run_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    cmd = [sys.executable, "-m", "dssgd", "run", "--run-id", run_id, "--runs-dir",
+           str(runs_dir), "--json", *options]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
-        raise DssgdError(f"{label} failed (exit {res.returncode}): {res.stderr[-1500:]}")
+        raise DssgdError(f"{run_id} failed (exit {res.returncode}): {res.stderr[-1500:]}")
     summary = json.loads(res.stdout)
-    store = RunStore(
-        redis_connect(os.environ.get("DSSGD_REDIS_URL", "redis://127.0.0.1:6379/0")), run_id
-    )
-    curve = [(m["version"] / preset.participants, m["accuracy"]) for m in store.metrics()]
-    curve.append((summary["updates_applied"] / preset.participants, summary["accuracy"]))
+    metrics = RunStore(redis_connect(Connections.from_env().redis_url), run_id).metrics()
     subprocess.run(
         [sys.executable, "-m", "dssgd", "delete", run_id], capture_output=True, check=False
     )
+    return summary, metrics
+
+
+def run_point(label: str, preset: Preset, extra: list[str], runs_dir: Path) -> dict[str, Any]:
+    options = [*MODEL_OPTIONS, "--participants", str(preset.participants), "--epochs",
+               str(preset.epochs), "--eval-interval", "1", "--time-limit", "3600",
+               *preset.run_options, *extra]  # fmt: skip
+    t0 = time.monotonic()
+    summary, metrics = measured_run("exp", options, runs_dir)
+    curve = [(m["version"] / preset.participants, m["accuracy"]) for m in metrics]
+    curve.append((summary["updates_applied"] / preset.participants, summary["accuracy"]))
     summary.update(label=label, curve=curve, seconds=time.monotonic() - t0)
     _say(f"{label}: accuracy {summary['accuracy']:.4f} in {summary['seconds']:.0f} s")
     return summary
