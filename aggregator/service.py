@@ -240,15 +240,11 @@ class Aggregator:
                         expected_n=n,
                         key_for=self._key_for if self.s.keys else None,
                     )
+                except wire.AuthenticationError as exc:
+                    dead.append((d, "unauthenticated", str(exc)))
+                    continue
                 except wire.WireError as exc:
-                    text = str(exc).lower()
-                    reason = (
-                        "unauthenticated"
-                        if self.s.keys
-                        and ("mac" in text or "participant" in text or "unauthenticated" in text)
-                        else "undecodable"
-                    )
-                    dead.append((d, reason, str(exc)))
+                    dead.append((d, "undecodable", str(exc)))
                     continue
                 # Replays first: a copy of an applied update is a duplicate whatever else holds.
                 window = state.dedup.get(upd.participant, (0, 0))

@@ -23,6 +23,10 @@ class WireError(DssgdError):
     """A message body could not be decoded or is not a valid message (never anything else)."""
 
 
+class AuthenticationError(WireError):
+    """A message fails authentication: unknown sender, no tag, or a tag that does not verify."""
+
+
 class ValidationError(DssgdError):
     """A decoded update is well-formed but not acceptable for this run (reason in the message)."""
 

@@ -63,11 +63,12 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from shared.errors import WireError
+from shared.errors import AuthenticationError, WireError
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "SCHEMA_VERSION",
+    "AuthenticationError",
     "Update",
     "ValueCoding",
     "WireError",  # re-exported so callers can write `except wire.WireError`
@@ -687,14 +688,16 @@ def decode(
     if key_for is not None:
         key = key_for(header.participant)
         if key is None:
-            raise WireError(f"unknown participant {header.participant}")
+            raise AuthenticationError(f"unknown participant {header.participant}")
         if not isinstance(key, (bytes, bytearray)) or not key:
             raise WireError(f"key for participant {header.participant} is not non-empty bytes")
         if not header.has_mac:
-            raise WireError(f"unauthenticated message from participant {header.participant}")
+            raise AuthenticationError(
+                f"unauthenticated message from participant {header.participant}"
+            )
         tag = hmac.digest(key, view[:end], "sha256")
         if not hmac.compare_digest(tag, body[end:]):
-            raise WireError(f"bad mac on message from participant {header.participant}")
+            raise AuthenticationError(f"bad mac on message from participant {header.participant}")
     payload = view[header.size : end]
     return _FORMATS[header.version][1](body, header, payload, expected_run, expected_n)
 

@@ -225,3 +225,17 @@ def test_poisoning_bounds_hold(make_run: Callable[..., RunHandle], tmp_path: Pat
     assert counters.get("l2_clipped", 0) == 1
     assert counters.get("rejected:rate-limited", 0) >= 10
     assert counters.get("rejected:stale", 0) >= 1  # later ones of participant 1 are > 3 old
+
+
+def test_unauthenticated_updates_are_dead_lettered(secured: tuple[RunHandle, Path]) -> None:
+    h, creds = secured
+    rng = np.random.default_rng(5)
+    pub, _key = participant_publisher(h, creds, 0)
+    try:
+        pub.publish("upd.0", wire.encode(integer_update(h, 0, 1, rng)))  # no tag
+        pub.publish("upd.0", wire.encode(integer_update(h, 0, 2, rng), key=b"w" * 32))  # wrong key
+    finally:
+        pub.close()
+    dead = _drain_dead_letters(h, 2)
+    assert [reason for reason, _ in dead] == ["unauthenticated", "unauthenticated"]
+    assert h.version() == 0
