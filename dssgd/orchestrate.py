@@ -19,7 +19,7 @@ from shared.broker import connect as amqp_connect
 from shared.broker import declare_topology
 from shared.config import RunConfig
 from shared.data import load_mnist
-from shared.errors import BrokerError, ConfigError
+from shared.errors import ConfigError
 from shared.lifecycle import EXIT_OK, StopFlag, install_signal_handlers
 from shared.store import RunStore
 from shared.store import connect as redis_connect
@@ -274,6 +274,3 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print_table(result)
     return EXIT_OK
-
-
-__all__ = ["BrokerError", "cmd_run"]

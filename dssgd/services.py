@@ -12,7 +12,7 @@ from aggregator.service import Aggregator, AggregatorSettings
 from dssgd.cli import connections, parse_participants, parse_slot, run_config_from_args
 from shared.broker import connect as amqp_connect
 from shared.config import Connections
-from shared.errors import ConfigError, DssgdError
+from shared.errors import ConfigError
 from shared.lifecycle import EXIT_OK, EXIT_UNAVAILABLE, StopFlag, install_signal_handlers
 from shared.provision import provision, read_credentials
 from shared.store import RunStore
@@ -103,10 +103,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     stop = StopFlag()
     install_signal_handlers(stop)
-    try:
-        return Worker(settings, stop).run()
-    except DssgdError:
-        raise
+    return Worker(settings, stop).run()
 
 
 def cmd_provision(args: argparse.Namespace) -> int:

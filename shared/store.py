@@ -27,6 +27,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from shared.config import RunConfig
+from shared.dedup import decode_state
 from shared.errors import ConfigError, FencedError, StoreError
 from shared.keys import RUNS, Keys
 
@@ -201,8 +202,6 @@ class RunStore:
             version, w, stat, dedup = pipe.execute()
         if w is None or stat is None:
             raise StoreError(f"run {self.run_id!r} has no parameters")
-        from shared.dedup import decode_state
-
         return AggregatorState(
             w=np.frombuffer(w, dtype=np.float32).copy(),
             stat=np.frombuffer(stat, dtype=np.float32).copy(),
@@ -348,8 +347,6 @@ class RunStore:
         }
 
     def applied_high(self, participant: int) -> int:
-        from shared.dedup import decode_state
-
         with guarded("reading the replay window"):
             return decode_state(self.r.hget(self.keys.dedup, str(participant)))[0]
 
