@@ -93,6 +93,7 @@ class Aggregator:
         self._buckets: dict[int, tuple[float, float]] = {}  # rate limit: (tokens, last time)
         tune_for_large_messages()
         self.metrics = AggregatorMetrics(settings.run_id)
+        self.serving_since = 0.0  # monotonic time the current session began serving
         self.metrics_url: str | None = None
         if settings.metrics_port is not None:
             port = self.metrics.serve(settings.metrics_port, settings.metrics_addr)
@@ -130,6 +131,7 @@ class Aggregator:
         spec = model_spec(cfg.model)
         store.init_params(initial_parameters(cfg.model, cfg.seed))
         fence = store.take_fence()
+        self.serving_since = time.monotonic()
         with self.lock:
             self.state = store.load_state()
             self.cfg = cfg
@@ -408,6 +410,14 @@ class Aggregator:
         stale = holder is not None and (
             holder not in active or time.time() - active[holder] > self.s.turn_timeout
         )
+        # The first turn waits (up to turn_timeout) until every participant is present;
+        # otherwise the first worker process to start takes turn after turn on its own.
+        if (
+            holder is None
+            and time.monotonic() - self.serving_since < self.s.turn_timeout
+            and len(self._candidates(store)) < self.cfg.participants - len(store.finished())
+        ):
+            return
         if holder is None or stale:
             nxt = self._next_turn(store, holder)
             if nxt and store.pass_turn(fence, "" if holder is None else str(holder), nxt):

@@ -180,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where run folders (supervisor config, logs) go (default ./runs)",
     )
     p.add_argument("--resume", action="store_true", help="continue an existing run of that id")
+    p.add_argument(
+        "--launcher",
+        choices=("fork", "supervisor"),
+        default="fork",
+        help="how the services start: forked from this process after it has imported PyTorch "
+        "once (default, fastest start), or as fresh processes under supervisord",
+    )
     p.add_argument("--json", action="store_true", help="print the final table as JSON")
     add_run_options(p)
     add_connection_options(p)

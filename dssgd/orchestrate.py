@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dssgd.cli import connections, run_config_from_args
-from dssgd.supervisor import Supervisor, render_config
+from dssgd.launcher import make_launcher
 from shared.amqp_names import AmqpNames
 from shared.broker import connect as amqp_connect
 from shared.broker import declare_topology
@@ -208,14 +208,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.runs_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(json.loads(cfg.to_json()), indent=2) + "\n")
-    sup = Supervisor(run_dir, render_config(run_dir.resolve(), run_id, workers, conns))
+    sup = make_launcher(args.launcher, run_dir, run_id, workers, conns)
     stop = StopFlag()
     install_signal_handlers(stop)
     log.info(
-        "run %s: %d participants in %d worker processes; folder %s",
+        "run %s: %d participants in %d worker processes (%s); folder %s",
         run_id,
         cfg.participants,
         workers,
+        args.launcher,
         run_dir,
     )
     sup.start()
@@ -255,11 +256,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if tty:
             sys.stderr.write("\n")
         store.request_stop(reason or "stopped")
-        sup.ctl("stop", "worker:*")
+        sup.stop_workers()
         drained = _wait_drained(store, cfg)
         if not drained:
             log.warning("some confirmed updates were not applied before the aggregator stopped")
-        sup.ctl("stop", "aggregator")
+        sup.stop_aggregator()
         sup.shutdown()
     result = summary(store, cfg, time.monotonic() - t_start, reason)
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import subprocess
 import sys
 import time
+import xmlrpc.client
 from pathlib import Path
+from typing import Any
+
+from supervisor import childutils
 
 from shared.config import Connections
 from shared.errors import DssgdError
@@ -81,6 +86,12 @@ class Supervisor:
         self.conf.write_text(config_text)
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def _rpc(self) -> Any:
+        # One in-process XML-RPC call instead of spawning `supervisorctl` (≈ 0.08 CPU-s each).
+        return childutils.getRPCInterface(
+            {"SUPERVISOR_SERVER_URL": f"unix://{self.run_dir / 'supervisor.sock'}"}
+        ).supervisor
+
     def start(self) -> None:
         log = (self.run_dir / "supervisord.out").open("ab")
         self.proc = subprocess.Popen(
@@ -95,33 +106,39 @@ class Supervisor:
                 raise DssgdError(
                     f"supervisord exited at start; see {self.run_dir / 'supervisord.log'}"
                 )
-            if self.ctl("status").returncode in (0, 3):
-                return
-            time.sleep(0.2)
+            try:
+                if self._rpc().getState()["statename"] == "RUNNING":
+                    return
+            except (OSError, xmlrpc.client.Error):
+                pass  # not listening yet
+            time.sleep(0.1)
         raise DssgdError("supervisord did not come up within 20 s")
 
-    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(self.conf), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-
     def states(self) -> dict[str, str]:
-        out = self.ctl("status").stdout
-        states = {}
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) >= 2:
-                states[parts[0]] = parts[1]
-        return states
+        try:
+            infos = self._rpc().getAllProcessInfo()
+        except (OSError, xmlrpc.client.Error) as exc:
+            raise DssgdError(f"supervisord does not answer: {exc}") from exc
+        return {
+            f"{i['group']}:{i['name']}" if i["group"] != i["name"] else i["name"]: i["statename"]
+            for i in infos
+        }
+
+    def _stop(self, call: str, name: str) -> None:
+        with contextlib.suppress(xmlrpc.client.Fault):  # already stopped
+            getattr(self._rpc(), call)(name, True)
+
+    def stop_workers(self) -> None:
+        self._stop("stopProcessGroup", "worker")
+
+    def stop_aggregator(self) -> None:
+        self._stop("stopProcess", "aggregator")
 
     def shutdown(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.ctl("shutdown")
+        with contextlib.suppress(OSError, xmlrpc.client.Error):
+            self._rpc().shutdown()
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:

@@ -1,0 +1,128 @@
+"""The fork launcher of `dssgd run`: restarts, stops, logs, and no child outliving its parent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from dssgd.launcher import EXITED, FATAL, RUNNING, STOPPED, ForkLauncher, service_argv
+from shared.config import Connections
+from tests.conftest import ROOT
+
+
+def entry(argv: list[str]) -> int:
+    """Stands in for `dssgd.cli.main` in the children."""
+    what = argv[0]
+    print(f"child {what} {os.getpid()}", flush=True)
+    if what == "exit":
+        return int(argv[1])
+    if what == "crash":
+        raise RuntimeError("boom")
+    if what == "ignore-term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if what == "graceful":
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    while True:
+        time.sleep(0.05)
+
+
+def launcher(tmp_path: Path, programs: dict[str, list[str]], **kw: float) -> ForkLauncher:
+    return ForkLauncher(tmp_path, programs, entry=entry, warm_up=lambda: None, **kw)  # type: ignore[arg-type]
+
+
+def wait_for(fl: ForkLauncher, name: str, state: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if fl.states()[name] == state:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{name} is {fl.states()[name]}, expected {state}")
+
+
+def test_expected_exits_are_not_restarted_and_output_goes_to_the_log(tmp_path: Path) -> None:
+    fl = launcher(tmp_path, {"aggregator": ["exit", "75"], "worker:worker-0": ["exit", "0"]})
+    fl.start()
+    wait_for(fl, "aggregator", EXITED)  # 75: fenced off by a newer aggregator, not a crash
+    wait_for(fl, "worker:worker-0", EXITED)
+    time.sleep(0.7)
+    assert set(fl.states().values()) == {EXITED}
+    assert (tmp_path / "logs" / "aggregator.log").read_text().count("child exit") == 1
+    assert (tmp_path / "logs" / "worker-0.log").read_text().startswith("child exit")
+
+
+def test_unexpected_exits_restart_then_turn_fatal(tmp_path: Path) -> None:
+    fl = launcher(tmp_path, {"worker:worker-0": ["crash"]}, max_crashes=3, crash_window=30)
+    fl.start()
+    wait_for(fl, "worker:worker-0", FATAL)
+    log = (tmp_path / "logs" / "worker-0.log").read_text()
+    assert log.count("child crash") == 3  # started, restarted twice, then given up
+    assert log.count("RuntimeError: boom") == 3  # the traceback is in the service's log
+
+
+def test_stop_is_graceful_and_kills_after_the_grace_period(tmp_path: Path) -> None:
+    fl = launcher(
+        tmp_path,
+        {"aggregator": ["graceful"], "worker:worker-0": ["ignore-term"]},
+        grace=1.0,
+    )
+    fl.start()
+    time.sleep(0.3)  # let the children install their handlers
+    assert set(fl.states().values()) == {RUNNING}
+    pids = [p.pid for p in fl.procs.values()]
+    t0 = time.monotonic()
+    fl.stop_workers()
+    assert 0.9 < time.monotonic() - t0 < 5  # waited for the grace period, then SIGKILL
+    assert fl.states() == {"aggregator": RUNNING, "worker:worker-0": STOPPED}
+    fl.stop_aggregator()
+    assert fl.states()["aggregator"] == STOPPED
+    for pid in pids:
+        assert pid is not None
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_children_die_with_their_parent(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from pathlib import Path
+        from dssgd.launcher import ForkLauncher
+        from tests.test_launcher import entry
+        fl = ForkLauncher(Path({str(tmp_path)!r}), {{"worker:worker-0": ["sleep"]}},
+                          entry=entry, warm_up=lambda: None)
+        fl.start()
+        print(fl.procs["worker:worker-0"].pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)  # alive
+    parent.kill()  # SIGKILL: the parent cannot clean up
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the child outlived its parent")
+
+
+def test_service_command_lines() -> None:
+    conns = Connections(amqp_url="amqp://a/%2F", redis_url="redis://r:1/0")
+    progs = service_argv("r1", 2, conns)
+    assert list(progs) == ["aggregator", "worker:worker-0", "worker:worker-1"]
+    assert progs["worker:worker-1"][:5] == ["worker", "--run-id", "r1", "--slot", "1/2"]
+    assert "amqp://a/%2F" in progs["aggregator"] and "redis://r:1/0" in progs["aggregator"]
