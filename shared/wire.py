@@ -57,7 +57,7 @@ import hashlib
 import hmac
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -150,6 +150,9 @@ class Update:
     n: int
     indices: np.ndarray
     values: np.ndarray
+    # max |value|, filled in by decode (which has the extremes at hand from its finiteness check)
+    # so the aggregator's γ check costs no second pass; None when unknown.
+    peak: float | None = field(default=None, repr=False)
 
     @property
     def count(self) -> int:
@@ -210,30 +213,46 @@ def _ef_encode(idx: np.ndarray, n: int, low: int) -> bytes:
     return np.packbits(bits).tobytes()
 
 
+# Powers of two, most significant first, per low-bit width: float32 is exact up to 24 bits.
+_EF_WEIGHTS = {
+    low: np.exp2(np.arange(low - 1, -1, -1)).astype(np.float32 if low <= 24 else np.float64)
+    for low in range(1, _MAX_EF_LOW_BITS + 1)
+}
+
+
 def _ef_decode(data: bytes, n: int, k: int, low: int) -> np.ndarray:
-    """Inverse of :func:`_ef_encode`; the caller has checked len(data) against (n, k, low)."""
+    """Inverse of :func:`_ef_encode`; the caller has checked len(data) against (n, k, low).
+
+    Written for few NumPy calls: at θu = 0.01 each call's fixed cost outweighs its work, and
+    this runs once per update on the aggregator's critical path.
+    """
     lo_bits = k * low
     total = _ef_bits(n, k, low)
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
-    if bits[total:].any():
+    pad = 8 * len(data) - total
+    if pad and data[-1] & ((1 << pad) - 1):
         raise WireError("index section has non-zero padding bits")
-    # nonzero() on a bool view is several times faster than on uint8.
-    pos = np.flatnonzero(bits[lo_bits:total].view(bool))
-    if pos.shape[0] != k:
-        raise WireError(f"index section holds {pos.shape[0]} entries but the message declares {k}")
-    out = pos.astype(np.int64) - np.arange(k, dtype=np.int64)
-    if low:
-        # Bits times powers of two through BLAS: exact because every partial sum is an integer
-        # below 2**low, which float32 holds exactly up to 24 bits and float64 up to 53. Chunks
-        # cap the float copy of the bit matrix, so a large forged message cannot make it huge.
-        ftype = np.float32 if low <= 24 else np.float64
-        weights = np.exp2(np.arange(low - 1, -1, -1)).astype(ftype)
-        planes = bits[:lo_bits].reshape(k, low)
-        lows = np.empty(k, dtype=np.int64)
-        for start in range(0, k, _EF_DECODE_CHUNK):
-            stop = start + _EF_DECODE_CHUNK
-            lows[start:stop] = planes[start:stop].astype(ftype) @ weights
-        out = (out << low) | lows
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=total)
+    # nonzero() on a bool view is several times faster than on uint8; it yields int64 (intp).
+    out = np.flatnonzero(bits[lo_bits:].view(bool))
+    if out.shape[0] != k:
+        raise WireError(f"index section holds {out.shape[0]} entries but the message declares {k}")
+    out -= np.arange(k, dtype=out.dtype)
+    if not low:
+        return out
+    # Bits times powers of two through BLAS (measured several times faster than packbits along
+    # an axis): exact because every partial sum is an integer below 2**low, which float32 holds
+    # exactly up to 24 bits and float64 up to 53. Chunks cap the float copy of the bit matrix,
+    # so a large forged message cannot make it huge.
+    out <<= low
+    planes = bits[:lo_bits].reshape(k, low)
+    weights = _EF_WEIGHTS[low]
+    ftype = weights.dtype
+    if k <= _EF_DECODE_CHUNK:
+        out |= (planes.astype(ftype) @ weights).astype(out.dtype)
+        return out
+    for start in range(0, k, _EF_DECODE_CHUNK):
+        stop = start + _EF_DECODE_CHUNK
+        out[start:stop] |= (planes[start:stop].astype(ftype) @ weights).astype(out.dtype)
     return out
 
 
@@ -308,7 +327,7 @@ def _decode_indices(coding: int, data: bytes, n: int, k: int, low: int) -> np.nd
     coded = _ef_decode(data, n, m, low)
     # EF yields non-decreasing values by construction; equal neighbours or a last value past n
     # can only come from a forged section.
-    if m > 1 and not bool(np.all(coded[1:] > coded[:-1])):
+    if m > 1 and not (coded[1:] > coded[:-1]).all():
         raise WireError("indices are not strictly increasing")
     if coded[-1] >= n:
         raise WireError(f"index {int(coded[-1])} is out of range for a model of {n}")
@@ -359,8 +378,8 @@ def _value_section_bytes(coding: ValueCoding, k: int) -> int:
     return _Q8_SCALE_BYTES + k
 
 
-def _decode_values(coding: ValueCoding, data: bytes, k: int) -> np.ndarray:
-    """Decode a value section whose length has already been checked; always float32."""
+def _decode_values(coding: ValueCoding, data: bytes, k: int) -> tuple[np.ndarray, float]:
+    """Decode a value section whose length has already been checked: (float32 values, max |v|)."""
     if coding is ValueCoding.F32:
         out = np.frombuffer(data, dtype="<f4").astype(np.float32)
     elif coding is ValueCoding.F16:
@@ -374,9 +393,13 @@ def _decode_values(coding: ValueCoding, data: bytes, k: int) -> np.ndarray:
             raise WireError("q8 value -128 is outside the symmetric range [-127, 127]")
         with np.errstate(over="ignore"):  # a forged scale may overflow; refused just below
             out = q.astype(np.float32) * np.float32(scale)
-    if not bool(np.isfinite(out).all()):
+    if not k:
+        return out, 0.0
+    # min and max are non-finite exactly when some value is (NaN propagates), and give max |v|.
+    lo, hi = float(out.min()), float(out.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise WireError("message carries a non-finite value")
-    return out
+    return out, max(hi, -lo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,7 +622,6 @@ def _unpack_v1(payload: bytes | memoryview) -> dict[str, Any]:
 
 
 def _decode_v1(
-    body: bytes,
     header: _Header,
     payload: memoryview,
     expected_run: str | None,
@@ -635,9 +657,9 @@ def _decode_v1(
     want_ix = _index_section_bytes(ic, n, k, low)
     if len(obj["ix"]) != want_ix:
         raise WireError(f"index section is {len(obj['ix'])} bytes; its coding needs {want_ix}")
-    values = _decode_values(vcode, obj["vx"], k)
+    values, peak = _decode_values(vcode, obj["vx"], k)
     indices = _decode_indices(ic, obj["ix"], n, k, low)
-    return Update(run_id, header.participant, seq, base, n, indices, values)
+    return Update(run_id, header.participant, seq, base, n, indices, values, peak)
 
 
 # Dispatch on the version byte: (header reader, body decoder). Keep old entries when adding a
@@ -646,7 +668,7 @@ _FORMATS: dict[
     int,
     tuple[
         Callable[[bytes], _Header],
-        Callable[[bytes, _Header, memoryview, str | None, int | None], Update],
+        Callable[[_Header, memoryview, str | None, int | None], Update],
     ],
 ] = {1: (_header_v1, _decode_v1)}
 
@@ -699,7 +721,7 @@ def decode(
         if not hmac.compare_digest(tag, body[end:]):
             raise AuthenticationError(f"bad mac on message from participant {header.participant}")
     payload = view[header.size : end]
-    return _FORMATS[header.version][1](body, header, payload, expected_run, expected_n)
+    return _FORMATS[header.version][1](header, payload, expected_run, expected_n)
 
 
 def describe(body: bytes) -> dict[str, int | str]:

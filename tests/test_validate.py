@@ -108,3 +108,18 @@ def test_every_invalid_update_is_refused_with_its_reason(
     with pytest.raises(ValidationError) as exc:
         validate(upd, CFG, N_PARAMS, version)
     assert exc.value.reason == reason
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_gamma_check_uses_the_peak_decode_measured(sign: float) -> None:
+    from shared.wire import decode, encode
+
+    gamma = CFG.effective_gamma
+    values = np.array([0.5 * gamma, sign * 1.01 * gamma], dtype=np.float32)
+    upd = decode(encode(Update(CFG.run_id, 0, 1, 0, N_PARAMS, np.array([3, 9]), values)))
+    assert upd.peak == pytest.approx(1.01 * gamma)
+    with pytest.raises(ValidationError) as err:
+        validate(upd, CFG, N_PARAMS, 0)
+    assert err.value.reason == "beyond-gamma"
+    ok = decode(encode(Update(CFG.run_id, 0, 1, 0, N_PARAMS, np.array([3]), values[:1])))
+    assert validate(ok, CFG, N_PARAMS, 0) == 0
