@@ -454,9 +454,10 @@ How each figure is measured:
   right after its epoch 1 and gets the start of its first download as `last_seen − t_epoch`.
 - **Time to accuracy (4).** Wall time from starting `dssgd run` to the `time` stamp of the first
   point of the aggregator's accuracy series at ≥ {target}; "previous eval" brackets the crossing
-  from below. The start-up line splits the time before the first update: supervisord spawning
-  the processes, the aggregator serving, the first epoch done, the workers hosting all their
-  participants (from the run's log time stamps and the progress hash). Centralized:
+  from below. `dssgd run` forks its services after importing PyTorch once (`--launcher fork`,
+  the default). The start-up line splits the time before the first update: the aggregator
+  serving, the first epoch done, the workers hosting all their participants (from the run's log
+  time stamps and the progress hash). Centralized:
   `python -c` running `shared.baselines.train_curve` on `union_indices` (the same 6,000 images),
   timed from process start to the evaluation after the first epoch at ≥ {target}, once with 1
   and once with 2 torch threads; the faster is the ceiling (with another process busy, two

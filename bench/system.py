@@ -121,6 +121,16 @@ def find_pids(needle: str) -> list[int]:
     return sorted(out)
 
 
+def service_pids(run_dir: Path, run_id: str, kind: str) -> list[int]:
+    """Pids of a local run's aggregator or workers: from the fork launcher's pids.json, or
+    (under supervisord, fresh interpreters) from their command lines."""
+    try:
+        pids = json.loads((run_dir / "pids.json").read_text())
+    except (OSError, ValueError):
+        return find_pids(f"-m {kind} --run-id {run_id}")
+    return sorted(int(v) for k, v in pids.items() if k.split(":")[0] == kind)
+
+
 def find_comm(name: str) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
@@ -892,12 +902,12 @@ def drive_run(args: list[str], tag: str, progress_every: float = 0.25,
                 next_sample = now + sample_every
                 if watch:
                     if not agg_found:
-                        pids = find_pids(f"-m aggregator --run-id {run_id}")
+                        pids = service_pids(Path(runs_dir) / run_id, run_id, "aggregator")
                         if pids:
                             agg_found = True
                             rec.cpu.watch("aggregator", pids[0])
                             rec.cpu.watch("aggregator main thread", pids[0], pids[0])
-                    for pid in find_pids(f"-m worker --run-id {run_id}"):
+                    for pid in service_pids(Path(runs_dir) / run_id, run_id, "worker"):
                         if pid not in workers:
                             workers.add(pid)
                             rec.cpu.watch("workers", pid)

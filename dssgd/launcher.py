@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib
+import json
 import logging
 import os
 import signal
@@ -187,6 +188,15 @@ class ForkLauncher:
             _child_main(self.entry, proc.argv, proc.log_path, parent)
         proc.pid, proc.state, proc.exit_code, proc.stopping = pid, RUNNING, None, False
         log.debug("started %s (pid %d)", proc.name, pid)
+        self._write_pids()
+
+    def _write_pids(self) -> None:
+        # Forked children keep the parent's command line, so `ps` cannot tell them apart: the
+        # run folder says which pid is which (for operators, and for bench/ CPU accounting).
+        pids = {n: p.pid for n, p in self.procs.items() if p.pid is not None}
+        tmp = self.run_dir / "pids.json.tmp"
+        tmp.write_text(json.dumps(pids, indent=1) + "\n")
+        tmp.replace(self.run_dir / "pids.json")
 
     def _reap(self) -> None:
         now = time.monotonic()

@@ -255,13 +255,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if tty:
             sys.stderr.write("\n")
-        store.request_stop(reason or "stopped")
-        sup.stop_workers()
-        drained = _wait_drained(store, cfg)
-        if not drained:
-            log.warning("some confirmed updates were not applied before the aggregator stopped")
-        sup.stop_aggregator()
-        sup.shutdown()
+        try:
+            store.request_stop(reason or "stopped")
+            sup.stop_workers()
+            if not _wait_drained(store, cfg):
+                log.warning("some confirmed updates were not applied before the aggregator stopped")
+        finally:
+            # Even if Redis went away just now, no service may outlive `dssgd run`.
+            sup.stop_aggregator()
+            sup.shutdown()
     result = summary(store, cfg, time.monotonic() - t_start, reason)
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     from dssgd.results import write_plot

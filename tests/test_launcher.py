@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -76,6 +77,11 @@ def test_stop_is_graceful_and_kills_after_the_grace_period(tmp_path: Path) -> No
     time.sleep(0.3)  # let the children install their handlers
     assert set(fl.states().values()) == {RUNNING}
     pids = [p.pid for p in fl.procs.values()]
+    # Forked children share the parent's command line; the run folder says which pid is which.
+    assert json.loads((tmp_path / "pids.json").read_text()) == {
+        "aggregator": pids[0],
+        "worker:worker-0": pids[1],
+    }
     t0 = time.monotonic()
     fl.stop_workers()
     assert 0.9 < time.monotonic() - t0 < 5  # waited for the grace period, then SIGKILL
