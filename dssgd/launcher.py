@@ -66,17 +66,11 @@ def preload() -> None:
     Nothing may start a thread or run a PyTorch operation here: a child forked from a process
     with running threads (an OpenMP pool, an I/O thread) can inherit a lock held forever.
     """
-    for module in (
-        "torch",
-        "aggregator.evaluator",
-        "aggregator.service",
-        "dssgd.services",
-        "worker.service",
-        # torch.optim imports torch._dynamo on the first step (about 1.4 s); pay it once, here.
-        "torch._dynamo",
-    ):
-        with contextlib.suppress(ImportError):
-            importlib.import_module(module)
+    for module in ("torch", "aggregator.evaluator", "aggregator.service", "worker.service"):
+        importlib.import_module(module)
+    # torch.optim imports torch._dynamo on the first step (about 1.4 s); pay it once, here.
+    with contextlib.suppress(ImportError):  # a PyTorch build without it: nothing to pay
+        importlib.import_module("torch._dynamo")
 
 
 def _die_with_parent(parent: int) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -91,3 +93,49 @@ def test_ordered_modes_hold_the_turn(
     if order == "round-robin":
         # The first turn waits for all five; then the turn goes round them in order.
         assert [pid for _, _, pid, _ in intervals] == [0, 1, 2, 3, 4] * 4
+
+
+def test_ctrl_c_stops_the_forked_services_in_order_and_loses_nothing(
+    run_id: str, tmp_path: Path, conns: Connections
+) -> None:
+    """Ctrl-C in a terminal signals the whole foreground process group."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dssgd",
+            "run",
+            "--run-id",
+            run_id,
+            "--runs-dir",
+            str(tmp_path),
+            "--json",
+            "--epochs",
+            "400",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    store = RunStore(redis_connect(conns.redis_url), run_id)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and int(store.r.get(store.keys.version) or 0) < 30:
+        time.sleep(0.1)
+    pids = json.loads((tmp_path / run_id / "pids.json").read_text())
+    assert set(pids) == {"aggregator", "worker:worker-0", "worker:worker-1"}
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out)
+    assert summary["stop_reason"] == "interrupted"
+    assert summary["epochs_total"] < 4000
+    # Workers stopped first, then the aggregator applied every confirmed update.
+    progress = store.all_progress(10)
+    assert all(store.applied_high(p) == int(v.get("seq", 0)) for p, v in progress.items())
+    assert summary["updates_applied"] == sum(int(v.get("seq", 0)) for v in progress.values())
+    for pid in pids.values():  # nothing outlives `dssgd run`
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
