@@ -219,11 +219,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.launcher,
         run_dir,
     )
-    sup.start()
     tty = sys.stderr.isatty()
     reason = ""
     last_line = 0.0
     try:
+        sup.start()  # inside: services started before a failure are stopped below
         while True:
             if stop.wait(0.5):
                 reason = "interrupted"

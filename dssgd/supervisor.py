@@ -125,6 +125,8 @@ class Supervisor:
         }
 
     def _stop(self, call: str, name: str) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return  # supervisord never came up or is gone, and its children with it
         with contextlib.suppress(xmlrpc.client.Fault):  # already stopped
             getattr(self._rpc(), call)(name, True)
 
