@@ -1,8 +1,8 @@
 """How `dssgd run` starts its services on this host: forked from one warm parent, or supervisord.
 
-A fresh interpreter per service pays for importing PyTorch (and the `torch._dynamo` import the
-first optimizer step triggers) once per process, serially on a small machine; on 2 cores that
-was most of the time the default run needed to reach its target (docs/BENCHMARKS.md, section 4).
+A fresh interpreter per service pays for importing PyTorch (about 1.5 s) once per process,
+serially on a small machine; on 2 cores that was most of the time the default run needed to
+reach its target (docs/BENCHMARKS.md, section 4).
 The fork launcher imports everything once in `dssgd run` and forks the aggregator and the
 workers from it, with what supervisor gave the services before: one log file each, restart on an
 unexpected exit, SIGTERM to stop and SIGKILL after a grace period. Supervisor stays available
@@ -68,9 +68,6 @@ def preload() -> None:
     """
     for module in ("torch", "aggregator.evaluator", "aggregator.service", "worker.service"):
         importlib.import_module(module)
-    # torch.optim imports torch._dynamo on the first step (about 1.4 s); pay it once, here.
-    with contextlib.suppress(ImportError):  # a PyTorch build without it: nothing to pay
-        importlib.import_module("torch._dynamo")
 
 
 def _die_with_parent(parent: int) -> None:

@@ -28,13 +28,23 @@ class LocalTrainer:
         lr: float,
         batch_size: int,
         seed: int,
-        momentum: float = 0.0,
     ) -> None:
         self.model = model
         self.x, self.y = x, y
         self.batch_size = batch_size
-        self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        self.lr = lr
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.gen = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def _sgd_step(self) -> None:
+        # Plain SGD, p ← p − lr·∇p: what torch.optim.SGD (no momentum, no weight decay) computes
+        # on CPU, bit for bit (tests/test_training.py). torch.optim is not used because every
+        # optimizer step passes through torch._disable_dynamo, whose first call imports
+        # torch._dynamo: about 1.4 s in every process that trains, on top of importing torch.
+        for p in self.params:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-self.lr)
 
     def epoch(self) -> float:
         """One pass over the local data in shuffled mini-batches; returns the mean training loss."""
@@ -43,10 +53,11 @@ class LocalTrainer:
         total, count = 0.0, 0
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            self.opt.zero_grad(set_to_none=True)
+            for p in self.params:
+                p.grad = None
             loss = F.nll_loss(self.model(self.x[idx]), self.y[idx])
             loss.backward()
-            self.opt.step()
+            self._sgd_step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         return total / max(1, count)
