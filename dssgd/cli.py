@@ -183,9 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--launcher",
         choices=("fork", "supervisor"),
-        default="fork",
+        # Forking a process that has imported PyTorch is safe on Linux, not on macOS.
+        default="fork" if sys.platform.startswith("linux") else "supervisor",
         help="how the services start: forked from this process after it has imported PyTorch "
-        "once (default, fastest start), or as fresh processes under supervisord",
+        "once (default on Linux, fastest start), or as fresh processes under supervisord "
+        "(default elsewhere)",
     )
     p.add_argument("--json", action="store_true", help="print the final table as JSON")
     add_run_options(p)
