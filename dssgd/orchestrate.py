@@ -1,4 +1,5 @@
-"""``dssgd run``: a whole local training under supervisor, with progress and a final table."""
+"""``dssgd run``: a whole local training (services forked or under supervisord), with progress
+and a final table."""
 
 from __future__ import annotations
 
@@ -87,8 +88,10 @@ def _wait_drained(store: RunStore, cfg: RunConfig, timeout: float = 60.0) -> boo
     return False
 
 
-def final_evaluation(store: RunStore, cfg: RunConfig) -> tuple[float, float]:
-    # PyTorch is imported only here: `dssgd run` starts its services without paying for it.
+def final_evaluation(store: RunStore, cfg: RunConfig) -> tuple[float, float, int]:
+    """(test accuracy, test loss, number of parameters) of the run's global model."""
+    # Imported here: under --launcher supervisor, `dssgd run` starts its services without paying
+    # for PyTorch (the fork launcher has imported it already, for its children).
     import torch
 
     from shared.data import prepare
@@ -101,18 +104,17 @@ def final_evaluation(store: RunStore, cfg: RunConfig) -> tuple[float, float]:
     set_flat(model, w.copy())
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     r = evaluate(model, prepare(data.test_x, cfg.model), labels_tensor(data.test_y))
-    return r.accuracy, r.loss
+    return r.accuracy, r.loss, int(w.size)
 
 
 def summary(store: RunStore, cfg: RunConfig, wall: float, reason: str) -> dict[str, Any]:
-    acc, loss = final_evaluation(store, cfg)
+    acc, loss, n = final_evaluation(store, cfg)
     counters = store.counters()
     progress = store.all_progress(cfg.participants)
     epochs = [int(p.get("epochs", 0)) for p in progress.values()] or [0]
     up = sum(int(p.get("bytes_up", 0)) for p in progress.values())
     down = sum(int(p.get("bytes_down", 0)) for p in progress.values())
     applied = counters.get("applied", 0)
-    n = store.read_params()[1].size
     return {
         "run_id": cfg.run_id,
         "model": cfg.model,
