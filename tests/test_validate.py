@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -40,62 +42,29 @@ def test_every_valid_update_is_accepted(case: tuple[Update, int]) -> None:
 
 
 MUTATIONS = {
-    "wrong-run": lambda u, v: (
-        Update("other", u.participant, u.seq, u.base_version, u.n, u.indices, u.values),
-        v,
-    ),
-    "wrong-model": lambda u, v: (
-        Update(u.run_id, u.participant, u.seq, u.base_version, N_PARAMS + 1, u.indices, u.values),
-        v,
-    ),
-    "unknown-participant": lambda u, v: (
-        Update(u.run_id, CFG.participants + 3, u.seq, u.base_version, u.n, u.indices, u.values),
-        v,
-    ),
+    "wrong-run": lambda u, v: (replace(u, run_id="other"), v),
+    "wrong-model": lambda u, v: (replace(u, n=N_PARAMS + 1), v),
+    "unknown-participant": lambda u, v: (replace(u, participant=CFG.participants + 3), v),
     "too-many-entries": lambda u, v: (
-        Update(
-            u.run_id,
-            u.participant,
-            u.seq,
-            u.base_version,
-            u.n,
-            np.arange(LIMIT + 1, dtype=np.int64),
-            np.zeros(LIMIT + 1, np.float32),
+        replace(
+            u, indices=np.arange(LIMIT + 1, dtype=np.int64), values=np.zeros(LIMIT + 1, np.float32)
         ),
         v,
     ),
     "beyond-gamma": lambda u, v: (
-        Update(
-            u.run_id,
-            u.participant,
-            u.seq,
-            u.base_version,
-            u.n,
-            np.array([7], np.int64),
-            np.array([CFG.effective_gamma * 1.01], np.float32),
+        replace(
+            u,
+            indices=np.array([7], np.int64),
+            values=np.array([CFG.effective_gamma * 1.01], np.float32),
         ),
         v,
     ),
     "non-finite": lambda u, v: (
-        Update(
-            u.run_id,
-            u.participant,
-            u.seq,
-            u.base_version,
-            u.n,
-            np.array([7], np.int64),
-            np.array([np.nan], np.float32),
-        ),
+        replace(u, indices=np.array([7], np.int64), values=np.array([np.nan], np.float32)),
         v,
     ),
-    "future-base": lambda u, v: (
-        Update(u.run_id, u.participant, u.seq, v + 1, u.n, u.indices, u.values),
-        v,
-    ),
-    "stale": lambda u, v: (
-        Update(u.run_id, u.participant, u.seq, 0, u.n, u.indices, u.values),
-        max(v, 0) + 21,
-    ),
+    "future-base": lambda u, v: (replace(u, base_version=v + 1), v),
+    "stale": lambda u, v: (replace(u, base_version=0), max(v, 0) + 21),
 }
 
 
