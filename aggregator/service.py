@@ -412,12 +412,10 @@ class Aggregator:
         )
         # The first turn waits (up to turn_timeout) until every participant is present;
         # otherwise the first worker process to start takes turn after turn on its own.
-        if (
-            holder is None
-            and time.monotonic() - self.serving_since < self.s.turn_timeout
-            and len(self._candidates(store)) < self.cfg.participants - len(store.finished())
-        ):
-            return
+        if holder is None and time.monotonic() - self.serving_since < self.s.turn_timeout:
+            finished = store.finished()
+            if sum(p not in finished for p in active) < self.cfg.participants - len(finished):
+                return
         if holder is None or stale:
             nxt = self._next_turn(store, holder)
             if nxt and store.pass_turn(fence, "" if holder is None else str(holder), nxt):
