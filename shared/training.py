@@ -53,8 +53,7 @@ class LocalTrainer:
         total, count = 0.0, 0
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            for p in self.params:
-                p.grad = None
+            self.model.zero_grad(set_to_none=True)
             loss = F.nll_loss(self.model(self.x[idx]), self.y[idx])
             loss.backward()
             self._sgd_step()
