@@ -247,9 +247,6 @@ def _ef_decode(data: bytes, n: int, k: int, low: int) -> np.ndarray:
     planes = bits[:lo_bits].reshape(k, low)
     weights = _EF_WEIGHTS[low]
     ftype = weights.dtype
-    if k <= _EF_DECODE_CHUNK:
-        out |= (planes.astype(ftype) @ weights).astype(out.dtype)
-        return out
     for start in range(0, k, _EF_DECODE_CHUNK):
         stop = start + _EF_DECODE_CHUNK
         out[start:stop] |= (planes[start:stop].astype(ftype) @ weights).astype(out.dtype)
