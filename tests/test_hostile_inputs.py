@@ -1,0 +1,94 @@
+"""Hostile inputs against the real servers: nothing a sender controls can stop the aggregator,
+and no legitimate update is lost beside it (issue 20)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pika
+import pytest
+
+from shared import wire
+from shared.amqp_names import REASON_HEADER, AmqpNames
+from shared.broker import Publisher
+from shared.broker import connect as amqp_connect
+from tests.conftest import RunHandle
+from tests.test_aggregator_integration import (
+    _drain_dead_letters,
+    assert_exact,
+    integer_update,
+    oracle_run,
+)
+
+pytestmark = pytest.mark.integration
+
+# One header value this long makes a header frame of about 131,040 bytes with the publisher's
+# other properties: just under frame_max (131,072), so the broker accepts it.
+BLOATED = 131_000
+
+
+def _hostile(h: RunHandle, rng: np.random.Generator) -> list[tuple[str, bytes, dict, str]]:
+    """(variant, body, headers, routing key) of each bad message; each must be dead-lettered."""
+    stray = integer_update(h, 0, 10_000, rng)  # valid body, sent on a key that is not its own
+    return [
+        ("bloated header", b"\x00junk", {"h": "a" * BLOATED}, AmqpNames.routing_key(1)),
+        ("many headers", b"\x00junk", {f"h{i}": "x" * 20 for i in range(4000)}, "upd.1"),
+        ("huge routing key", wire.encode(stray), {}, "upd." + "k" * 251),
+        ("huge app_id", b"\x00junk", {}, AmqpNames.routing_key(2)),
+    ]
+
+
+def test_bloated_messages_are_dead_lettered_and_every_update_beside_them_applied(
+    make_run: Callable[..., RunHandle], tmp_path: Path
+) -> None:
+    h = oracle_run(make_run)
+    agg_log = tmp_path / "agg.log"
+    h.aggregator(log=agg_log)
+    rng = np.random.default_rng(20)
+    updates = [integer_update(h, pid, seq, rng) for seq in range(1, 35) for pid in range(3)][:100]
+    hostile = _hostile(h, rng)
+    pub = Publisher(h.conns.amqp_url, h.names, app_id="test")
+    big_app = Publisher(h.conns.amqp_url, h.names, app_id="a" * 255)
+    try:
+        for i, u in enumerate(updates):
+            pub.publish(AmqpNames.routing_key(u.participant), wire.encode(u))
+            if i % 25 == 10:  # spread among the legitimate ones, so they share batches
+                variant, body, headers, key = hostile[i // 25]
+                sender = big_app if variant == "huge app_id" else pub
+                sender.publish(key, body, headers=headers)
+    finally:
+        pub.close()
+        big_app.close()
+    h.wait(lambda: h.version() == len(updates), timeout=60, what="all 100 updates applied")
+    dead = _drain_dead_letters(h, len(hostile))
+    assert sorted(r for r, _ in dead) == sorted(
+        ["undecodable", "undecodable", "wrong-routing-key", "undecodable"]
+    )
+    assert_exact(h, updates)
+    counters = h.store.counters()
+    assert counters["applied"] == 100 and counters["rejected"] == 4
+    assert h.procs[0].poll() is None, "the aggregator must keep running"
+    assert "reconnecting" not in agg_log.read_text(), "no reconnect loop"
+
+
+def test_negative_control_copying_the_senders_headers_breaks_the_connection(
+    make_run: Callable[..., RunHandle],
+) -> None:
+    """What the aggregator used to do: republish the sender's headers plus ~0.6 KB of its own.
+    The broker closes the connection, so the test above would fail on the old code."""
+    h = make_run()
+    conn = amqp_connect(h.conns.amqp_url, "dssgd-tests-control")
+    ch = conn.channel()
+    ch.confirm_delivery()
+    headers = {"h": "a" * BLOATED, REASON_HEADER: "undecodable", "x-dssgd-detail": "d" * 500}
+    with pytest.raises(pika.exceptions.AMQPError, match="FRAME_ERROR|frame_too_large"):
+        ch.basic_publish(
+            h.names.dead_exchange, "", b"junk", pika.BasicProperties(headers=headers)
+        )
+    with contextlib.suppress(Exception):
+        conn.close()
+    time.sleep(0)  # nothing to wait for: the broker has already closed the connection
