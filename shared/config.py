@@ -27,6 +27,9 @@ ORDERS = ("async", "round-robin", "random")
 SELECTIONS = ("topk", "threshold")
 RULES = ("auto", "sum", "staleness", "mean")
 VALUE_CODINGS = ("f32", "f16", "q8")
+# What float16 can carry: |v| <= 65504 (its largest finite value) and, to keep a value within
+# ±γ non-zero, a step 2**-24 (its smallest subnormal) no larger than γ.
+F16_MAX, F16_TINY = 65504.0, 2.0**-24
 DOWNLOADS = ("most-updated", "random")
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,47}")  # used with fullmatch
 
@@ -71,7 +74,7 @@ class RunConfig:
     created: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
-        problems = []
+        problems: list[str] = []
         if not isinstance(self.run_id, str) or not RUN_ID_RE.fullmatch(self.run_id):
             problems.append(
                 f"run id {self.run_id!r} must be 1-48 letters, digits, '-' or '_' (not first)"
@@ -110,6 +113,7 @@ class RunConfig:
             problems.append("stat decay β must be in (0, 1]")
         if self.value_coding not in VALUE_CODINGS:
             problems.append(f"value coding must be one of {', '.join(VALUE_CODINGS)}")
+        problems.extend(_coding_problems(self))
         if self.epochs < 0:
             problems.append("epochs must be >= 0")
         if not (math.isfinite(self.eval_interval) and self.eval_interval > 0):
@@ -258,3 +262,17 @@ def env_overrides(cls: Any, prefix: str = "DSSGD_") -> dict[str, Any]:
         if key in os.environ:
             out[f.name] = os.environ[key]
     return out
+
+
+def _coding_problems(cfg: RunConfig) -> list[str]:
+    """A γ the value coding cannot carry is refused here, not by a crashing worker later."""
+    if cfg.value_coding != "f16" or not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        return []
+    gamma = cfg.effective_gamma
+    if not math.isfinite(gamma) or gamma <= 0:
+        return []
+    if gamma >= F16_MAX:
+        return [f"f16 carries |values| up to {F16_MAX:.0f}; γ = {gamma:g} needs f32 or q8"]
+    if gamma < F16_TINY:
+        return [f"f16 rounds every value below {F16_TINY:.3g} to zero; γ = {gamma:g} needs f32"]
+    return []

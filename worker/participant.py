@@ -44,6 +44,13 @@ class EpochReport:
     seconds_total: float
 
 
+def synthetic_values(rng: np.random.Generator, k: int, gamma: float) -> np.ndarray:
+    """k values m·u, m in -3..3, u the largest power of two with 3u <= γ (u = 1 once γ >= 3):
+    every |value| <= γ, and float32 sums of them are exact while they stay below 2**24·u."""
+    unit = 1.0 if gamma >= 3 else 2.0 ** np.floor(np.log2(gamma / 3))
+    return (rng.integers(-3, 4, size=k) * unit).astype(np.float32)
+
+
 class Participant:
     def __init__(
         self,
@@ -179,7 +186,13 @@ class Participant:
             indices=indices,
             values=values,
         )
-        body = wire.encode(update, values=self.cfg.value_coding, rng=self.rng, key=self.hmac_key)
+        body = wire.encode(
+            update,
+            values=self.cfg.value_coding,
+            rng=self.rng,
+            key=self.hmac_key,
+            bound=self.cfg.effective_gamma,  # a lossy coding must not push ±γ beyond γ
+        )
         # Burn the sequence number before it can reach the broker: a restart after a crash
         # between publish and confirm must never reuse it for different content.
         self.store.record_progress(self.pid, seq_sent=self.seq)
@@ -239,11 +252,11 @@ class Participant:
             self.record.flush()
 
     def _synthetic_update(self) -> tuple[np.ndarray, np.ndarray, float]:
-        """Small integer values: sums are exact, so the global state is an exact oracle."""
+        """Small multiples of a power of two within ±γ: sums are exact, so the global state is an
+        exact oracle (with a zero start and the sum rule)."""
         k = int(self.rng.integers(1, budget(self.n, self.cfg.theta_u) + 1))
         indices = np.sort(self.rng.choice(self.n, size=k, replace=False)).astype(np.int64)
-        limit = max(1, min(3, int(self.cfg.effective_gamma)))
-        values = self.rng.integers(-limit, limit + 1, size=k).astype(np.float32)
+        values = synthetic_values(self.rng, k, self.cfg.effective_gamma)
         return indices, values, 0.0
 
     def _publish(self, body: bytes) -> None:
