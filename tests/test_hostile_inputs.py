@@ -86,9 +86,7 @@ def test_negative_control_copying_the_senders_headers_breaks_the_connection(
     ch.confirm_delivery()
     headers = {"h": "a" * BLOATED, REASON_HEADER: "undecodable", "x-dssgd-detail": "d" * 500}
     with pytest.raises(pika.exceptions.AMQPError, match=r"FRAME_ERROR|frame_too_large"):
-        ch.basic_publish(
-            h.names.dead_exchange, "", b"junk", pika.BasicProperties(headers=headers)
-        )
+        ch.basic_publish(h.names.dead_exchange, "", b"junk", pika.BasicProperties(headers=headers))
     with contextlib.suppress(Exception):
         conn.close()
     time.sleep(0)  # nothing to wait for: the broker has already closed the connection

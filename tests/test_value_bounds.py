@@ -53,10 +53,12 @@ def test_negative_control_f16_round_to_nearest_overshoots_gamma() -> None:
 def test_f16_bound_moves_only_the_values_that_would_overshoot() -> None:
     gamma = 0.001  # --preset paper
     values = np.array([gamma, -gamma, 0.5 * gamma, 1e-7], np.float32)
-    nearest = wire.decode(wire.encode(wire.Update("r", 0, 1, 0, 10, np.arange(4), values),
-                                      values="f16")).values
-    bounded = wire.decode(wire.encode(wire.Update("r", 0, 1, 0, 10, np.arange(4), values),
-                                      values="f16", bound=gamma)).values
+    nearest = wire.decode(
+        wire.encode(wire.Update("r", 0, 1, 0, 10, np.arange(4), values), values="f16")
+    ).values
+    bounded = wire.decode(
+        wire.encode(wire.Update("r", 0, 1, 0, 10, np.arange(4), values), values="f16", bound=gamma)
+    ).values
     assert np.abs(nearest[:2]).min() > gamma  # the finding
     assert np.abs(bounded).max() <= gamma
     assert np.array_equal(bounded[2:], nearest[2:])  # values that fit are rounded to nearest
