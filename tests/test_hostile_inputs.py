@@ -4,6 +4,7 @@ and no legitimate update is lost beside it (issue 20)."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from tests.test_aggregator_integration import (
     assert_exact,
     integer_update,
     oracle_run,
+    read_oracle,
 )
 
 pytestmark = pytest.mark.integration
@@ -90,3 +92,46 @@ def test_negative_control_copying_the_senders_headers_breaks_the_connection(
     with contextlib.suppress(Exception):
         conn.close()
     time.sleep(0)  # nothing to wait for: the broker has already closed the connection
+
+
+def _synthetic_worker(h: RunHandle, pid: int, tmp_path: Path, *extra: str):  # type: ignore[no-untyped-def]
+    return h.spawn(
+        "worker",
+        "--synthetic",
+        "--participants",
+        str(pid),
+        "--record-dir",
+        str(tmp_path),
+        *extra,
+        log=tmp_path / f"w{pid}.log",
+    )
+
+
+@pytest.mark.slow
+def test_rate_limit_drops_nothing_sent_within_it_after_an_outage(
+    make_run: Callable[..., RunHandle], tmp_path: Path
+) -> None:
+    """Rate limit 1/s, a participant at 0.5/s, the aggregator down 20 s: every update applied."""
+    h = make_run(
+        zero_init=True,
+        participants=1,
+        theta_u=0.01,
+        gamma=100.0,
+        rule="sum",
+        rate_limit=1.0,
+        epochs=16,
+    )
+    agg = h.aggregator(log=tmp_path / "agg.log")
+    worker = _synthetic_worker(h, 0, tmp_path, "--pace", "2")
+    h.wait(lambda: h.version() >= 2, timeout=60, what="the first updates")
+    agg.send_signal(signal.SIGTERM)
+    assert agg.wait(timeout=30) == 0
+    time.sleep(20)  # the outage itself: the participant keeps publishing every 2 s
+    h.aggregator(log=tmp_path / "agg.log")
+    assert worker.wait(timeout=120) == 0
+    confirmed = read_oracle(tmp_path, 0, h)[1]
+    assert len(confirmed) == 16
+    h.wait(lambda: h.version() == 16, timeout=60, what="all 16 updates applied")
+    counters = h.store.counters()
+    assert counters.get("rejected", 0) == 0, counters
+    assert_exact(h, confirmed)

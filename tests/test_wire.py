@@ -711,3 +711,26 @@ def test_encode_decode_fast_enough() -> None:
     # Target is < 1 ms; the assertion leaves room for a loaded CI machine.
     assert best < 0.005, f"encode+decode took {best * 1e3:.2f} ms"
     assert len(body) < 60_000
+
+
+# --- schema versions ----------------------------------------------------------------------------
+
+
+def test_schema_2_carries_the_senders_clock() -> None:
+    upd = make_update(500, 20)
+    stamped = Update(*upd._scalars()[:4], upd.n, upd.indices, upd.values, sent_at=1234.567)
+    assert decode(encode(stamped)).sent_at == 1234.567
+    before = time.time()
+    assert before - 1 <= decode(encode(upd)).sent_at <= time.time() + 1  # default: now
+
+
+def test_schema_1_messages_still_decode_without_a_clock() -> None:
+    upd = make_update(500, 20)
+    fields = valid_fields(upd)
+    del fields["t"]
+    body = bytes([1, 0]) + upd.participant.to_bytes(4, "little") + msgpack.packb(fields)
+    old = decode(body)
+    assert old == upd and old.sent_at is None
+    # A version-1 body with the new field, or a version-2 body without it, is refused.
+    assert "max_map_len" in expect_wire_error(bytes([1]) + encode(upd)[1:])
+    assert "missing ['t']" in expect_wire_error(bytes([2]) + body[1:])
