@@ -106,6 +106,20 @@ redis.call('LTRIM', KEYS[3], -1, -1)
 return 1
 """
 
+# Removes the participants whose last heartbeat is older than ARGV[1], in one step, so a heartbeat
+# that lands meanwhile is never lost (a plain HGETALL + HDEL could delete a fresh one).
+_DROP_INACTIVE = """
+local removed = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if tonumber(all[i + 1]) < tonumber(ARGV[1]) then
+    redis.call('HDEL', KEYS[1], all[i])
+    table.insert(removed, all[i])
+  end
+end
+return removed
+"""
+
 
 @dataclass
 class AggregatorState:
@@ -124,6 +138,7 @@ class RunStore:
         self.keys = Keys(run_id)
         self._commit = r.register_script(_COMMIT)
         self._pass_turn = r.register_script(_PASS_TURN)
+        self._drop_inactive = r.register_script(_DROP_INACTIVE)
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -295,6 +310,24 @@ class RunStore:
         with guarded("reading active participants"):
             raw = self.r.hgetall(self.keys.active)
         return {int(k): float(v) for k, v in raw.items()}
+
+    def drop_inactive(self, before: float) -> list[int]:
+        """Remove participants silent since ``before`` (epoch seconds) from ``active``."""
+        with guarded("dropping silent participants"):
+            removed = self._drop_inactive(keys=[self.keys.active], args=[f"{before:.3f}"])
+        return sorted(int(x) for x in removed)
+
+    def turn_wait_state(self, participant: int) -> tuple[int, int | None, int]:
+        """(highest applied seq, turn holder, highest refused seq) of a holder waiting for its
+        apply, in one round trip."""
+        with guarded("reading the turn state"):
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hget(self.keys.dedup, str(participant))
+            pipe.get(self.keys.turn)
+            pipe.hget(self.keys.participant(participant), "refused_seq")
+            window, turn, refused = pipe.execute()
+        holder = int(turn) if turn not in (None, b"") else None
+        return decode_state(window)[0], holder, int(refused or 0)
 
     def finished(self) -> set[int]:
         with guarded("reading finished participants"):

@@ -4,6 +4,7 @@ and no legitimate update is lost beside it (issue 20)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 import time
 from collections.abc import Callable
@@ -135,3 +136,42 @@ def test_rate_limit_drops_nothing_sent_within_it_after_an_outage(
     counters = h.store.counters()
     assert counters.get("rejected", 0) == 0, counters
     assert_exact(h, confirmed)
+
+
+def _turn_intervals(h: RunHandle) -> list[tuple[float, float, int, int, int]]:
+    """(download time, apply time, participant, seq, base version) of every applied update."""
+    downloads = {(pid, seq): t for ev, pid, seq, t in h.store.read_trace() if ev == "d"}
+    out = []
+    for row in h.store.applied_log():
+        pid, seq, version, stale, t = row.split(":", 4)
+        base = int(version) - 1 - int(stale)
+        out.append((downloads[(int(pid), int(seq))], float(t), int(pid), int(seq), base))
+    return sorted(out)
+
+
+@pytest.mark.slow
+def test_round_robin_holds_the_turn_through_a_65_s_outage(
+    make_run: Callable[..., RunHandle], tmp_path: Path
+) -> None:
+    h = make_run(
+        zero_init=True, participants=2, theta_u=0.01, gamma=100.0, order="round-robin", epochs=0
+    )
+    agg = h.aggregator(log=tmp_path / "agg.log")
+    workers = [_synthetic_worker(h, p, tmp_path) for p in range(2)]
+    h.wait(lambda: h.version() >= 6, timeout=60, what="the first turns")
+    agg.send_signal(signal.SIGTERM)
+    assert agg.wait(timeout=30) == 0
+    stopped_at = h.version()
+    time.sleep(65)  # longer than the old 30 s give-up and the 60 s turn timeout
+    h.aggregator(log=tmp_path / "agg.log")
+    h.wait(lambda: h.version() >= stopped_at + 6, timeout=60, what="turns after the outage")
+    h.store.request_stop("test over")
+    for w in workers:
+        assert w.wait(timeout=30) == 0
+    rows = _turn_intervals(h)
+    assert len(rows) >= stopped_at + 6
+    bases = [base for *_, base in rows]
+    assert len(set(bases)) == len(bases), "two updates of one turn share a base version"
+    for (d1, a1, *who1), (d2, _a2, *who2) in itertools.pairwise(rows):
+        assert d1 <= a1 <= d2, f"{who1} applied at {a1} after {who2} downloaded at {d2}"
+    assert max(a - d for d, a, *_ in rows) > 60, "one turn spanned the outage"

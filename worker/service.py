@@ -202,7 +202,7 @@ class Worker:
             if cfg.ordered:
                 # We hold the turn until the aggregator applies this update and passes it on;
                 # looking at the turn before that would start a second epoch on stale state.
-                self._wait_applied(store, pid, report.seq)
+                self._wait_applied(store, pid, report.seq, live)
 
     def _wait_turn(self, store: RunStore, live: list[int]) -> int | None:
         """Block (≤ 1 s) until one of our participants holds the turn."""
@@ -213,10 +213,24 @@ class Worker:
         holder = self._with_retry(store.turn)
         return holder if holder in live else None
 
-    def _wait_applied(self, store: RunStore, pid: int, seq: int, timeout: float = 30.0) -> None:
-        """Hold the turn until our last update is applied, so no one downloads before it lands."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self.stop.is_set():
-            if self._with_retry(lambda: store.applied_high(pid)) >= seq:
+    def _wait_applied(self, store: RunStore, pid: int, seq: int, live: list[int]) -> None:
+        """Hold the turn until our update is applied or refused, or the turn is no longer ours.
+
+        However long the aggregator is away: giving up early would let this holder train again
+        from the same parameters while its update is still queued. Heartbeats keep the turn
+        meanwhile (a silent holder loses it after ``turn_timeout``), and a refused update ends
+        the wait at once (the aggregator records ``refused_seq`` after passing the turn).
+        """
+        started = last_beat = time.monotonic()
+        while not self.stop.is_set():
+            applied, holder, refused = self._with_retry(lambda: store.turn_wait_state(pid))
+            if applied >= seq or refused >= seq or holder != pid:
                 return
-            self.stop.wait(0.01)
+            now = time.monotonic()
+            if now - last_beat >= 1.0:
+                if self._should_stop(store):  # a run stopped while the aggregator is away
+                    return
+                self._with_retry(lambda: store.heartbeat(live))
+                last_beat = now
+            # Poll fast while the apply is imminent, gently once the aggregator seems away.
+            self.stop.wait(0.01 if now - started < 2.0 else 0.1)
