@@ -175,3 +175,36 @@ def test_round_robin_holds_the_turn_through_a_65_s_outage(
     for (d1, a1, *who1), (d2, _a2, *who2) in itertools.pairwise(rows):
         assert d1 <= a1 <= d2, f"{who1} applied at {a1} after {who2} downloaded at {d2}"
     assert max(a - d for d, a, *_ in rows) > 60, "one turn spanned the outage"
+
+
+def test_a_refused_dead_letter_falls_back_to_a_reject_and_costs_no_reconnect(
+    make_run: Callable[..., RunHandle], tmp_path: Path
+) -> None:
+    """If the dead-letter exchange refuses the publish (here: it was deleted), the channel-level
+    error must not end the session: the delivery is rejected instead, the batch goes on."""
+    h = oracle_run(make_run)
+    conn = amqp_connect(h.conns.amqp_url, "dssgd-tests-dlx")
+    conn.channel().exchange_delete(h.names.dead_exchange)
+    conn.close()
+    agg_log = tmp_path / "agg.log"
+    h.aggregator(log=agg_log)
+    # The aggregator redeclares its topology on start: delete the exchange again once it serves.
+    h.wait(lambda: "serving" in agg_log.read_text(), what="the aggregator serving")
+    conn = amqp_connect(h.conns.amqp_url, "dssgd-tests-dlx")
+    conn.channel().exchange_delete(h.names.dead_exchange)
+    conn.close()
+    rng = np.random.default_rng(21)
+    updates = [integer_update(h, 0, seq, rng) for seq in range(1, 11)]
+    pub = Publisher(h.conns.amqp_url, h.names, app_id="test")
+    try:
+        for i, u in enumerate(updates):
+            pub.publish(AmqpNames.routing_key(0), wire.encode(u))
+            if i == 4:
+                pub.publish(AmqpNames.routing_key(1), b"\x00junk")
+    finally:
+        pub.close()
+    h.wait(lambda: h.version() == len(updates), what="all 10 updates applied")
+    assert_exact(h, updates)
+    assert h.store.counters()["rejected"] == 1
+    log_text = agg_log.read_text()
+    assert "rejecting it instead" in log_text and "reconnecting" not in log_text
