@@ -1,7 +1,7 @@
 """Fault injection: kill and restart every part of dssgd, then check the exact-sum oracle.
 
-    python -m bench.chaos                        # all six scenarios (about 4–6 minutes)
-    python -m bench.chaos --quick                # fewer faults, no redis-stall (2–3 minutes)
+    python -m bench.chaos                        # all 13 scenarios (about 13 minutes)
+    python -m bench.chaos --quick                # fewer faults, no long outages (about 5)
     python -m bench.chaos --scenario redis       # one scenario; repeat the flag for more
 
 Every scenario drives a fresh run of synthetic participants (small integer updates, so float32
@@ -9,7 +9,7 @@ sums are exact) and one aggregator against a PRIVATE Redis (AOF, appendfsync alw
 PRIVATE RabbitMQ node, both started here on free loopback ports inside a temporary directory.
 Only those two are restarted or killed; the shared servers on 5672/6379 are never touched.
 
-Scenarios (docs/RELIABILITY.md rows 1–4 and 15):
+Scenarios (docs/RELIABILITY.md rows 1–4 and 15; the hostile ones rows 17–22):
   aggregator  SIGKILL the aggregator at random moments and restart it
   rabbitmq    restart the broker mid-run (graceful stop, then kill -9 in the full version)
   redis       restart Redis mid-run (SIGTERM, then kill -9 in the full version)

@@ -491,12 +491,10 @@ def encode(
     ``values`` picks the value coding (see :class:`ValueCoding`); the index coding is chosen
     automatically as the smallest for this update's density. With ``key`` (the participant's
     secret) an HMAC-SHA256 tag over all preceding bytes is appended. ``rng`` drives Q8's
-    stochastic rounding only. ``bound`` (the run's γ) keeps every value within ±bound inside
-    ±bound after a lossy coding (f16; q8's scale is rounded so it never overshoots by more than
-    float32 rounding). ``update.sent_at`` (default: now) travels as the sender's clock.
-    Raises :class:`WireError` if the update is invalid (field ranges,
-    unsorted/duplicate/out-of-range indices, length mismatch, non-finite values), if a value does
-    not fit the chosen coding, or if the message would exceed :data:`MAX_MESSAGE_BYTES`.
+    stochastic rounding only. ``bound`` (the run's γ) keeps values within ±bound inside ±bound
+    through f16. ``update.sent_at`` (default: now) travels as the sender's clock. Raises
+    :class:`WireError` if the update is invalid (ranges, unsorted/duplicate/out-of-range indices,
+    lengths, non-finite values), does not fit the coding, or exceeds :data:`MAX_MESSAGE_BYTES`.
     """
     if not isinstance(update, Update):
         raise WireError(f"expected an Update, got {type(update).__name__}")
@@ -509,8 +507,7 @@ def encode(
     seq = _check_int("seq", update.seq, 1, _MAX_SEQ)
     base = _check_int("base_version", update.base_version, 0, _MAX_SEQ)
     n = _check_int("n", update.n, 1, _MAX_N)
-    sent_at = time.time() if update.sent_at is None else update.sent_at
-    sent_ms = _check_int("sent_at (ms)", round(sent_at * 1000), 0, _MAX_SEQ)
+    sent_ms = _check_int("sent_at (ms)", round((update.sent_at or time.time()) * 1000), 0, _MAX_SEQ)
     idx, val = _checked_arrays(update)
     if key is not None and (not isinstance(key, bytes) or not key):
         raise WireError("key must be non-empty bytes")
