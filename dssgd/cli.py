@@ -24,7 +24,14 @@ from shared.config import (
     env_overrides,
     from_mapping,
 )
-from shared.errors import BrokerError, ConfigError, DataError, DssgdError, StoreError
+from shared.errors import (
+    BrokerError,
+    ConfigError,
+    DataError,
+    DssgdError,
+    StoreError,
+    is_permanent,
+)
 from shared.lifecycle import EXIT_ERROR, EXIT_UNAVAILABLE, EXIT_USAGE, setup_logging
 
 log = logging.getLogger("dssgd")
@@ -174,9 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target-accuracy", type=float, help="stop when the global test accuracy reaches this"
     )
-    p.add_argument(
-        "--time-limit", type=float, help="stop after this many seconds (default 900)"
-    )
+    p.add_argument("--time-limit", type=float, help="stop after this many seconds (default 900)")
     p.add_argument(
         "--runs-dir",
         help="where run folders (supervisor config, logs) go (env DSSGD_RUNS_DIR; default ./runs)",
@@ -416,12 +421,11 @@ def main(argv: list[str] | None = None) -> int:
         from dssgd.admin import EXIT_DENIED
 
         print(f"dssgd: {exc}", file=sys.stderr)
-        if any(w in str(exc) for w in ("NOPERM", "WRONGPASS", "NOAUTH", "ACCESS_REFUSED")):
+        if is_permanent(exc):
             return EXIT_DENIED  # rights or password: retrying cannot help
         if "unreachable" not in str(exc):
             print(
-                "dssgd: is the service running? `bash deploy/dev.sh services` starts both "
-                "locally.",
+                "dssgd: is the service running? `bash deploy/dev.sh services` starts both locally.",
                 file=sys.stderr,
             )
         return EXIT_UNAVAILABLE

@@ -113,6 +113,7 @@ _PARTICIPANT_COMMANDS = [
     "+hexists",
     "+lrange",
     "+llen",
+    "+set",
     "+hset",
     "+rpush",
     "+ltrim",
@@ -178,8 +179,7 @@ def provision(
         raise ConfigError("a run needs at least one participant")
     if cfg is not None and cfg.participants != participants:
         raise ConfigError(
-            f"--participants {participants} differs from the run configuration's "
-            f"{cfg.participants}"
+            f"--participants {participants} differs from the run configuration's {cfg.participants}"
         )
     mgmt = Management.from_amqp_url(amqp_url, management_url)
     r = redis.Redis.from_url(redis_url, socket_timeout=10)

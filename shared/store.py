@@ -122,7 +122,9 @@ local function live_other(v, owner)
 end
 """
 
-_ACQUIRE = _LEASE_NOW + """
+_ACQUIRE = (
+    _LEASE_NOW
+    + """
 local owner, ttl = ARGV[1], tonumber(ARGV[2])
 local busy = {}
 for i, k in ipairs(KEYS) do
@@ -133,8 +135,11 @@ if #busy > 0 then return {0, busy} end
 for _, k in ipairs(KEYS) do redis.call('SET', k, owner .. ' ' .. (now + ttl) .. ' ' .. ttl) end
 return {1, {}}
 """
+)
 
-_CLAIM = _LEASE_NOW + """
+_CLAIM = (
+    _LEASE_NOW
+    + """
 local owner, want, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local mine, fresh, lapsed = {}, {}, {}
 for i, k in ipairs(KEYS) do
@@ -157,9 +162,12 @@ for _, i in ipairs(got) do
 end
 return out
 """
+)
 
 # ARGV[2] = ttl_ms, or -1 to release (expire now, keep the owner for its restart).
-_RENEW = _LEASE_NOW + """
+_RENEW = (
+    _LEASE_NOW
+    + """
 local owner, ttl = ARGV[1], tonumber(ARGV[2])
 local lost = {}
 for i, k in ipairs(KEYS) do
@@ -173,6 +181,7 @@ for i, k in ipairs(KEYS) do
 end
 return lost
 """
+)
 
 
 @dataclass

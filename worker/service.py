@@ -23,7 +23,7 @@ from shared.amqp_names import AmqpNames
 from shared.broker import Publisher
 from shared.config import Connections, RunConfig
 from shared.data import load_mnist
-from shared.errors import BrokerError, ConfigError, StopRequested, StoreError
+from shared.errors import BrokerError, ConfigError, StopRequested, StoreError, is_permanent
 from shared.lifecycle import EXIT_OK, Backoff, StopFlag
 from shared.store import LEASE_TTL, RunStore
 from shared.store import connect as redis_connect
@@ -69,7 +69,7 @@ def default_worker_id() -> str:
 
 
 def compact_ids(pids: list[int], limit: int = 200) -> str:
-    """"0-2,5,7-9": a process's participants, short enough for AMQP's 255-byte app_id."""
+    """ "0-2,5,7-9": a process's participants, short enough for AMQP's 255-byte app_id."""
     groups: list[list[int]] = []
     for p in sorted(set(pids)):
         if groups and groups[-1][1] == p - 1:
@@ -327,5 +327,4 @@ def store_missing_config(store: RunStore) -> bool:
 
 def _permanent(exc: StoreError) -> bool:
     """Authentication and authorization refusals do not heal by retrying."""
-    text = str(exc)
-    return any(word in text for word in ("NOPERM", "WRONGPASS", "NOAUTH", "invalid username"))
+    return is_permanent(exc)
