@@ -190,7 +190,7 @@ class Worker:
                 "%s (%s) hosting participants %s of run %s (%s order)",
                 self.s.name,
                 self.s.worker_id,
-                pids,
+                pids if len(pids) <= 20 else compact_ids(pids),
                 cfg.run_id,
                 cfg.order,
             )
