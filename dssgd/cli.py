@@ -420,10 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     except (BrokerError, StoreError) as exc:
         from dssgd.admin import EXIT_DENIED
 
-        print(f"dssgd: {exc}", file=sys.stderr)
+        print(f"dssgd: {exc}{_where(args, exc)}", file=sys.stderr)
         if is_permanent(exc):
             return EXIT_DENIED  # rights or password: retrying cannot help
-        if "unreachable" not in str(exc):
+        if "deploy/dev.sh" not in str(exc):
             print(
                 "dssgd: is the service running? `bash deploy/dev.sh services` starts both locally.",
                 file=sys.stderr,
@@ -444,6 +444,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
+
+
+def _where(args: argparse.Namespace, exc: Exception) -> str:
+    """Name the server an error came from when its message does not already."""
+    from dssgd.admin import where
+
+    if not hasattr(args, "redis_url") or "connecting to" in str(exc) or " at " in str(exc):
+        return ""
+    conns = connections(args)
+    if isinstance(exc, StoreError):
+        return f" (Redis at {where(conns.redis_url, 6379)})"
+    return f" (RabbitMQ at {where(conns.amqp_url, 5672)})"
 
 
 def parse_participants(text: str | None) -> tuple[int, ...]:

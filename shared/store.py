@@ -63,8 +63,13 @@ def guarded(what: str) -> Iterator[None]:
         if "FENCED" in str(exc):
             raise FencedError("another aggregator has taken over this run") from exc
         raise StoreError(f"Redis refused {what}: {exc}") from exc
+    except rex.NoPermissionError as exc:
+        raise StoreError(f"Redis refused {what}: NOPERM {exc}") from exc
+    except rex.AuthenticationError as exc:
+        raise StoreError(f"Redis refused the password ({what}): WRONGPASS {exc}") from exc
     except rex.RedisError as exc:
-        raise StoreError(f"Redis unavailable during {what}: {exc!r}") from exc
+        # str(), not repr(): redis-py's message names the host and port it could not reach.
+        raise StoreError(f"Redis unavailable during {what}: {exc}") from exc
 
 
 _COMMIT = """

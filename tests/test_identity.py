@@ -21,6 +21,8 @@ from tests.conftest import ROOT, RunHandle
 from worker.service import compact_ids
 
 pytestmark = pytest.mark.integration
+RUN = [sys.executable, "-m", "dssgd", "run"]
+CTL = [sys.executable, "-m", "supervisor.supervisorctl"]
 
 
 def test_claim_after_slot_never_takes_a_slotted_id(make_run: Callable[..., RunHandle]) -> None:
@@ -112,8 +114,8 @@ def test_a_worker_joining_a_run_never_hosts_a_participant_twice(
     run_id = f"join-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "DSSGD_AMQP_URL": conns.amqp_url, "DSSGD_REDIS_URL": conns.redis_url}
     run = subprocess.Popen(
-        [sys.executable, "-m", "dssgd", "run", "--run-id", run_id, "--runs-dir", str(tmp_path)]
-        + ["--participants", "4", "--workers", "1", "--epochs", "0", "--time-limit", "40"],
+        [*RUN, "--run-id", run_id, "--runs-dir", str(tmp_path), "--participants", "4"]
+        + ["--workers", "1", "--epochs", "0", "--time-limit", "40"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -147,9 +149,8 @@ def test_a_killed_worker_comes_back_with_its_own_participants(
     run_id = f"restart-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "DSSGD_AMQP_URL": conns.amqp_url, "DSSGD_REDIS_URL": conns.redis_url}
     run = subprocess.Popen(
-        [sys.executable, "-m", "dssgd", "run", "--run-id", run_id, "--runs-dir", str(tmp_path)]
-        + ["--participants", "4", "--workers", "2", "--epochs", "0", "--time-limit", "45"]
-        + ["--launcher", launcher],
+        [*RUN, "--run-id", run_id, "--runs-dir", str(tmp_path), "--participants", "4"]
+        + ["--workers", "2", "--epochs", "0", "--time-limit", "45", "--launcher", launcher],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -185,8 +186,7 @@ def _worker_pid(run_dir: Path, launcher: str) -> int:
     if launcher == "fork":
         return int(json.loads((run_dir / "pids.json").read_text())["worker:worker-0"])
     out = subprocess.run(
-        [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(run_dir / "supervisord.conf")]
-        + ["pid", "worker:worker-0"],
+        [*CTL, "-c", str(run_dir / "supervisord.conf"), "pid", "worker:worker-0"],
         capture_output=True,
         text=True,
         timeout=30,
