@@ -22,6 +22,7 @@ from worker.service import compact_ids
 
 pytestmark = pytest.mark.integration
 RUN = [sys.executable, "-m", "dssgd", "run"]
+SMALL = ["--participants", "4", "--epochs", "0", "--time-limit", "45"]
 CTL = [sys.executable, "-m", "supervisor.supervisorctl"]
 
 
@@ -114,8 +115,7 @@ def test_a_worker_joining_a_run_never_hosts_a_participant_twice(
     run_id = f"join-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "DSSGD_AMQP_URL": conns.amqp_url, "DSSGD_REDIS_URL": conns.redis_url}
     run = subprocess.Popen(
-        [*RUN, "--run-id", run_id, "--runs-dir", str(tmp_path), "--participants", "4"]
-        + ["--workers", "1", "--epochs", "0", "--time-limit", "40"],
+        [*RUN, "--run-id", run_id, "--runs-dir", str(tmp_path), *SMALL, "--workers", "1"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -149,8 +149,18 @@ def test_a_killed_worker_comes_back_with_its_own_participants(
     run_id = f"restart-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "DSSGD_AMQP_URL": conns.amqp_url, "DSSGD_REDIS_URL": conns.redis_url}
     run = subprocess.Popen(
-        [*RUN, "--run-id", run_id, "--runs-dir", str(tmp_path), "--participants", "4"]
-        + ["--workers", "2", "--epochs", "0", "--time-limit", "45", "--launcher", launcher],
+        [
+            *RUN,
+            "--run-id",
+            run_id,
+            "--runs-dir",
+            str(tmp_path),
+            *SMALL,
+            "--workers",
+            "2",
+            "--launcher",
+            launcher,
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
