@@ -293,13 +293,6 @@ class Aggregator:
             for pid, progress in store.all_progress(self.cfg.participants).items():
                 if "dp_total" in progress:
                     self.metrics.set_epsilon(pid, float(progress["dp_total"]))
-        # Silent participants leave `active`, so no turn is handed to a dead one; a live one
-        # that was only slow is back with its next heartbeat.
-        dropped = store.drop_inactive(time.time() - self.s.turn_timeout)
-        if dropped:
-            log.info(
-                "participants %s silent for %.0f s: no longer active", dropped, self.s.turn_timeout
-            )
         if not self.cfg.ordered:
             return
         holder = store.turn()
