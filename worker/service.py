@@ -314,8 +314,9 @@ class Worker:
 
         However long the aggregator is away: giving up early would let this holder train again
         from the same parameters while its update is still queued. The lease thread keeps
-        renewing meanwhile (a silent holder loses the turn after ``turn_timeout``), and a refused update ends
-        the wait at once (the aggregator records ``refused_seq`` after passing the turn).
+        renewing meanwhile (a silent holder loses the turn after ``turn_timeout``), and a
+        refused update ends the wait at once (the aggregator records ``refused_seq`` after
+        passing the turn).
         """
         started = last_beat = time.monotonic()
         while not self.stop.is_set():
