@@ -1,4 +1,4 @@
-"""Periodic evaluation of the global model on the MNIST test set, off the apply path.
+"""Periodic evaluation of the global model on the task's test set, off the apply path.
 
 A daemon thread copies the parameters under the aggregator's lock (a memcpy of a few hundred KB)
 and evaluates the copy, so applying updates never waits for PyTorch. Each point of the time series
@@ -8,6 +8,7 @@ and evaluates the copy, so applying updates never waits for PyTorch. Each point 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -15,11 +16,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from shared.config import RunConfig
-from shared.data import load_mnist, prepare
 from shared.errors import DssgdError
-from shared.models import build_model, set_flat
+from shared.models import set_flat
 from shared.store import RunStore
-from shared.training import evaluate, labels_tensor
+from shared.tasks import central_test
+from shared.training import EvalResult
 
 if TYPE_CHECKING:
     from aggregator.service import Aggregator
@@ -41,12 +42,13 @@ class Evaluator:
     def _run(self) -> None:
         torch.set_num_threads(1)  # the aggregator shares the machine with the participants
         try:
-            data = load_mnist(self.cfg.data)
+            task, model, test = central_test(self.cfg)
         except DssgdError as exc:
             log.error("evaluation disabled: %s", exc)
             return
-        x, y = prepare(data.test_x, self.cfg.model), labels_tensor(data.test_y)
-        model = build_model(self.cfg.model)
+        if test is None:
+            log.info("task %s has no central test set: participants evaluate", self.cfg.task)
+            return
         last_version = -1
         start = time.time()
         pause = self.cfg.eval_interval
@@ -60,7 +62,8 @@ class Evaluator:
             set_flat(model, w)
             t_eval = time.perf_counter()
             with torch.inference_mode():
-                result = evaluate(model, x, y)
+                m = task.metrics(model, test)
+            result = EvalResult(m.get("accuracy", math.nan), m.get("loss", math.nan), len(test))
             # Evaluation shares the cores with training: keep it under ~20% of one core (a CNN
             # pass over 10k test images takes seconds) whatever the configured interval.
             pause = max(self.cfg.eval_interval, 4 * (time.perf_counter() - t_eval))

@@ -40,6 +40,7 @@ from shared.provision import participant_user
 from shared.rules import UpdateRule, apply_update, bound_l2, decay
 from shared.store import AggregatorState, RunStore
 from shared.store import connect as redis_connect
+from shared.tasks import load_task, model_record
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,9 @@ class Aggregator:
         r = redis_connect(self.s.connections.redis_url)
         store = RunStore(r, self.s.run_id)
         cfg = self._config(store)
-        spec = model_spec(cfg.model)
-        store.init_params(initial_parameters(cfg.model, cfg.seed))
+        spec = model_spec(cfg.task)
+        store.init_params(initial_parameters(cfg.task, cfg.seed))
+        store.init_model(model_record(load_task(cfg.task)))  # workers check theirs against it
         fence = store.take_fence()
         self.serving_since = time.monotonic()
         with self.lock:

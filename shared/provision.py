@@ -161,6 +161,7 @@ def provision(
                 f"%R~{keys.dedup}",
                 f"%R~{keys.turn}",
                 f"%R~{keys.stop}",
+                f"%R~{keys.model}",  # the model record a worker checks its own against
                 f"%RW~{keys.finished}",
                 f"%RW~{keys.participant(p)}",
                 f"%RW~{keys.wake(p)}",

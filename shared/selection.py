@@ -63,6 +63,39 @@ def clip(values: np.ndarray, gamma: float) -> np.ndarray:
     return np.clip(values, -gamma, gamma).astype(np.float32, copy=False)
 
 
+def select_state(
+    delta: np.ndarray,
+    n_params: int,
+    theta_u: float,
+    gamma: float,
+    rule: str = "topk",
+    tau: float = 0.0,
+    rng: np.random.Generator | None = None,
+    send_buffers: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, values) of one update over the whole flat state (shared/models.py layout).
+
+    The parameters ``delta[:n_params]`` are selected (θu of them) and clipped to ±γ. The buffers
+    after them (BatchNorm running statistics and counters) are not gradients: their change after
+    an epoch can be far larger than γ, and clipping or ranking them against the parameters
+    loses them (measured in docs/TASKS.md), so they travel whole, with a budget of their own.
+    """
+    indices = select(delta[:n_params], theta_u, rule, tau, rng)
+    values = clip(delta[indices], gamma)
+    if not send_buffers or n_params == delta.size:
+        return indices, values
+    buffers = np.arange(n_params, delta.size, dtype=np.int64)
+    return (
+        np.concatenate([indices, buffers]),
+        np.concatenate([values, delta[n_params:].astype(np.float32)]),
+    )
+
+
+def entry_limit(n: int, n_buffers: int, theta_u: float) -> int:
+    """Most entries one update may carry: θu of the parameters, plus every buffer entry."""
+    return budget(n - n_buffers, theta_u) + n_buffers
+
+
 def most_updated(stat: np.ndarray, theta_d: float) -> np.ndarray:
     """Indices (sorted) of the θd fraction of parameters with the largest update counters."""
     n = stat.size

@@ -15,19 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch.utils.data import Dataset
 
 from shared import wire
 from shared.amqp_names import AmqpNames
 from shared.broker import Publisher
 from shared.config import RunConfig
-from shared.data import Mnist, prepare, shard_indices
-from shared.errors import BrokerError, StopRequested
+from shared.errors import BrokerError, ConfigError, StopRequested
 from shared.lifecycle import Backoff, StopFlag
-from shared.models import build_model, get_flat, set_flat
+from shared.models import get_flat, layout_of, set_flat
 from shared.privacy import PrivacyAccountant, SvtParams, epsilon_for, noise_rng, svt_select
-from shared.selection import budget, clip, most_updated, select
+from shared.selection import budget, most_updated, select_state
 from shared.store import RunStore
-from shared.training import LocalTrainer, labels_tensor
+from shared.tasks import LoadedTask, as_tensors, load_task
+from shared.training import LocalTrainer
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,11 @@ class Participant:
         store: RunStore,
         publisher: Publisher,
         stop: StopFlag,
-        data: Mnist | None,
+        data: Dataset | None,  # this participant's local data (task.local_data); None if synthetic
         synthetic: bool = False,
         record_dir: Path | None = None,
         hmac_key: bytes | None = None,
+        task: LoadedTask | None = None,
     ) -> None:
         self.pid, self.cfg, self.store, self.pub, self.stop = pid, cfg, store, publisher, stop
         self.synthetic = synthetic
@@ -81,26 +83,33 @@ class Participant:
             )
             + 1
         )
-        self.model = build_model(cfg.model, cfg.seed)
-        self.n = sum(p.numel() for p in self.model.parameters())
+        self.task = task or load_task(cfg.task)
+        self.model = self.task.build_model(cfg.seed)
+        self.layout = layout_of(self.model)
+        self.n = self.layout.n  # parameters, then buffers (shared/models.py)
         if not synthetic:
             assert data is not None
-            idx = shard_indices(
-                data.train_y, pid, cfg.participants, cfg.shard_size, cfg.seed, cfg.label_skew
-            )
+            x, y = as_tensors(data)
             self.trainer = LocalTrainer(
                 self.model,
-                prepare(data.train_x[idx], cfg.model),
-                labels_tensor(data.train_y[idx]),
+                x,
+                y,
                 cfg.lr,
                 cfg.batch_size,
                 seed=cfg.seed * 100_003 + pid + self.epochs,
+                loss=self.task.loss,
             )
         self.local = get_flat(self.model)
         self.budget_exhausted = ""
         self.svt: SvtParams | None = None
         self.accountant: PrivacyAccountant | None = None
         if cfg.dp_eps_per_value is not None:
+            if self.layout.n_buffers:
+                # Buffers are statistics of the local data sent whole: no DP bound covers them.
+                raise ConfigError(
+                    f"task {cfg.task}: DP needs a model without buffers, and "
+                    f"{self.layout.slots[-1].name!r} is one (BatchNorm statistics leak data)"
+                )
             c = budget(self.n, cfg.theta_u)
             self.svt = SvtParams(
                 epsilon=epsilon_for(cfg.dp_eps_per_value, c),
@@ -140,6 +149,7 @@ class Participant:
             self.store.trace("d", self.pid, self.seq)
         version, w, stat = self.store.read_params(with_stat=self.cfg.theta_d < 1.0)
         bytes_down = w.nbytes
+        own_buffers = self.local[self.layout.n_params :].copy()
         if self.cfg.theta_d >= 1.0:
             self.local[:] = w
         else:
@@ -151,6 +161,8 @@ class Participant:
                 chosen = most_updated(stat, self.cfg.theta_d)
             self.local[chosen] = w[chosen]
             bytes_down = chosen.size * 4
+        if self.cfg.buffers == "local":
+            self.local[self.layout.n_params :] = own_buffers  # they never leave, nor come in
         base = self.local.copy()
         t1 = time.perf_counter()
         if self.synthetic:
@@ -165,10 +177,16 @@ class Participant:
             if self.svt is not None:
                 indices, values = self._private_selection(delta)
             else:
-                indices = select(
-                    delta, self.cfg.theta_u, self.cfg.selection, self.cfg.effective_tau, self.rng
+                indices, values = select_state(
+                    delta,
+                    self.layout.n_params,
+                    self.cfg.theta_u,
+                    self.cfg.effective_gamma,
+                    self.cfg.selection,
+                    self.cfg.effective_tau,
+                    self.rng,
+                    send_buffers=self.cfg.buffers == "whole",
                 )
-                values = clip(delta[indices], self.cfg.effective_gamma)
         t2 = time.perf_counter()
         update = wire.Update(
             run_id=self.cfg.run_id,

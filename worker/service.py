@@ -17,15 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from shared.amqp_names import AmqpNames
 from shared.broker import Publisher
 from shared.config import Connections, RunConfig
-from shared.data import load_mnist
 from shared.errors import BrokerError, ConfigError, StopRequested, StoreError
 from shared.lifecycle import EXIT_OK, Backoff, StopFlag
 from shared.store import RunStore
 from shared.store import connect as redis_connect
+from shared.tasks import LoadedTask, check_model, context_for, load_task
 from worker.participant import Participant
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class WorkerSettings:
     hmac_key: bytes | None = field(default=None, repr=False)  # from `dssgd provision`
     amqp_user: str | None = None  # broker user; sent as user_id, which the broker verifies
     name: str = field(default_factory=lambda: f"worker@{socket.gethostname()}:{os.getpid()}")
+    task: str | None = None  # --task: this worker's copy of the task (default: the run's)
+    data_dir: Path | None = None  # --data DIR: handed to the task's local_data(ctx)
 
     def __post_init__(self) -> None:
         if any(p < 0 for p in self.participants):
@@ -66,8 +69,11 @@ class Worker:
         while True:
             try:
                 cfg = store.wait_config(self.stop)
+                task = self._task(store, cfg)  # before claiming ids: a refused worker takes none
                 pids = self._participants(store, cfg)
                 break
+            except StopRequested:
+                return EXIT_OK
             except StoreError as exc:
                 log.warning("Redis not reachable (%s); retrying", exc)
                 if not backoff.sleep(self.stop):
@@ -75,7 +81,6 @@ class Worker:
         bad = [p for p in pids if p >= cfg.participants]
         if bad:
             raise ConfigError(f"participant ids {bad} are outside 0..{cfg.participants - 1}")
-        data = None if self.s.synthetic else load_mnist(cfg.data)
         publisher = Publisher(
             self.s.connections.amqp_url,
             AmqpNames(cfg.run_id),
@@ -92,10 +97,11 @@ class Worker:
                         store,
                         publisher,
                         self.stop,
-                        data,
+                        None if self.s.synthetic else self._local_data(task, cfg, pid),
                         self.s.synthetic,
                         self.s.record_dir,
                         self.s.hmac_key,
+                        task,
                     )
                 )
             log.info(
@@ -121,6 +127,21 @@ class Worker:
             epochs,
         )
         return EXIT_OK
+
+    def _task(self, store: RunStore, cfg: RunConfig) -> LoadedTask:
+        """The task, refused when its model is not the run's (the aggregator records that)."""
+        task = load_task(self.s.task or cfg.task)
+        deadline = time.monotonic() + 120.0
+        while (record := self._with_retry(store.model_record)) is None:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"run {cfg.run_id!r} has no model record: is its aggregator up?")
+            if self.stop.wait(0.2):
+                raise StopRequested("stopped while waiting for the run's model")
+        check_model(task, record, cfg.run_id)
+        return task
+
+    def _local_data(self, task: LoadedTask, cfg: RunConfig, pid: int) -> Dataset:
+        return task.local_data(context_for(cfg, pid, self.s.data_dir))
 
     def _participants(self, store: RunStore, cfg: RunConfig) -> list[int]:
         if self.s.participants:
