@@ -180,6 +180,10 @@ class RunStore:
             raw = self.r.get(self.keys.model)
         return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
 
+    def has_params(self) -> bool:
+        with guarded("reading parameters"):
+            return bool(self.r.exists(self.keys.params))
+
     def read_params(self, with_stat: bool = False) -> tuple[int, np.ndarray, np.ndarray | None]:
         """(version, w, stat) read atomically; arrays are read-only views of the reply."""
         with guarded("reading parameters"):

@@ -226,7 +226,7 @@ def resolve(spec: str) -> Any:
             if spec.endswith(".py"):
                 raise TaskError(f"name the task object in the file: --task {spec}:NAME")
             raise TaskError(
-                f"unknown task {spec!r}; give FILE.py:NAME, package.module:NAME or one of "
+                f"unknown model or task {spec!r}; give FILE.py:NAME, package.module:NAME or "
                 f"{', '.join(registered_names())}"
             )
         return found
@@ -330,7 +330,7 @@ def _takes_argument(fn: Callable[..., Any]) -> bool:
 def load_task(spec: str) -> LoadedTask:
     """Find a task by its spec and check its shape (cached: every caller sees one object)."""
     if not isinstance(spec, str) or not spec.strip():
-        raise TaskError("the task spec is empty")
+        raise TaskError("unknown model or task: the task spec is empty")
     obj = resolve(spec.strip())
     if isinstance(obj, type):
         obj = _call(spec, f"{obj.__name__}()", obj)
@@ -417,3 +417,11 @@ def preflight(cfg: Any) -> LoadedTask:
     _ = task.layout
     central_test(cfg)  # also warms MNIST's cache for the workers
     return task
+
+
+def check_size(task: LoadedTask, n: int, run_id: str) -> None:
+    """For a run without a model record: at least the state sizes must agree."""
+    if task.layout.n != n:
+        raise TaskError(
+            f"task {task.spec}'s model has {task.layout.n} state entries, run {run_id!r} has {n}"
+        )

@@ -92,3 +92,34 @@ def evaluate(
 
 def labels_tensor(y: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+
+
+def norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
+    """The BatchNorm-style layers that keep running statistics."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+    ]
+
+
+@torch.no_grad()
+def refresh_norm_stats(model: nn.Module, x: torch.Tensor, batch_size: int) -> bool:
+    """Recompute every BatchNorm's running statistics for the model's current parameters.
+
+    The statistics become the plain average over one pass of ``x`` (momentum None), so they
+    describe exactly these parameters on this data. Returns False when the model has none.
+    """
+    layers = norm_layers(model)
+    if not layers:
+        return False
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for start in range(0, len(x), batch_size):
+        model(x[start : start + batch_size])
+    for m, momentum in zip(layers, momenta, strict=True):
+        m.momentum = momentum
+    return True

@@ -28,7 +28,7 @@ from shared.privacy import PrivacyAccountant, SvtParams, epsilon_for, noise_rng,
 from shared.selection import budget, most_updated, select_state
 from shared.store import RunStore
 from shared.tasks import LoadedTask, as_tensors, load_task
-from shared.training import LocalTrainer
+from shared.training import LocalTrainer, refresh_norm_stats
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,8 @@ class Participant:
                     self.rng,
                     send_buffers=self.cfg.buffers == "whole",
                 )
+                if self.layout.n_buffers and self.cfg.buffers == "whole":
+                    values[-self.layout.n_buffers :] = self._buffer_delta(base, indices, values)
         t2 = time.perf_counter()
         update = wire.Update(
             run_id=self.cfg.run_id,
@@ -240,6 +242,25 @@ class Participant:
             t_epoch=f"{self.t_epoch:.4f}",
         )
         return report
+
+    def _buffer_delta(
+        self, base: np.ndarray, indices: np.ndarray, values: np.ndarray
+    ) -> np.ndarray:
+        """Buffers for the state this update moves the global model to, as a change from base.
+
+        BatchNorm statistics only mean something next to the parameters they were measured
+        with. The locally trained model's are measured with all of its changes, but only θu of
+        them, clipped, reach the global model; so they are measured again, in one pass over the
+        local data, for base + the shared change (docs/TASKS.md, measured).
+        """
+        k = self.layout.n_params
+        shared = indices < k
+        projected = base.copy()
+        projected[indices[shared]] += values[shared]
+        set_flat(self.model, projected)
+        if not refresh_norm_stats(self.model, self.trainer.x, self.cfg.batch_size):
+            return (self.local - base)[k:]  # other buffers: their change after the epoch
+        return get_flat(self.model)[k:] - base[k:]
 
     def _private_selection(self, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The sparse vector technique; the ε is spent and recorded before anything is sent."""
