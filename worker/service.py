@@ -146,7 +146,11 @@ class Worker:
         return task
 
     def _local_data(self, task: LoadedTask, cfg: RunConfig, pid: int) -> Dataset:
-        return task.local_data(context_for(cfg, pid, self.s.data_dir))
+        ctx = context_for(cfg, pid, self.s.data_dir)
+        ds = task.local_data(ctx)
+        where = f"from {ctx.data_dir}" if ctx.data_dir else "(simulated split)"
+        log.info("participant %d: %d local examples %s", pid, len(ds), where)  # type: ignore[arg-type]
+        return ds
 
     def _participants(self, store: RunStore, cfg: RunConfig) -> list[int]:
         if self.s.participants:
