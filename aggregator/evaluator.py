@@ -11,7 +11,7 @@ import logging
 import math
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,6 +48,7 @@ class Evaluator:
             return
         if test is None:
             log.info("task %s has no central test set: participants evaluate", self.cfg.task)
+            self._federated()
             return
         last_version = -1
         start = time.time()
@@ -85,3 +86,46 @@ class Evaluator:
             log.info(
                 "version %d: test accuracy %.4f, loss %.4f", version, result.accuracy, result.loss
             )
+
+    def _federated(self) -> None:
+        """Record the participants' own evaluations (held-out parts) as the run's metrics."""
+        start, last = time.time(), None
+        while not self._stop.wait(self.cfg.eval_interval):
+            try:
+                point = federated_point(self.store.all_progress(self.cfg.participants))
+            except DssgdError as exc:
+                log.warning("could not read the participants' evaluations: %s", exc)
+                continue
+            if point is None or point["version"] == last:
+                continue
+            last = point["version"]
+            with self.agg.lock:
+                point.update(
+                    applied=self.agg.totals["applied"], bytes_in=self.agg.totals["bytes_in"]
+                )
+            point.update(time=time.time(), elapsed=time.time() - start)
+            self.agg.metrics.set_accuracy(point["accuracy"], point["loss"])
+            try:
+                self.store.push_metric(point)
+            except DssgdError as exc:
+                log.warning("could not record a metric: %s", exc)
+
+
+def federated_point(progress: dict[int, dict[str, str]]) -> dict[str, Any] | None:
+    """Example-weighted mean of the participants' latest held-out evaluations (pure)."""
+    rows = [p for p in progress.values() if "fed_examples" in p and "fed_accuracy" in p]
+    if not rows:
+        return None
+    weights = [int(p["fed_examples"]) for p in rows]
+    total = max(1, sum(weights))
+
+    def mean(key: str) -> float:
+        return sum(float(p.get(key, "nan")) * w for p, w in zip(rows, weights, strict=True)) / total
+
+    return {
+        "version": max(int(p["fed_version"]) for p in rows),
+        "accuracy": mean("fed_accuracy"),
+        "loss": mean("fed_loss"),
+        "source": "federated",
+        "reporting": len(rows),
+    }

@@ -37,6 +37,8 @@ def _mnist(source: str) -> Mnist:
 class MnistTask(Task):
     """The paper's MNIST models (log-softmax outputs, so the loss is NLL)."""
 
+    has_test_data = True  # MNIST's 10k test images (known without loading them)
+
     def __init__(self, model: str) -> None:
         self.model = model
 
@@ -101,6 +103,8 @@ def bundled_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 class BreastCancerTask(Task):
     """Malignant or benign from 30 features: a small MLP, cross-entropy on logits."""
+
+    has_test_data = True
 
     def __init__(self) -> None:
         self._scale: tuple[np.ndarray, np.ndarray] | None = None

@@ -160,6 +160,16 @@ def default_metrics(
     return {"accuracy": correct / n if classify else float("nan"), "loss": total / n}
 
 
+def holdout(
+    dataset: Dataset, seed: int, participant: int, fraction: float = 0.2
+) -> tuple[Subset, Subset]:
+    """(train, held out): a seeded ``fraction`` of a participant's data kept for evaluation."""
+    n = len(dataset)  # type: ignore[arg-type]
+    k = max(1, round(fraction * n)) if n > 1 else 0
+    perm = np.random.default_rng([seed, participant, 6]).permutation(n).tolist()
+    return Subset(dataset, perm[k:]), Subset(dataset, perm[:k])
+
+
 # --- finding a task -----------------------------------------------------------------------------
 
 
@@ -314,6 +324,14 @@ class LoadedTask:
             raise TaskError(f"task {self.spec}: metrics() returned {type(out).__name__}, not dict")
         return {str(k): float(v) for k, v in out.items()}
 
+    @functools.cached_property
+    def has_test_data(self) -> bool:
+        """Whether the aggregator can evaluate centrally (else participants evaluate)."""
+        known = getattr(self.obj, "has_test_data", None)
+        if isinstance(known, bool):
+            return known
+        return self.test_data() is not None
+
     def describe(self) -> str:
         """The model's tensor names, shapes and dtypes as JSON (stored with the run)."""
         return json.dumps(self.layout.describe(), separators=(",", ":"))
@@ -371,18 +389,22 @@ def model_record(task: LoadedTask) -> str:
     )
 
 
-def check_model(task: LoadedTask, record: str, run_id: str) -> None:
+def check_layout(layout: StateLayout, record: str, run_id: str, what: str) -> None:
     """Refuse to join a run whose model differs, naming the first tensor that differs."""
     try:
         stored = json.loads(record)
         theirs = stored["tensors"]
     except (ValueError, KeyError, TypeError) as exc:
         raise TaskError(f"run {run_id!r} has an unreadable model record: {exc}") from exc
-    diff = first_difference(task.layout.describe(), theirs)
+    diff = first_difference(layout.describe(), theirs)
     if diff is not None:
         raise TaskError(
-            f"task {task.spec}'s model differs from run {run_id!r}'s ({stored.get('task')}): {diff}"
+            f"{what}'s model differs from run {run_id!r}'s ({stored.get('task')}): {diff}"
         )
+
+
+def check_model(task: LoadedTask, record: str, run_id: str) -> None:
+    check_layout(task.layout, record, run_id, f"task {task.spec}")
 
 
 @functools.lru_cache(maxsize=32)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 from torch.utils.data import Dataset
 
 from shared import wire
@@ -27,7 +28,7 @@ from shared.models import get_flat, layout_of, set_flat
 from shared.privacy import PrivacyAccountant, SvtParams, epsilon_for, noise_rng, svt_select
 from shared.selection import budget, most_updated, select_state
 from shared.store import RunStore
-from shared.tasks import LoadedTask, as_tensors, load_task
+from shared.tasks import LoadedTask, as_tensors, holdout, load_task
 from shared.training import LocalTrainer, refresh_norm_stats
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Participant:
         record_dir: Path | None = None,
         hmac_key: bytes | None = None,
         task: LoadedTask | None = None,
+        model: nn.Module | None = None,  # own loop (worker/client.py): the user's own module
     ) -> None:
         self.pid, self.cfg, self.store, self.pub, self.stop = pid, cfg, store, publisher, stop
         self.synthetic = synthetic
@@ -84,11 +86,14 @@ class Participant:
             + 1
         )
         self.task = task or load_task(cfg.task)
-        self.model = self.task.build_model(cfg.seed)
+        self.model = model if model is not None else self.task.build_model(cfg.seed)
         self.layout = layout_of(self.model)
         self.n = self.layout.n  # parameters, then buffers (shared/models.py)
-        if not synthetic:
-            assert data is not None
+        self.trainer: LocalTrainer | None = None
+        self.heldout: Dataset | None = None  # federated evaluation when there is no test set
+        if not synthetic and data is not None:
+            if not self.task.has_test_data:
+                data, self.heldout = holdout(data, cfg.seed, pid)
             x, y = as_tensors(data)
             self.trainer = LocalTrainer(
                 self.model,
@@ -144,7 +149,26 @@ class Participant:
     # --- the epoch ------------------------------------------------------------------------------
 
     def run_epoch(self) -> EpochReport:
+        """download → (evaluate) → train → select → publish, confirmed."""
         t0 = time.perf_counter()
+        version, base, bytes_down = self.download()
+        t1 = time.perf_counter()
+        if self.synthetic:
+            indices, values, loss = self._synthetic_update()
+        else:
+            set_flat(self.model, base)
+            self._evaluate_download(version)
+            t_sgd = time.perf_counter()
+            assert self.trainer is not None
+            loss = self.trainer.epoch()
+            self.t_train += time.perf_counter() - t_sgd
+            indices, values = self.select(base)
+        return self.publish(
+            version, indices, values, loss, bytes_down, t0, time.perf_counter() - t1
+        )
+
+    def download(self) -> tuple[int, np.ndarray, int]:
+        """θd of the global state into the local copy: (version, base state, bytes read)."""
         if self.cfg.ordered:
             self.store.trace("d", self.pid, self.seq)
         version, w, stat = self.store.read_params(with_stat=self.cfg.theta_d < 1.0)
@@ -163,33 +187,39 @@ class Participant:
             bytes_down = chosen.size * 4
         if self.cfg.buffers == "local":
             self.local[self.layout.n_params :] = own_buffers  # they never leave, nor come in
-        base = self.local.copy()
-        t1 = time.perf_counter()
-        if self.synthetic:
-            indices, values, loss = self._synthetic_update()
-        else:
-            set_flat(self.model, base)
-            t_sgd = time.perf_counter()
-            loss = self.trainer.epoch()
-            self.t_train += time.perf_counter() - t_sgd
-            get_flat(self.model, out=self.local)
-            delta = self.local - base
-            if self.svt is not None:
-                indices, values = self._private_selection(delta)
-            else:
-                indices, values = select_state(
-                    delta,
-                    self.layout.n_params,
-                    self.cfg.theta_u,
-                    self.cfg.effective_gamma,
-                    self.cfg.selection,
-                    self.cfg.effective_tau,
-                    self.rng,
-                    send_buffers=self.cfg.buffers == "whole",
-                )
-                if self.layout.n_buffers and self.cfg.buffers == "whole":
-                    values[-self.layout.n_buffers :] = self._buffer_delta(base, indices, values)
-        t2 = time.perf_counter()
+        return version, self.local.copy(), bytes_down
+
+    def select(self, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Δw of the trained model against ``base``, selected, clipped (buffers whole)."""
+        get_flat(self.model, out=self.local)
+        delta = self.local - base
+        if self.svt is not None:
+            return self._private_selection(delta)
+        indices, values = select_state(
+            delta,
+            self.layout.n_params,
+            self.cfg.theta_u,
+            self.cfg.effective_gamma,
+            self.cfg.selection,
+            self.cfg.effective_tau,
+            self.rng,
+            send_buffers=self.cfg.buffers == "whole",
+        )
+        if self.layout.n_buffers and self.cfg.buffers == "whole":
+            values[-self.layout.n_buffers :] = self._buffer_delta(base, indices, values)
+        return indices, values
+
+    def publish(
+        self,
+        version: int,
+        indices: np.ndarray,
+        values: np.ndarray,
+        loss: float,
+        bytes_down: int,
+        t0: float,
+        seconds_train: float,
+    ) -> EpochReport:
+        """Encode, burn the sequence number, publish until confirmed, record progress."""
         update = wire.Update(
             run_id=self.cfg.run_id,
             participant=self.pid,
@@ -225,7 +255,7 @@ class Participant:
             len(body),
             bytes_down,
             loss,
-            t2 - t1,
+            seconds_train,
             time.perf_counter() - t0,
         )
         self.store.record_progress(
@@ -258,9 +288,22 @@ class Participant:
         projected = base.copy()
         projected[indices[shared]] += values[shared]
         set_flat(self.model, projected)
-        if not refresh_norm_stats(self.model, self.trainer.x, self.cfg.batch_size):
+        x = self.trainer.x if self.trainer is not None else None  # own loop: no data here
+        if x is None or not refresh_norm_stats(self.model, x, self.cfg.batch_size):
             return (self.local - base)[k:]  # other buffers: their change after the epoch
         return get_flat(self.model)[k:] - base[k:]
+
+    def _evaluate_download(self, version: int) -> None:
+        """Federated evaluation: the downloaded global model on this participant's held-out part."""
+        if self.heldout is None:
+            return
+        m = self.task.metrics(self.model, self.heldout)
+        self.store.record_progress(
+            self.pid,
+            fed_version=version,
+            fed_examples=len(self.heldout),  # type: ignore[arg-type]
+            **{f"fed_{k}": f"{v:.6g}" for k, v in m.items()},
+        )
 
     def _private_selection(self, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The sparse vector technique; the ε is spent and recorded before anything is sent."""
