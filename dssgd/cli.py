@@ -17,7 +17,6 @@ from shared.config import (
     DOWNLOADS,
     ORDERS,
     PRESETS,
-    RULES,
     VALUE_CODINGS,
     Connections,
     RunConfig,
@@ -27,6 +26,8 @@ from shared.config import (
 )
 from shared.errors import BrokerError, ConfigError, DataError, DssgdError, StoreError
 from shared.lifecycle import EXIT_ERROR, EXIT_UNAVAILABLE, EXIT_USAGE, setup_logging
+from shared.rules import rules_help
+from shared.selection import selection_help
 
 log = logging.getLogger("dssgd")
 
@@ -57,19 +58,13 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--theta-u", "theta_u", float, "fraction of Δw uploaded per epoch, θu (default 0.1)"),
     ("--theta-d", "theta_d", float, "fraction of parameters downloaded per epoch, θd (default 1)"),
     ("--download", "download", str, f"which θd fraction: {', '.join(DOWNLOADS)}"),
-    ("--selection", "selection", str, "topk (largest |Δw|) or threshold (random above τ)"),
+    ("--selection", "selection", str, selection_help()),
     ("--lr", "lr", float, "local SGD learning rate (default 0.2)"),
     ("--batch-size", "batch_size", int, "local mini-batch size (default 32)"),
     ("--gamma", "gamma", float, "bound γ on each shared value (default lr/4)"),
     ("--tau", "tau", float, "threshold τ for --selection threshold (default γ/10)"),
     ("--order", "order", str, f"{', '.join(ORDERS)} (default async)"),
-    (
-        "--rule",
-        "rule",
-        str,
-        f"server update rule: {', '.join(RULES)} (auto = staleness when "
-        "async, the paper's sum when ordered)",
-    ),
+    ("--rule", "rule", str, rules_help()),
     ("--staleness-exponent", "staleness_exponent", float, "a in the weight (1+staleness)^-a"),
     ("--stat-decay", "stat_decay", float, "the paper's β: stat := β·stat per update (1 = off)"),
     (

@@ -23,10 +23,13 @@ from typing import Any
 
 from shared.errors import ConfigError
 from shared.partition import parse as partition_scheme
+from shared.plugins import is_spec
+from shared.rules import UPDATE_RULES
+from shared.selection import SELECTION_RULES
 
 ORDERS = ("async", "round-robin", "random")
-SELECTIONS = ("topk", "threshold")
-RULES = ("auto", "sum", "staleness", "mean")
+SELECTIONS = tuple(SELECTION_RULES)  # and any pkg.mod:Name (shared/selection.py)
+RULES = ("auto", *UPDATE_RULES)  # and any pkg.mod:Name (shared/rules.py)
 VALUE_CODINGS = ("f32", "f16", "q8")
 DOWNLOADS = ("most-updated", "random")
 BUFFERS = ("whole", "local")
@@ -105,8 +108,8 @@ class RunConfig:
             problems.append(f"buffers must be one of {', '.join(BUFFERS)}, got {self.buffers!r}")
         if self.download not in DOWNLOADS:
             problems.append(f"download must be one of {', '.join(DOWNLOADS)}")
-        if self.selection not in SELECTIONS:
-            problems.append(f"selection must be one of {', '.join(SELECTIONS)}")
+        if self.selection not in SELECTIONS and not is_spec(self.selection):
+            problems.append(f"selection must be one of {', '.join(SELECTIONS)} or pkg.mod:Name")
         if not (math.isfinite(self.lr) and self.lr > 0):
             problems.append(f"learning rate must be > 0, got {self.lr}")
         if not 1 <= self.batch_size <= 50_000:
@@ -117,8 +120,10 @@ class RunConfig:
             problems.append(f"tau must be >= 0, got {self.tau}")
         if self.order not in ORDERS:
             problems.append(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
-        if self.rule not in RULES:
-            problems.append(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.rule not in RULES and not is_spec(self.rule):
+            problems.append(
+                f"rule must be one of {', '.join(RULES)} or pkg.mod:Name, got {self.rule!r}"
+            )
         if not (math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0):
             problems.append("staleness exponent must be >= 0")
         if not 0 < self.stat_decay <= 1:

@@ -21,16 +21,11 @@ back as one ``TaskError`` line that names the task and what is wrong, never as a
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib
-import importlib.util
 import inspect
 import json
 import logging
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -40,8 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from shared import partition
-from shared.errors import ConfigError
+from shared import partition, plugins
 from shared.models import StateLayout, fingerprint_of, first_difference, get_flat, layout_of, seeded
 
 log = logging.getLogger(__name__)
@@ -58,7 +52,7 @@ BUILTIN: dict[str, str] = {
 MODEL_ALIASES = {"mlp": "mnist-mlp", "cnn": "mnist-cnn"}
 
 
-class TaskError(ConfigError):
+class TaskError(plugins.PluginError):
     """A task cannot be found or does not keep its contract (a user mistake, one line)."""
 
 
@@ -173,55 +167,9 @@ def holdout(
 # --- finding a task -----------------------------------------------------------------------------
 
 
-def _import_file(path: Path) -> Any:
-    if not path.is_file():
-        raise TaskError(f"task file {path} does not exist")
-    name = "dssgd_task_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise TaskError(f"cannot load {path} as Python")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses and pickling inside the file look themselves up
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # the user's code: whatever it raises is their mistake, in one line
-        del sys.modules[name]
-        log.debug("importing %s failed", path, exc_info=True)
-        raise TaskError(f"task file {path} fails to import: {type(exc).__name__}: {exc}") from exc
-    return module
-
-
-def _import_module(name: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise TaskError(f"cannot import task module {name!r}: {exc}") from exc
-    except Exception as exc:
-        raise TaskError(f"task module {name} fails to import: {type(exc).__name__}: {exc}") from exc
-
-
-def _attribute(module: Any, name: str, where: str) -> Any:
-    if not hasattr(module, name):
-        public = sorted(k for k in vars(module) if not k.startswith("_"))
-        raise TaskError(f"{where} has no {name!r}; it defines {', '.join(public) or 'nothing'}")
-    return getattr(module, name)
-
-
-def _entry_point(name: str) -> Any | None:
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name == name:
-            try:
-                return ep.load()
-            except Exception as exc:
-                raise TaskError(f"entry point {name!r} ({ep.value}) fails to load: {exc}") from exc
-    return None
-
-
 def registered_names() -> list[str]:
     """Built-in task names and those registered under the ``dssgd.tasks`` entry-point group."""
-    return sorted({*BUILTIN, *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))})
+    return sorted({*BUILTIN, *plugins.entry_point_names(ENTRY_POINT_GROUP)})
 
 
 def resolve(spec: str) -> Any:
@@ -229,22 +177,20 @@ def resolve(spec: str) -> Any:
     spec = MODEL_ALIASES.get(spec, spec)
     if spec in BUILTIN:
         spec = BUILTIN[spec]
-    where, sep, attr = spec.rpartition(":")
-    if not sep:
-        found = _entry_point(spec)
+    if not plugins.is_spec(spec):
+        found = plugins.entry_point(ENTRY_POINT_GROUP, spec)
         if found is None:
             if spec.endswith(".py"):
                 raise TaskError(f"name the task object in the file: --task {spec}:NAME")
             raise TaskError(
                 f"unknown model or task {spec!r}; give FILE.py:NAME, package.module:NAME or "
-                f"{', '.join(registered_names())}"
+                f"one of {', '.join(registered_names())}"
             )
         return found
-    if not where or not attr:
-        raise TaskError(f"task spec {spec!r} must look like FILE.py:NAME or package.module:NAME")
-    if where.endswith(".py") or "/" in where or "\\" in where:
-        return _attribute(_import_file(Path(where).expanduser()), attr, where)
-    return _attribute(_import_module(where), attr, f"module {where}")
+    try:
+        return plugins.load_object(spec)
+    except plugins.PluginError as exc:
+        raise TaskError(f"task {spec}: {exc}") from exc
 
 
 # --- a checked task -----------------------------------------------------------------------------
@@ -349,9 +295,7 @@ def load_task(spec: str) -> LoadedTask:
     """Find a task by its spec and check its shape (cached: every caller sees one object)."""
     if not isinstance(spec, str) or not spec.strip():
         raise TaskError("unknown model or task: the task spec is empty")
-    obj = resolve(spec.strip())
-    if isinstance(obj, type):
-        obj = _call(spec, f"{obj.__name__}()", obj)
+    obj = plugins.instance(resolve(spec.strip()), spec)
     missing = [m for m in ("build_model", "local_data") if not callable(getattr(obj, m, None))]
     if missing:
         raise TaskError(f"task {spec} lacks {' and '.join(f'{m}()' for m in missing)}")
@@ -435,6 +379,11 @@ def evaluate_state(cfg: Any, w: np.ndarray) -> dict[str, float] | None:
 
 def preflight(cfg: Any) -> LoadedTask:
     """Find and check a run's task before any service starts (a bad task fails in one line)."""
+    from shared.rules import update_rule
+    from shared.selection import selection_rule
+
+    selection_rule(cfg.selection)  # user rules (pkg.mod:Name) are found now, not mid-run
+    update_rule(cfg.effective_rule)
     task = load_task(cfg.task)
     _ = task.layout
     central_test(cfg)  # also warms MNIST's cache for the workers

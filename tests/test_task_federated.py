@@ -90,7 +90,7 @@ def test_own_loop_pull_train_push(spec: str, tmp_path: Path, conns: Connections)
             time.sleep(0.2)
         task = load_task(spec)
         model = task.build_model()
-        with pytest.raises(ConfigError, match="'0.weight'"):
+        with pytest.raises(ConfigError, match=r"'0\.weight'"):
             Client(run_id, 1, torch.nn.Sequential(torch.nn.Linear(8, 4)), conns)
         client = Client(run_id, 0, model, conns)
         with pytest.raises(ConfigError, match="pull"):
