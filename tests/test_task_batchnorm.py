@@ -66,7 +66,9 @@ def write_task(tmp_path: Path) -> str:
     return f"{path}:TASK"
 
 
-def dssgd_run(spec: str, tmp_path: Path, env: dict[str, str] | None = None) -> dict:  # type: ignore[type-arg]
+def dssgd_run(
+    spec: str, tmp_path: Path, env: dict[str, str] | None = None, export: bool = False
+) -> dict:  # type: ignore[type-arg]
     run_id = f"test-{uuid.uuid4().hex[:8]}"
     cmd = [sys.executable, "-m", "dssgd", "run", "--run-id", run_id, "--task", spec]
     cmd += ["--participants", "4", "--epochs", "10", "--runs-dir", str(tmp_path), "--json"]
@@ -80,9 +82,36 @@ def dssgd_run(spec: str, tmp_path: Path, env: dict[str, str] | None = None) -> d
             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         )
         assert res.returncode == 0, res.stderr[-3000:]
-        return json.loads(res.stdout)
+        summary = json.loads(res.stdout)
+        if export:
+            summary["exported"] = export_and_reload(spec, run_id, tmp_path)
+        return summary
     finally:
         subprocess.run([sys.executable, "-m", "dssgd", "delete", run_id], cwd=ROOT, timeout=60)
+
+
+def export_and_reload(spec: str, run_id: str, tmp_path: Path) -> float:
+    """`dssgd export`: the model's own state-dict names, buffers included; evaluates the same."""
+    out = tmp_path / f"{run_id}.pt"
+    res = subprocess.run(
+        [sys.executable, "-m", "dssgd", "export", run_id, "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    task = load_task(spec)
+    model = task.build_model()
+    state = torch.load(out, weights_only=True)
+    assert list(state) == list(model.state_dict())  # "1.running_mean", "1.num_batches_tracked"…
+    model.load_state_dict(state)
+    assert float(state["1.running_mean"].mean()) != 0.0  # the statistics travelled
+    if out.with_suffix(".safetensors").exists():
+        from safetensors.torch import load_file
+
+        assert set(load_file(str(out.with_suffix(".safetensors")))) == set(state)
+    test = task.test_data()
+    assert test is not None
+    with torch.inference_mode():
+        return task.metrics(model, test)["accuracy"]
 
 
 def centralized(spec: str) -> float:
@@ -105,7 +134,7 @@ def test_batchnorm_task_file_matches_centralized_and_needs_its_buffers(
 ) -> None:
     spec = write_task(tmp_path)
     central = centralized(spec)
-    shared = dssgd_run(spec, tmp_path)
+    shared = dssgd_run(spec, tmp_path, export=True)
     local = dssgd_run(spec, tmp_path, {"DSSGD_BUFFERS": "local"})
     print(
         f"centralized {central:.4f}, dssgd {shared['accuracy']:.4f}, "
@@ -114,3 +143,4 @@ def test_batchnorm_task_file_matches_centralized_and_needs_its_buffers(
     assert central > 0.9
     assert shared["accuracy"] >= central - 0.02, (shared, central)
     assert local["accuracy"] < central - 0.2, (local, central)  # the negative control
+    assert shared["exported"] == pytest.approx(shared["accuracy"], abs=1e-6)
