@@ -225,3 +225,45 @@ def test_user_rules_resolve_by_spec(tmp_path: Path) -> None:
     assert UpdateRule(f"{path}:Half").weight(9) == 0.5
     with pytest.raises(ValueError, match="unknown update rule"):
         UpdateRule("median")
+
+
+def test_a_task_registered_as_an_entry_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "ep_task_mod.py").write_text(GOOD)
+    info = tmp_path / "ep_task_dist-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-task-dist\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[dssgd.tasks]\nmy-ep-task = ep_task_mod:TASK\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    task = load_task("my-ep-task")
+    assert isinstance(task.build_model(), nn.Linear)
+    from shared.tasks import registered_names
+
+    assert "my-ep-task" in registered_names()
+
+
+def test_configurations_stored_by_earlier_versions_still_load() -> None:
+    from shared.config import RunConfig
+
+    old = RunConfig().to_json()
+    raw = {k: v for k, v in json.loads(old).items() if k not in ("task", "partition", "buffers")}
+    raw["model"] = "cnn"
+    cfg = RunConfig.from_json(json.dumps(raw))
+    assert (cfg.task, cfg.model, cfg.partition_spec) == ("mnist-cnn", "cnn", "iid")
+    assert RunConfig(task="x.py:T").model == "x.py:T"
+    assert RunConfig(model="cnn").replace(task="mnist-mlp").model == "mlp"
+
+
+def test_a_bad_task_on_the_command_line_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    res = subprocess.run(
+        [sys.executable, "-m", "dssgd", "run", "--task", f"{tmp_path}/missing.py:TASK"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "does not exist" in res.stderr, res.stderr
