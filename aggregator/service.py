@@ -35,7 +35,6 @@ from shared.broker import declare_topology, tune_for_large_messages
 from shared.config import Connections, RunConfig
 from shared.errors import BrokerError, ConfigError, FencedError, StoreError, ValidationError
 from shared.lifecycle import EXIT_FENCED, EXIT_OK, Backoff, StopFlag
-from shared.models import initial_parameters, model_spec
 from shared.provision import participant_user
 from shared.rules import UpdateRule, apply_update, bound_l2, decay
 from shared.store import AggregatorState, RunStore
@@ -129,9 +128,9 @@ class Aggregator:
         r = redis_connect(self.s.connections.redis_url)
         store = RunStore(r, self.s.run_id)
         cfg = self._config(store)
-        spec = model_spec(cfg.task)
-        store.init_params(initial_parameters(cfg.task, cfg.seed))
-        store.init_model(model_record(load_task(cfg.task)))  # workers check theirs against it
+        task = load_task(cfg.task)
+        store.init_params(task.initial_state(cfg.seed))
+        store.init_model(model_record(task))  # workers check their model against it
         fence = store.take_fence()
         self.serving_since = time.monotonic()
         with self.lock:
@@ -144,8 +143,8 @@ class Aggregator:
         log.info(
             "run %s: serving %s (n=%d) at version %d, rule %s, order %s, fence %d",
             cfg.run_id,
-            cfg.model,
-            spec.n_params,
+            cfg.task,
+            task.layout.n,
             self.state.version,
             self.rule.name,
             cfg.order,

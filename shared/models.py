@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.errors import ConfigError
+
 
 class PaperCNN(nn.Module):
     """The paper's MNIST CNN on 32×32 inputs: exactly 105,506 parameters."""
@@ -72,13 +74,13 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def model_spec(name: str) -> ModelSpec:
-    """The spec of a paper model (``mlp``, ``cnn``) or of any task's model (``--task`` spec)."""
-    if name in MODELS:
+    """One of the paper's two models by name (any other model comes with a task: shared/tasks)."""
+    try:
         return MODELS[name]
-    from shared.tasks import load_task  # a task spec: tasks build on this module, not vice versa
-
-    task = load_task(name)
-    return ModelSpec(name, task.obj.build_model, (), task.layout.n)
+    except KeyError:
+        raise ConfigError(
+            f"unknown model {name!r}; choose one of {', '.join(MODELS)} (or --task FILE.py:NAME)"
+        ) from None
 
 
 def seeded(factory: Callable[[], nn.Module], seed: int | None) -> nn.Module:
@@ -92,7 +94,7 @@ def seeded(factory: Callable[[], nn.Module], seed: int | None) -> nn.Module:
 
 
 def build_model(name: str, seed: int | None = None) -> nn.Module:
-    """Build a paper model (or a task's, by its spec); with a seed, identical in every process."""
+    """Build a paper model; with a seed every process gets the same initial state."""
     return seeded(model_spec(name).factory, seed)
 
 
