@@ -86,24 +86,7 @@ class Participant:
             + 1
         )
         self.task = task or load_task(cfg.task)
-        self.model = model if model is not None else self.task.build_model(cfg.seed)
-        self.layout = layout_of(self.model)
-        self.n = self.layout.n  # parameters, then buffers (shared/models.py)
-        self.trainer: LocalTrainer | None = None
-        self.heldout: Dataset | None = None  # federated evaluation when there is no test set
-        if not synthetic and data is not None:
-            if not self.task.has_test_data:
-                data, self.heldout = holdout(data, cfg.seed, pid)
-            x, y = as_tensors(data)
-            self.trainer = LocalTrainer(
-                self.model,
-                x,
-                y,
-                cfg.lr,
-                cfg.batch_size,
-                seed=cfg.seed * 100_003 + pid + self.epochs,
-                loss=self.task.loss,
-            )
+        self._build(model, data)
         self.local = get_flat(self.model)
         self.budget_exhausted = ""
         self.svt: SvtParams | None = None
@@ -132,6 +115,28 @@ class Participant:
                 else PrivacyAccountant(
                     eps_per_epoch=self.svt.epsilon, delta_prime=cfg.dp_delta, budget=cfg.dp_budget
                 )
+            )
+
+    def _build(self, model: nn.Module | None, data: Dataset | None) -> None:
+        """The model (the task's, or the own-loop user's) and the local trainer."""
+        cfg, pid, synthetic = self.cfg, self.pid, self.synthetic
+        self.model = model if model is not None else self.task.build_model(cfg.seed)
+        self.layout = layout_of(self.model)
+        self.n = self.layout.n  # parameters, then buffers (shared/models.py)
+        self.trainer: LocalTrainer | None = None
+        self.heldout: Dataset | None = None  # federated evaluation when there is no test set
+        if not synthetic and data is not None:
+            if not self.task.has_test_data:
+                data, self.heldout = holdout(data, cfg.seed, pid)
+            x, y = as_tensors(data)
+            self.trainer = LocalTrainer(
+                self.model,
+                x,
+                y,
+                cfg.lr,
+                cfg.batch_size,
+                seed=cfg.seed * 100_003 + pid + self.epochs,
+                loss=self.task.loss,
             )
 
     @property
