@@ -32,10 +32,10 @@ from shared.broker import Consumer, Delivery, tune_for_large_messages
 from shared.config import Connections, RunConfig
 from shared.errors import BrokerError, ConfigError, FencedError, StoreError
 from shared.lifecycle import EXIT_FENCED, EXIT_OK, Backoff, StopFlag
-from shared.models import initial_parameters, model_spec
 from shared.rules import UpdateRule
 from shared.store import AggregatorState, RunStore
 from shared.store import connect as redis_connect
+from shared.tasks import load_task, model_record
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,9 @@ class Aggregator:
         r = redis_connect(self.s.connections.redis_url)
         store = RunStore(r, self.s.run_id)
         cfg = self._config(store)
-        spec = model_spec(cfg.model)
-        store.init_params(initial_parameters(cfg.model, cfg.seed))
+        task = load_task(cfg.task)
+        store.init_params(task.initial_state(cfg.seed))
+        store.init_model(model_record(task))  # workers check their model against it
         fence = store.take_fence()
         self.serving_since = time.monotonic()
         with self.lock:
@@ -135,14 +136,14 @@ class Aggregator:
         self.rule = UpdateRule(cfg.effective_rule, cfg.staleness_exponent, cfg.participants)
         # Rate state lives as long as the session: a restart forgets it, which gives a key
         # holder at most one extra burst (docs/RELIABILITY.md).
-        self.admission = Admission(cfg, spec.n_params, self.s.keys)
+        self.admission = Admission(cfg, task.layout.n, self.s.keys)
         if self.evaluator is None and self.s.evaluate:
             self.evaluator = Evaluator(self.snapshot, store, cfg, self.metrics)
         log.info(
             "run %s: serving %s (n=%d) at version %d, rule %s, order %s, fence %d",
             cfg.run_id,
-            cfg.model,
-            spec.n_params,
+            cfg.task,
+            task.layout.n,
             self.state.version,
             self.rule.name,
             cfg.order,

@@ -12,7 +12,8 @@ import numpy as np
 
 from shared.config import RunConfig
 from shared.errors import ValidationError
-from shared.selection import budget
+from shared.selection import entry_limit
+from shared.tasks import buffer_entries
 from shared.wire import Update
 
 # float32 rounding of a value clipped to γ in float64 may land one ulp above γ (6e-8 relative),
@@ -28,12 +29,14 @@ def validate(update: Update, cfg: RunConfig, n: int) -> None:
             "unknown-participant",
             f"participant {update.participant} not in 0..{cfg.participants - 1}",
         )
-    limit = budget(n, cfg.theta_u)
+    # Buffers (after the parameters) travel whole and unclipped: shared/selection.select_state.
+    buffers = buffer_entries(cfg.task) if cfg.buffers == "whole" else 0
+    limit = entry_limit(n, buffers, cfg.theta_u)
     if update.count > limit:
         raise ValidationError("too-many-entries", f"{update.count} entries, θu allows {limit}")
-    if update.count:
-        values = update.values
-        if update.peak is None:  # not from wire.decode, which refuses non-finite values
+    values = update.values[update.indices < n - buffers] if buffers else update.values
+    if values.size:
+        if update.peak is None or buffers:  # not from wire.decode, which refuses non-finite values
             if not np.isfinite(values).all():
                 raise ValidationError("non-finite", "values must be finite")
             peak = float(np.abs(values).max())

@@ -263,6 +263,20 @@ class RunStore:
             created = pipe.execute()
         return bool(created[0])
 
+    def init_model(self, record: str) -> bool:
+        """Store the run's model record (shared/tasks.py) unless it exists."""
+        with guarded("recording the model"):
+            return bool(self.r.set(self.keys.model, record, nx=True))
+
+    def model_record(self) -> str | None:
+        with guarded("reading the model record"):
+            raw = self.r.get(self.keys.model)
+        return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def has_params(self) -> bool:
+        with guarded("reading parameters"):
+            return bool(self.r.exists(self.keys.params))
+
     def read_params(self, with_stat: bool = False) -> tuple[int, np.ndarray, np.ndarray | None]:
         """(version, w, stat) read atomically; arrays are read-only views of the reply."""
         with guarded("reading parameters"):

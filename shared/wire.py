@@ -377,7 +377,9 @@ def _encode_values(
         if bound is not None:
             # Round to nearest may land above a bound that is not a float16 number (half of all
             # γ): step those entries toward zero, which puts them back within |v| <= bound.
-            over = np.abs(half.astype(np.float64)) > bound
+            # Only values within the bound move: a larger one (a buffer sent whole) keeps its
+            # nearest float16.
+            over = (np.abs(half.astype(np.float64)) > bound) & (np.abs(values) <= bound)
             if over.any():
                 half[over] = np.nextafter(half[over], np.float16(0))
         return half.tobytes()

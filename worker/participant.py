@@ -15,19 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch import nn
+from torch.utils.data import Dataset
 
 from shared import wire
 from shared.amqp_names import AmqpNames
 from shared.broker import Publisher
 from shared.config import RunConfig
-from shared.data import Mnist, prepare, shard_indices
-from shared.errors import BrokerError, StopRequested
+from shared.errors import BrokerError, ConfigError, StopRequested
 from shared.lifecycle import Backoff, StopFlag
-from shared.models import build_model, get_flat, set_flat
+from shared.models import get_flat, layout_of, set_flat
 from shared.privacy import PrivacyAccountant, SvtParams, epsilon_for, noise_rng, svt_select
-from shared.selection import budget, clip, most_updated, select
+from shared.selection import budget, most_updated, select_state
 from shared.store import RunStore
-from shared.training import LocalTrainer, labels_tensor
+from shared.tasks import LoadedTask, as_tensors, holdout, load_task
+from shared.training import LocalTrainer, refresh_norm_stats
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,12 @@ class Participant:
         store: RunStore,
         publisher: Publisher,
         stop: StopFlag,
-        data: Mnist | None,
+        data: Dataset | None,  # this participant's local data (task.local_data); None if synthetic
         synthetic: bool = False,
         record_dir: Path | None = None,
         hmac_key: bytes | None = None,
+        task: LoadedTask | None = None,
+        model: nn.Module | None = None,  # own loop (worker/client.py): the user's own module
     ) -> None:
         self.pid, self.cfg, self.store, self.pub, self.stop = pid, cfg, store, publisher, stop
         self.synthetic = synthetic
@@ -88,26 +92,19 @@ class Participant:
             )
             + 1
         )
-        self.model = build_model(cfg.model, cfg.seed)
-        self.n = sum(p.numel() for p in self.model.parameters())
-        if not synthetic:
-            assert data is not None
-            idx = shard_indices(
-                data.train_y, pid, cfg.participants, cfg.shard_size, cfg.seed, cfg.label_skew
-            )
-            self.trainer = LocalTrainer(
-                self.model,
-                prepare(data.train_x[idx], cfg.model),
-                labels_tensor(data.train_y[idx]),
-                cfg.lr,
-                cfg.batch_size,
-                seed=cfg.seed * 100_003 + pid + self.epochs,
-            )
+        self.task = task or load_task(cfg.task)
+        self._build(model, data)
         self.local = get_flat(self.model)
         self.budget_exhausted = ""
         self.svt: SvtParams | None = None
         self.accountant: PrivacyAccountant | None = None
         if cfg.dp_eps_per_value is not None:
+            if self.layout.n_buffers:
+                # Buffers are statistics of the local data sent whole: no DP bound covers them.
+                raise ConfigError(
+                    f"task {cfg.task}: DP needs a model without buffers, and "
+                    f"{self.layout.slots[-1].name!r} is one (BatchNorm statistics leak data)"
+                )
             c = budget(self.n, cfg.theta_u)
             self.svt = SvtParams(
                 epsilon=epsilon_for(cfg.dp_eps_per_value, c),
@@ -127,6 +124,28 @@ class Participant:
                 )
             )
 
+    def _build(self, model: nn.Module | None, data: Dataset | None) -> None:
+        """The model (the task's, or the own-loop user's) and the local trainer."""
+        cfg, pid, synthetic = self.cfg, self.pid, self.synthetic
+        self.model = model if model is not None else self.task.build_model(cfg.seed)
+        self.layout = layout_of(self.model)
+        self.n = self.layout.n  # parameters, then buffers (shared/models.py)
+        self.trainer: LocalTrainer | None = None
+        self.heldout: Dataset | None = None  # federated evaluation when there is no test set
+        if not synthetic and data is not None:
+            if not self.task.has_test_data:
+                data, self.heldout = holdout(data, cfg.seed, pid)
+            x, y = as_tensors(data)
+            self.trainer = LocalTrainer(
+                self.model,
+                x,
+                y,
+                cfg.lr,
+                cfg.batch_size,
+                seed=cfg.seed * 100_003 + pid + self.epochs,
+                loss=self.task.loss,
+            )
+
     @property
     def done(self) -> bool:
         if self.accountant is not None and not self.accountant.can_spend():
@@ -142,11 +161,31 @@ class Participant:
     # --- the epoch ------------------------------------------------------------------------------
 
     def run_epoch(self) -> EpochReport:
+        """download → (evaluate) → train → select → publish, confirmed."""
         t0 = time.perf_counter()
+        version, base, bytes_down = self.download()
+        t1 = time.perf_counter()
+        if self.synthetic:
+            indices, values, loss = self._synthetic_update()
+        else:
+            set_flat(self.model, base)
+            self._evaluate_download(version)
+            t_sgd = time.perf_counter()
+            assert self.trainer is not None
+            loss = self.trainer.epoch()
+            self.t_train += time.perf_counter() - t_sgd
+            indices, values = self.select(base)
+        return self.publish(
+            version, indices, values, loss, bytes_down, t0, time.perf_counter() - t1
+        )
+
+    def download(self) -> tuple[int, np.ndarray, int]:
+        """θd of the global state into the local copy: (version, base state, bytes read)."""
         if self.cfg.ordered:
             self.store.trace("d", self.pid, self.seq)
         version, w, stat = self.store.read_params(with_stat=self.cfg.theta_d < 1.0)
         bytes_down = w.nbytes
+        own_buffers = self.local[self.layout.n_params :].copy()
         if self.cfg.theta_d >= 1.0:
             self.local[:] = w
         else:
@@ -158,25 +197,41 @@ class Participant:
                 chosen = most_updated(stat, self.cfg.theta_d)
             self.local[chosen] = w[chosen]
             bytes_down = chosen.size * 4
-        base = self.local.copy()
-        t1 = time.perf_counter()
-        if self.synthetic:
-            indices, values, loss = self._synthetic_update()
-        else:
-            set_flat(self.model, base)
-            t_sgd = time.perf_counter()
-            loss = self.trainer.epoch()
-            self.t_train += time.perf_counter() - t_sgd
-            get_flat(self.model, out=self.local)
-            delta = self.local - base
-            if self.svt is not None:
-                indices, values = self._private_selection(delta)
-            else:
-                indices = select(
-                    delta, self.cfg.theta_u, self.cfg.selection, self.cfg.effective_tau, self.rng
-                )
-                values = clip(delta[indices], self.cfg.effective_gamma)
-        t2 = time.perf_counter()
+        if self.cfg.buffers == "local":
+            self.local[self.layout.n_params :] = own_buffers  # they never leave, nor come in
+        return version, self.local.copy(), bytes_down
+
+    def select(self, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Δw of the trained model against ``base``, selected, clipped (buffers whole)."""
+        get_flat(self.model, out=self.local)
+        delta = self.local - base
+        if self.svt is not None:
+            return self._private_selection(delta)
+        indices, values = select_state(
+            delta,
+            self.layout.n_params,
+            self.cfg.theta_u,
+            self.cfg.effective_gamma,
+            self.cfg.selection,
+            self.cfg.effective_tau,
+            self.rng,
+            send_buffers=self.cfg.buffers == "whole",
+        )
+        if self.layout.n_buffers and self.cfg.buffers == "whole":
+            values[-self.layout.n_buffers :] = self._buffer_delta(base, indices, values)
+        return indices, values
+
+    def publish(
+        self,
+        version: int,
+        indices: np.ndarray,
+        values: np.ndarray,
+        loss: float,
+        bytes_down: int,
+        t0: float,
+        seconds_train: float,
+    ) -> EpochReport:
+        """Encode, burn the sequence number, publish until confirmed, record progress."""
         update = wire.Update(
             run_id=self.cfg.run_id,
             participant=self.pid,
@@ -218,7 +273,7 @@ class Participant:
             len(body),
             bytes_down,
             loss,
-            t2 - t1,
+            seconds_train,
             time.perf_counter() - t0,
         )
         self.store.record_progress(
@@ -235,6 +290,38 @@ class Participant:
             t_epoch=f"{self.t_epoch:.4f}",
         )
         return report
+
+    def _buffer_delta(
+        self, base: np.ndarray, indices: np.ndarray, values: np.ndarray
+    ) -> np.ndarray:
+        """Buffers for the state this update moves the global model to, as a change from base.
+
+        BatchNorm statistics only mean something next to the parameters they were measured
+        with. The locally trained model's are measured with all of its changes, but only θu of
+        them, clipped, reach the global model; so they are measured again, in one pass over the
+        local data, for base + the shared change (docs/TASKS.md, measured).
+        """
+        k = self.layout.n_params
+        shared = indices < k
+        projected = base.copy()
+        projected[indices[shared]] += values[shared]
+        set_flat(self.model, projected)
+        x = self.trainer.x if self.trainer is not None else None  # own loop: no data here
+        if x is None or not refresh_norm_stats(self.model, x, self.cfg.batch_size):
+            return (self.local - base)[k:]  # other buffers: their change after the epoch
+        return get_flat(self.model)[k:] - base[k:]
+
+    def _evaluate_download(self, version: int) -> None:
+        """Federated evaluation: the downloaded global model on this participant's held-out part."""
+        if self.heldout is None:
+            return
+        m = self.task.metrics(self.model, self.heldout)
+        self.store.record_progress(
+            self.pid,
+            fed_version=version,
+            fed_examples=len(self.heldout),  # type: ignore[arg-type]
+            **{f"fed_{k}": f"{v:.6g}" for k, v in m.items()},
+        )
 
     def _private_selection(self, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The sparse vector technique; the ε is spent and recorded before anything is sent."""
