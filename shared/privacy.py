@@ -158,8 +158,8 @@ def svt_select(
 
     1. draw the threshold noise r_τ ~ Lap(σ(ε1));
     2. visit the entries in a uniformly random order; for entry j draw r_j ~ Lap(2σ(ε1));
-    3. if |clip(Δw_j, γ)| + r_j ≥ τ + r_τ, release clip(Δw_j + Lap(σ(ε2)), γ), count it and draw
-       a fresh r_τ;
+    3. if |clip(Δw_j, γ)| + r_j ≥ τ + r_τ, release clip(clip(Δw_j, γ) + Lap(σ(ε2)), γ), count it
+       and draw a fresh r_τ;
     4. stop after c releases (or when every entry has been visited).
 
     Privacy: steps 1–3's selection is Dwork–Roth's Sparse with c above-threshold answers, queries
@@ -201,7 +201,10 @@ def svt_select(
     released = _scan(scores[candidates].tolist(), thresholds.tolist(), max_releases)
     chosen = order[candidates[released]]
 
-    noisy = d64[chosen] + rng.laplace(0.0, params.value_scale, size=chosen.size)
+    # Clip *before* the noise: Δf = 2γ, and so the Laplace scale, holds only for the clipped value;
+    # noise on the raw Δw_j has unbounded sensitivity. The outer clip is post-processing.
+    clipped = np.clip(d64[chosen], -gamma, gamma)
+    noisy = clipped + rng.laplace(0.0, params.value_scale, size=chosen.size)
     bound = _float32_bound(gamma)
     values = np.clip(noisy, -bound, bound).astype(np.float32)
     by_index = np.argsort(chosen, kind="stable")
