@@ -80,8 +80,8 @@ class AggregatorMetrics:
         self._loss = Gauge("dssgd_test_loss", "Test loss of the global model", run, registry=reg)
         self._epsilon = Gauge(
             "dssgd_epsilon_spent",
-            "Differential-privacy budget ε spent",
-            (*run, "participant"),
+            "Differential-privacy budget ε spent (the tightest valid bound, named by `bound`)",
+            (*run, "participant", "bound"),
             registry=reg,
         )
         self._batch_size = Gauge(
@@ -136,9 +136,9 @@ class AggregatorMetrics:
         self._accuracy.labels(self.run_id).set(accuracy)
         self._loss.labels(self.run_id).set(loss)
 
-    def set_epsilon(self, participant: int, epsilon: float) -> None:
-        """Record the privacy budget a participant has spent so far."""
-        self._epsilon.labels(self.run_id, str(participant)).set(epsilon)
+    def set_epsilon(self, participant: int, epsilon: float, bound: str = "basic") -> None:
+        """Record the privacy budget a participant has spent so far, and which bound it is."""
+        self._epsilon.labels(self.run_id, str(participant), bound).set(epsilon)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""

@@ -96,6 +96,8 @@ class Participant:
                 cfg.batch_size,
                 seed=cfg.seed * 100_003 + pid + self.epochs,
             )
+            if cfg.dpsgd:
+                self._use_dpsgd(progress)
         self.local = get_flat(self.model)
         self.budget_exhausted = ""
         self.svt: SvtParams | None = None
@@ -116,12 +118,55 @@ class Participant:
                 )
                 if any(k.startswith("dp_") for k in progress)
                 else PrivacyAccountant(
-                    eps_per_epoch=self.svt.epsilon, delta_prime=cfg.dp_delta, budget=cfg.dp_budget
+                    eps_per_epoch=self.svt.epsilon,
+                    delta_prime=cfg.dp_delta,
+                    budget=cfg.dp_budget,
+                    c=c,
                 )
             )
 
+    def _use_dpsgd(self, progress: dict[str, str]) -> None:
+        """Replace the local epoch by DP-SGD, with σ derived from the run's ε, δ and length."""
+        # Imported here: dp-accounting and torch.func cost about a second a process without DP.
+        from shared.accounting import DpSgdAccountant, noise_multiplier
+        from shared.dpsgd import DpSgdTrainer
+
+        cfg = self.cfg
+        assert cfg.dp_epsilon is not None
+        x, y = self.trainer.x, self.trainer.y
+        q = min(1.0, cfg.batch_size / len(x))
+        steps = -(-len(x) // cfg.batch_size)
+        sigma = cfg.dp_noise_multiplier or noise_multiplier(
+            cfg.dp_epsilon, cfg.dp_delta, q, steps * cfg.epochs
+        )
+        self.trainer = DpSgdTrainer(  # type: ignore[assignment]
+            self.model, x, y, cfg.lr, cfg.batch_size, cfg.dp_clip, sigma
+        )
+        self.dpsgd: DpSgdAccountant | None = DpSgdAccountant(
+            sigma, q, cfg.dp_delta, cfg.dp_epsilon, int(progress.get("dp_steps", 0))
+        )
+        log.info(
+            "participant %d: DP-SGD with σ %.4g, q %.4g, C %g", self.pid, sigma, q, cfg.dp_clip
+        )
+
+    def _dpsgd_exhausted(self) -> bool:
+        acc = getattr(self, "dpsgd", None)
+        if acc is None or acc.can_run(self.trainer.steps_per_epoch):
+            return False
+        if not self.budget_exhausted:
+            nxt = acc.epsilon_after(acc.steps + self.trainer.steps_per_epoch)
+            self.budget_exhausted = (
+                f"privacy budget exhausted: DP-SGD ε spent {acc.total:.4g} (PLD, δ {acc.delta:g}),"
+                f" one more epoch would make it {nxt:.4g} > budget {acc.budget:.4g}; "
+                f"participant {self.pid} stops publishing"
+            )
+            log.warning("%s", self.budget_exhausted)
+        return True
+
     @property
     def done(self) -> bool:
+        if self._dpsgd_exhausted():
+            return True
         if self.accountant is not None and not self.accountant.can_spend():
             if not self.budget_exhausted:
                 self.budget_exhausted = (
@@ -160,6 +205,7 @@ class Participant:
             t_sgd = time.perf_counter()
             loss = self.trainer.epoch()
             self.t_train += time.perf_counter() - t_sgd
+            self._record_dpsgd()
             get_flat(self.model, out=self.local)
             delta = self.local - base
             if self.svt is not None:
@@ -222,6 +268,13 @@ class Participant:
             t_epoch=f"{self.t_epoch:.4f}",
         )
         return report
+
+    def _record_dpsgd(self) -> None:
+        """The steps just taken are spent whether or not the update is published: record them."""
+        acc = getattr(self, "dpsgd", None)
+        if acc is not None:
+            acc.steps += self.trainer.steps_per_epoch
+            self.store.record_progress(self.pid, **{f"dp_{k}": v for k, v in acc.to_dict().items()})
 
     def _private_selection(self, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The sparse vector technique; the ε is spent and recorded before anything is sent."""
