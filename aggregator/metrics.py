@@ -80,7 +80,14 @@ class AggregatorMetrics:
         self._loss = Gauge("dssgd_test_loss", "Test loss of the global model", run, registry=reg)
         self._epsilon = Gauge(
             "dssgd_epsilon_spent",
-            "Differential-privacy budget ε spent (the tightest valid bound, named by `bound`)",
+            "Differential-privacy budget ε spent (the tightest valid bound, named by "
+            "dssgd_epsilon_bound)",
+            (*run, "participant"),
+            registry=reg,
+        )
+        self._epsilon_bound = Gauge(
+            "dssgd_epsilon_bound",
+            "1 for the bound dssgd_epsilon_spent reports: pld, advanced or basic composition",
             (*run, "participant", "bound"),
             registry=reg,
         )
@@ -138,7 +145,9 @@ class AggregatorMetrics:
 
     def set_epsilon(self, participant: int, epsilon: float, bound: str = "basic") -> None:
         """Record the privacy budget a participant has spent so far, and which bound it is."""
-        self._epsilon.labels(self.run_id, str(participant), bound).set(epsilon)
+        self._epsilon.labels(self.run_id, str(participant)).set(epsilon)
+        for name in ("pld", "advanced", "basic"):
+            self._epsilon_bound.labels(self.run_id, str(participant), name).set(name == bound)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""
