@@ -122,22 +122,18 @@ class DpSgdTrainer:
         return total
 
     def epoch(self) -> float:
-        """ceil(|D|/B) Poisson-sampled DP-SGD steps; returns the mean loss of the sampled records.
+        """ceil(|D|/B) Poisson-sampled DP-SGD steps. Returns NaN, not a loss.
 
-        The loss is a training diagnostic computed on the participant's own data and stays local.
+        A training loss computed on the records would be a release outside the mechanism, so
+        none is computed: the participant publishes "nan" in its progress.
         """
         self.model.train()
         params = dict(self.model.named_parameters())
-        total, count = 0.0, 0
         for _ in range(self.steps_per_epoch):
             mask = torch.rand(len(self.x), generator=self.gen) < self.q
-            idx = torch.nonzero(mask).flatten()
-            g = self.noisy_gradient(idx)
+            g = self.noisy_gradient(torch.nonzero(mask).flatten())
             with torch.no_grad():
-                if idx.numel() > 0:
-                    total += float(self.loss(self.model(self.x[idx]), self.y[idx])) * len(idx)
-                    count += len(idx)
                 for k, v in g.items():
                     params[k].add_(v, alpha=-self.lr)
             self.steps += 1
-        return total / max(1, count)
+        return math.nan

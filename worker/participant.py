@@ -260,7 +260,8 @@ class Participant:
             seq=confirmed_seq,
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
-            loss=f"{loss:.5f}",
+            # A loss computed on the local data is outside every DP mechanism: not published.
+            loss="nan" if self.cfg.dp_on else f"{loss:.5f}",
             last_seen=f"{time.time():.3f}",
             base_version=version,
             entries=indices.size,
