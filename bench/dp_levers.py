@@ -27,6 +27,19 @@ from shared.models import build_model, get_flat, set_flat
 from shared.selection import budget, select_top_k
 from shared.training import evaluate, labels_tensor
 
+_BASE = {"batch": 120, "epochs": 5, "lr": 0.5, "clip": 1.0, "theta_u": 1.0, "rule": "sum"}
+# Round 2: one lever at a time around the best of "quick" (B 120, 5 epochs, lr 0.5).
+ROUND2 = [
+    {**_BASE, "lr": 0.3},
+    {**_BASE, "theta_u": 0.1},
+    {**_BASE, "epochs": 3},
+    {**_BASE, "batch": 60, "lr": 0.3},
+    {**_BASE, "clip": 0.5, "lr": 1.0},
+    {**_BASE, "clip": 0.3, "lr": 1.5},
+    {**_BASE, "batch": 200, "lr": 1.0},
+    {**_BASE, "rule": "mean", "lr": 2.0},
+]
+
 GRIDS = {
     "quick": {
         "batch": [120, 300, 600],
@@ -88,18 +101,21 @@ def simulate(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eps", type=float, default=8.0)
-    ap.add_argument("--grid", choices=sorted(GRIDS), default="quick")
+    ap.add_argument("--grid", choices=[*sorted(GRIDS), "round2"], default="quick")
     ap.add_argument("--budget-s", type=float, default=900.0, help="stop starting settings after")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the machine is shared
-    g = GRIDS[args.grid]
+    if args.grid == "round2":
+        settings = ROUND2
+    else:
+        g = GRIDS[args.grid]
+        settings = [dict(zip(g, combo, strict=True)) for combo in itertools.product(*g.values())]
     t0 = time.time()
-    for combo in itertools.product(*g.values()):
+    for kw in settings:
         if time.time() - t0 > args.budget_s:
             break
-        kw = dict(zip(g, combo, strict=True))
         t = time.time()
-        r = simulate(args.eps, **kw)
+        r = simulate(args.eps, **kw)  # type: ignore[arg-type]
         print(json.dumps({"eps": args.eps, **kw, **r, "s": round(time.time() - t, 1)}), flush=True)
 
 
