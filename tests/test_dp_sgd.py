@@ -234,3 +234,25 @@ def test_participant_over_dpsgd_budget_stops(
     assert progress["dp_bound"] == "pld"
     assert "privacy budget exhausted: DP-SGD" in progress["stopped"]
     h.wait(lambda: h.version() == 2, what="the two private updates")
+
+
+def test_status_names_the_bound() -> None:
+    from dssgd.status import _epsilon_text
+
+    row = {"epsilon": 4.0592, "epsilon_bound": "pld", "epsilon_delta": 1e-5}
+    assert _epsilon_text(row) == "4.059 (pld, δ 1e-05)"
+    assert _epsilon_text({"epsilon": 10.0, "epsilon_bound": "basic", "epsilon_delta": 0.0}) == (
+        "10 (basic)"
+    )
+    assert _epsilon_text({"epsilon": None}) == "-"
+
+
+def test_metrics_name_the_bound() -> None:
+    from aggregator.metrics import AggregatorMetrics
+
+    m = AggregatorMetrics("r")
+    m.set_epsilon(3, 4.06, "pld")
+    text = m.render().decode()
+    assert 'dssgd_epsilon_spent{participant="3",run="r"} 4.06' in text
+    assert 'dssgd_epsilon_bound{bound="pld",participant="3",run="r"} 1.0' in text
+    assert 'dssgd_epsilon_bound{bound="basic",participant="3",run="r"} 0.0' in text
