@@ -29,16 +29,16 @@ from dp_accounting.pld import privacy_loss_distribution as pld
 _INTERVAL = 1e-4
 
 
-def _grid_for(eps_test: float) -> float:
-    """A discretisation interval of which ±eps_test are exact multiples.
+def _grid_for(eps_test: float, floor: float = _INTERVAL) -> float:
+    """A discretisation interval of which ±eps_test are exact multiples, not much below `floor`.
 
     dp-accounting rounds every privacy loss up to the grid; with the pure-DP PLD (±ε) off the
-    grid, c·epochs compositions accumulate that rounding (ε 4.55 instead of the exact 4.03 for one
+    grid, c·epochs compositions accumulate that rounding (ε 4.55 instead of the exact 4.06 for one
     epoch at ε/c 0.01). On the grid the pure part is exact. Large ε get a coarser grid (at most
     200 bins per test) to keep the composition to seconds; rounding stays pessimistic, so a coarse
     grid only loosens the Laplace part of the bound.
     """
-    m = min(200, max(1, math.ceil(eps_test / _INTERVAL)))
+    m = min(200, max(1, math.ceil(eps_test / floor)))
     interval = eps_test / m
     for _ in range(64):
         if math.ceil(eps_test / interval) == m and math.ceil(-eps_test / interval) == -m:
@@ -50,7 +50,10 @@ def _grid_for(eps_test: float) -> float:
 @functools.lru_cache(maxsize=256)
 def _svt_epoch_pld(epsilon: float, c: int, value_noise: float) -> pld.PrivacyLossDistribution:
     eps_test = epsilon * 8.0 / 9.0 / c
-    interval = _grid_for(eps_test)
+    # Rounding up shifts each of the 2c losses of an epoch by less than one interval; a floor of
+    # ε/(2c)/1000 keeps that shift under 0.1 % of the epoch's basic ε, and larger bins make the
+    # composition of many epochs fast enough to run in every worker.
+    interval = _grid_for(eps_test, max(_INTERVAL, epsilon / (2 * c) / 1000))
     tests = pld.from_privacy_parameters(
         common.DifferentialPrivacyParameters(eps_test, 0.0), interval
     ).self_compose(c)
@@ -70,6 +73,8 @@ def svt_pld_epsilon(epsilon: float, c: int, epochs: int, delta: float) -> float:
     """
     if epochs == 0:
         return 0.0
+    # self_compose (FFT powers) is ~10× faster than composing one epoch at a time onto the last
+    # figure's PLD (measured: 2.7 s vs 28 s for 30 epochs at ε/c = 1), so each k is fresh.
     one = _svt_epoch_pld(epsilon, c, 9.0 * c / epsilon)
     return float(one.self_compose(epochs).get_epsilon_for_delta(delta))
 
