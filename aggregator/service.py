@@ -289,11 +289,12 @@ class Aggregator:
                 "metrics_url": self.metrics_url,
             }
         )
-        if self.cfg.dp_eps_per_value is not None and self.metrics_url is not None:
+        if self.cfg.dp_on and self.metrics_url is not None:
             # ε is spent (and recorded) by the participants; mirror it for dashboards.
             for pid, progress in store.all_progress(self.cfg.participants).items():
                 if "dp_total" in progress:
-                    self.metrics.set_epsilon(pid, float(progress["dp_total"]))
+                    bound = progress.get("dp_bound", "basic")
+                    self.metrics.set_epsilon(pid, float(progress["dp_total"]), bound)
         if not self.cfg.ordered:
             return
         holder = store.turn()

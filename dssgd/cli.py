@@ -95,7 +95,16 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
         "technique: ε per shared value (the paper's ε/c); off by default",
     ),
     ("--dp-budget", "dp_budget", float, "total ε a participant may spend before it stops"),
-    ("--dp-delta", "dp_delta", float, "δ' of the reported advanced-composition bound"),
+    ("--dp-delta", "dp_delta", float, "δ of the reported (ε, δ) bound (default 1e-5)"),
+    ("--dp-mechanism", "dp_mechanism", str, "svt (the paper's, default) or dpsgd (record-level)"),
+    ("--dp-epsilon", "dp_epsilon", float, "DP-SGD: total ε per participant for the whole run"),
+    ("--dp-clip", "dp_clip", float, "DP-SGD: per-example gradient clip norm C (default 1)"),
+    (
+        "--dp-noise-multiplier",
+        "dp_noise_multiplier",
+        float,
+        "DP-SGD: noise multiplier σ (default: derived from --dp-epsilon, --dp-delta, --epochs)",
+    ),
 ]
 
 

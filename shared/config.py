@@ -88,6 +88,11 @@ class RunConfig:
     dp_eps_per_value: float | None = None
     dp_budget: float | None = None  # total ε a participant may spend; then it stops publishing
     dp_delta: float = 1e-5  # δ' of the advanced-composition bound that is reported
+    # "svt" (the paper's, above) or "dpsgd": record-level DP-SGD in the local epoch (shared.dpsgd)
+    dp_mechanism: str = "svt"
+    dp_epsilon: float | None = None  # DP-SGD: total ε per participant for the whole run (at δ)
+    dp_clip: float = 1.0  # DP-SGD: per-example gradient L2 clip norm C
+    dp_noise_multiplier: float | None = None  # DP-SGD σ; None = derived from ε, δ and the run
     created: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
@@ -158,6 +163,7 @@ class RunConfig:
             problems.append("a DP budget needs --dp-eps-per-value")
         if not 0 < self.dp_delta < 1:
             problems.append("DP δ' must be in (0, 1)")
+        problems += self._dpsgd_problems()
         if not 1 <= self.queue_max_length <= 10_000_000:
             problems.append("queue max length must be 1..10000000")
         if problems:
@@ -192,6 +198,40 @@ class RunConfig:
         if self.label_skew is not None and self.partition == "iid":
             return f"dirichlet:{self.label_skew!r}"
         return self.partition
+
+    def _dpsgd_problems(self) -> list[str]:
+        out = []
+        if self.dp_mechanism not in ("svt", "dpsgd"):
+            out.append(f"DP mechanism must be svt or dpsgd, got {self.dp_mechanism!r}")
+        if self.dp_epsilon is not None and not (
+            math.isfinite(self.dp_epsilon) and self.dp_epsilon > 0
+        ):
+            out.append("DP ε must be > 0")
+        if not (math.isfinite(self.dp_clip) and self.dp_clip > 0):
+            out.append("DP clip norm must be > 0")
+        if self.dp_noise_multiplier is not None and not (
+            math.isfinite(self.dp_noise_multiplier) and self.dp_noise_multiplier > 0
+        ):
+            out.append("DP noise multiplier must be > 0")
+        if self.dp_mechanism == "dpsgd":
+            if self.dp_epsilon is None:
+                out.append("--dp-mechanism dpsgd needs --dp-epsilon (total ε per participant)")
+            if self.dp_eps_per_value is not None or self.dp_budget is not None:
+                out.append("--dp-eps-per-value and --dp-budget belong to --dp-mechanism svt")
+            if self.epochs == 0 and self.dp_noise_multiplier is None:
+                out.append("DP-SGD derives its noise from the run's length: set --epochs > 0")
+        elif self.dp_epsilon is not None or self.dp_noise_multiplier is not None:
+            out.append("--dp-epsilon and --dp-noise-multiplier need --dp-mechanism dpsgd")
+        return out
+
+    @property
+    def dpsgd(self) -> bool:
+        return self.dp_mechanism == "dpsgd" and self.dp_epsilon is not None
+
+    @property
+    def dp_on(self) -> bool:
+        """Whether participants run a DP mechanism (and so record ε spent)."""
+        return self.dp_eps_per_value is not None or self.dpsgd
 
     # Derived values: one place decides them so every process agrees.
     @property

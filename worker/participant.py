@@ -94,6 +94,8 @@ class Participant:
         )
         self.task = task or load_task(cfg.task)
         self._build(model, data)
+        if cfg.dpsgd and self.trainer is not None:
+            self._use_dpsgd(progress)
         self.local = get_flat(self.model)
         self.budget_exhausted = ""
         self.svt: SvtParams | None = None
@@ -120,9 +122,63 @@ class Participant:
                 )
                 if any(k.startswith("dp_") for k in progress)
                 else PrivacyAccountant(
-                    eps_per_epoch=self.svt.epsilon, delta_prime=cfg.dp_delta, budget=cfg.dp_budget
+                    eps_per_epoch=self.svt.epsilon,
+                    delta_prime=cfg.dp_delta,
+                    budget=cfg.dp_budget,
+                    c=c,
                 )
             )
+
+    def _use_dpsgd(self, progress: dict[str, str]) -> None:
+        """Replace the local epoch by DP-SGD, with σ derived from the run's ε, δ and length."""
+        # Imported here: dp-accounting and torch.func cost about a second a process without DP.
+        from shared.accounting import DpSgdAccountant, noise_multiplier
+        from shared.dpsgd import DpSgdTrainer
+
+        cfg, trainer = self.cfg, self.trainer
+        assert cfg.dp_epsilon is not None and trainer is not None
+        if self.layout.n_buffers:
+            # Buffers are statistics of the local data sent whole: no DP bound covers them.
+            raise ConfigError(
+                f"task {cfg.task}: DP-SGD needs a model without buffers, and "
+                f"{self.layout.slots[-1].name!r} is one (BatchNorm statistics leak data)"
+            )
+        x, y = trainer.x, trainer.y
+        q = min(1.0, cfg.batch_size / len(x))
+        steps = -(-len(x) // cfg.batch_size)
+        sigma = cfg.dp_noise_multiplier or noise_multiplier(
+            cfg.dp_epsilon, cfg.dp_delta, q, steps * cfg.epochs
+        )
+        self.trainer = DpSgdTrainer(  # type: ignore[assignment]
+            self.model, x, y, cfg.lr, cfg.batch_size, cfg.dp_clip, sigma, loss=self.task.loss
+        )
+        self.dpsgd: DpSgdAccountant | None = DpSgdAccountant(
+            sigma, q, cfg.dp_delta, cfg.dp_epsilon, int(progress.get("dp_steps", 0))
+        )
+        log.info(
+            "participant %d: DP-SGD with σ %.4g, q %.4g, C %g", self.pid, sigma, q, cfg.dp_clip
+        )
+
+    def _dpsgd_exhausted(self) -> bool:
+        acc = getattr(self, "dpsgd", None)
+        if acc is None or self.trainer is None or acc.can_run(self.trainer.steps_per_epoch):
+            return False
+        if not self.budget_exhausted:
+            nxt = acc.epsilon_after(acc.steps + self.trainer.steps_per_epoch)
+            self.budget_exhausted = (
+                f"privacy budget exhausted: DP-SGD ε spent {acc.total:.4g} (PLD, δ {acc.delta:g}),"
+                f" one more epoch would make it {nxt:.4g} > budget {acc.budget:.4g}; "
+                f"participant {self.pid} stops publishing"
+            )
+            log.warning("%s", self.budget_exhausted)
+        return True
+
+    def _record_dpsgd(self) -> None:
+        """The steps just taken are spent whether or not the update is published: record them."""
+        acc = getattr(self, "dpsgd", None)
+        if acc is not None and self.trainer is not None:
+            acc.steps += self.trainer.steps_per_epoch
+            self.store.record_progress(self.pid, **{f"dp_{k}": v for k, v in acc.to_dict().items()})
 
     def _build(self, model: nn.Module | None, data: Dataset | None) -> None:
         """The model (the task's, or the own-loop user's) and the local trainer."""
@@ -148,6 +204,8 @@ class Participant:
 
     @property
     def done(self) -> bool:
+        if self._dpsgd_exhausted():
+            return True
         if self.accountant is not None and not self.accountant.can_spend():
             if not self.budget_exhausted:
                 self.budget_exhausted = (
@@ -174,6 +232,7 @@ class Participant:
             assert self.trainer is not None
             loss = self.trainer.epoch()
             self.t_train += time.perf_counter() - t_sgd
+            self._record_dpsgd()
             indices, values = self.select(base)
         return self.publish(
             version, indices, values, loss, bytes_down, t0, time.perf_counter() - t1
@@ -282,7 +341,8 @@ class Participant:
             seq=confirmed_seq,
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
-            loss=f"{loss:.5f}",
+            # A loss computed on the local data is outside every DP mechanism: not published.
+            loss="nan" if self.cfg.dp_on else f"{loss:.5f}",
             last_seen=f"{time.time():.3f}",
             base_version=version,
             entries=indices.size,
