@@ -183,15 +183,16 @@ def test_a_refused_dead_letter_falls_back_to_a_reject_and_costs_no_reconnect(
     """If the dead-letter exchange refuses the publish (here: it was deleted), the channel-level
     error must not end the session: the delivery is rejected instead, the batch goes on."""
     h = oracle_run(make_run)
-    conn = amqp_connect(h.conns.amqp_url, "dssgd-tests-dlx")
-    conn.channel().exchange_delete(h.names.dead_exchange)
-    conn.close()
     agg_log = tmp_path / "agg.log"
     h.aggregator(log=agg_log)
-    # The aggregator redeclares its topology on start: delete the exchange again once it serves.
-    h.wait(lambda: "serving" in agg_log.read_text(), what="the aggregator serving")
+    # The aggregator declares its topology before it consumes: delete the exchange once it does.
     conn = amqp_connect(h.conns.amqp_url, "dssgd-tests-dlx")
-    conn.channel().exchange_delete(h.names.dead_exchange)
+    ch = conn.channel()
+    h.wait(
+        lambda: ch.queue_declare(h.names.queue, passive=True).method.consumer_count > 0,
+        what="the aggregator consuming",
+    )
+    ch.exchange_delete(h.names.dead_exchange)
     conn.close()
     rng = np.random.default_rng(21)
     updates = [integer_update(h, 0, seq, rng) for seq in range(1, 11)]
