@@ -1196,8 +1196,9 @@ def scenario_dead_participant(svc: Services, plan: Plan, rng: random.Random,
         run.kill_worker(dead)
         res.faults += 1
         t_kill = time.monotonic()
-        gone = time_until(lambda: not set(dead) & set(run.store.active()), t_kill,
-                          timeout=PROGRESS_TIMEOUT + 30)
+        # Gone from `active`, and the turn they held passed on (the next step of housekeeping).
+        gone = time_until(lambda: not set(dead) & set(run.store.active())
+                          and run.store.turn() not in dead, t_kill, timeout=PROGRESS_TIMEOUT + 30)
         res.recovered(gone, "dead participants leave active")
         v0, t0, handed = run.version(), time.monotonic(), 0
         while time.monotonic() - t0 < 10.0:

@@ -309,6 +309,9 @@ class Consumer:
         self.names = names
         self._conn = connect(url, name)
         self._pending: list[Delivery] = []
+        # Delivered, neither acked nor rejected, in order: a multiple ack must end on one of
+        # these (the broker closes the channel on an ack of a tag it no longer knows).
+        self._unacked: list[int] = []
         try:
             self._ch = self._conn.channel()
             declare_topology(self._ch, names, max_length)
@@ -361,12 +364,18 @@ class Consumer:
         except (pex.AMQPError, OSError) as exc:
             raise BrokerError(f"RabbitMQ connection failed: {exc!r}") from exc
         batch, self._pending = self._pending[:max_count], self._pending[max_count:]
+        self._unacked.extend(d.tag for d in batch)
         return batch
 
     def ack_through(self, tag: int) -> None:
-        """Ack every delivery up to and including ``tag`` (one ``multiple`` ack)."""
+        """Ack every delivery up to and including ``tag`` (one ``multiple`` ack), except those
+        already rejected to the queue's dead-letter exchange."""
+        covered = [t for t in self._unacked if t <= tag]
+        self._unacked = [t for t in self._unacked if t > tag]
+        if not covered:
+            return
         try:
-            self._ch.basic_ack(tag, multiple=True)
+            self._ch.basic_ack(covered[-1], multiple=True)
         except (pex.AMQPError, OSError) as exc:
             raise BrokerError(f"cannot ack: {exc!r}") from exc
 
@@ -389,6 +398,7 @@ class Consumer:
         try:
             self._dead = self._dead_channel()
             self._ch.basic_nack(d.tag, multiple=False, requeue=False)
+            self._unacked.remove(d.tag)
         except (pex.AMQPError, OSError) as exc:
             raise BrokerError(f"cannot reject a message: {exc!r}") from exc
 
