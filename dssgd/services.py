@@ -86,9 +86,21 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     watcher = RunEndWatcher(conns.redis_url, args.run_id, stop)
     code = Aggregator(settings, stop, cfg).run()
     watcher.close()
+    _clear_heartbeat(store, settings.name)
     if watcher.reason:
         _print_summary(store, watcher.reason)
     return code
+
+
+def _clear_heartbeat(store: RunStore, name: str) -> None:
+    """A stopped aggregator stops reporting at once (`--resume` then sees a run at rest), unless
+    a newer aggregator has written the key since."""
+    try:
+        raw = store.r.get(store.keys.heartbeat_aggregator)
+        if raw is not None and json.loads(raw).get("name") == name:
+            store.r.delete(store.keys.heartbeat_aggregator)
+    except Exception as exc:  # leaving: a heartbeat expires by itself within 15 s anyway
+        log.debug("could not clear the aggregator heartbeat: %s", exc)
 
 
 def _refuse_different(stored: RunConfig, args: argparse.Namespace, wanted: RunConfig) -> None:
