@@ -83,7 +83,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     )
     stop = StopFlag()
     install_signal_handlers(stop)
-    watcher = RunEndWatcher(conns.redis_url, args.run_id, stop)
+    watcher = RunEndWatcher(conns.redis_url, args.run_id, stop, enabled=not args.keep_serving)
     code = Aggregator(settings, stop, cfg).run()
     watcher.close()
     _clear_heartbeat(store, settings.name)
@@ -122,10 +122,14 @@ class RunEndWatcher:
     """Ends a standalone aggregator once its run is over: every participant finished (or the
     run's stop flag is set) and every confirmed update has been applied."""
 
-    def __init__(self, redis_url: str, run_id: str, stop: StopFlag, period: float = 1.0) -> None:
+    def __init__(
+        self, redis_url: str, run_id: str, stop: StopFlag, enabled: bool = True, period: float = 1.0
+    ) -> None:
         self.store = RunStore(redis_connect(redis_url), run_id)
         self.stop, self.period, self.reason = stop, period, ""
         self._done = threading.Event()
+        if not enabled:
+            self._done.set()
         self._thread = threading.Thread(target=self._run, name="run-end", daemon=True)
         self._thread.start()
 
