@@ -38,7 +38,10 @@ def _latest_run(r: Any) -> str:
     created = []
     for run in runs:
         cfg = _config_or_none(RunStore(r, run))
-        created.append((cfg.created if cfg else 0.0, run))
+        if cfg is not None:
+            created.append((cfg.created, run))
+    if not created:
+        raise ConfigError("no run in Redis that this dssgd version can read; pass --run-id")
     here = Path(os.environ.get("DSSGD_RUNS_DIR", "runs"))
     mine = [(t, run) for t, run in created if (here / run).is_dir()]
     if mine:
