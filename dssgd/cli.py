@@ -17,7 +17,6 @@ from shared.config import (
     DOWNLOADS,
     ORDERS,
     PRESETS,
-    RULES,
     VALUE_CODINGS,
     Connections,
     RunConfig,
@@ -33,6 +32,8 @@ from shared.errors import (
     is_permanent,
 )
 from shared.lifecycle import EXIT_ERROR, EXIT_UNAVAILABLE, EXIT_USAGE, setup_logging
+from shared.rules import rules_help
+from shared.selection import selection_help
 
 log = logging.getLogger("dssgd")
 
@@ -49,26 +50,27 @@ RabbitMQ and Redis are found through --amqp-url/--redis-url or DSSGD_AMQP_URL/DS
 
 # (flag, RunConfig field, type, help)
 RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
-    ("--model", "model", str, "mlp (784-128-64-10) or cnn (the paper's, 105,506 parameters)"),
+    (
+        "--task",
+        "task",
+        str,
+        "what to train: FILE.py:NAME, package.module:NAME, or a registered name "
+        "(mnist-mlp, the default; mnist-cnn; breast-cancer); see docs/TASKS.md",
+    ),
+    ("--model", "model", str, "mlp or cnn: the same as --task mnist-mlp / mnist-cnn"),
     ("--participants", "participants", int, "number of participants N (default 10)"),
     ("--shard-size", "shard_size", int, "training images per participant (default 600)"),
     ("--label-skew", "label_skew", float, "non-IID shards: Dirichlet α of the label mix"),
     ("--theta-u", "theta_u", float, "fraction of Δw uploaded per epoch, θu (default 0.1)"),
     ("--theta-d", "theta_d", float, "fraction of parameters downloaded per epoch, θd (default 1)"),
     ("--download", "download", str, f"which θd fraction: {', '.join(DOWNLOADS)}"),
-    ("--selection", "selection", str, "topk (largest |Δw|) or threshold (random above τ)"),
+    ("--selection", "selection", str, selection_help()),
     ("--lr", "lr", float, "local SGD learning rate (default 0.2)"),
     ("--batch-size", "batch_size", int, "local mini-batch size (default 32)"),
     ("--gamma", "gamma", float, "bound γ on each shared value (default lr/4)"),
     ("--tau", "tau", float, "threshold τ for --selection threshold (default γ/10)"),
     ("--order", "order", str, f"{', '.join(ORDERS)} (default async)"),
-    (
-        "--rule",
-        "rule",
-        str,
-        f"server update rule: {', '.join(RULES)} (auto = staleness when "
-        "async, the paper's sum when ordered)",
-    ),
+    ("--rule", "rule", str, rules_help()),
     ("--staleness-exponent", "staleness_exponent", float, "a in the weight (1+staleness)^-a"),
     ("--stat-decay", "stat_decay", float, "the paper's β: stat := β·stat per update (1 = off)"),
     (
@@ -79,7 +81,7 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ),
     ("--epochs", "epochs", int, "local epochs per participant (default 30, 0 = unlimited)"),
     ("--seed", "seed", int, "seed of initialisation, shards and shuffles (default 1)"),
-    ("--data", "data", str, "MNIST source: auto, hub, or a directory of IDX files"),
+    ("--data", "data", str, "data source: auto, hub, or a directory (MNIST IDX files, task data)"),
     ("--eval-interval", "eval_interval", float, "seconds between test-set evaluations"),
     ("--max-staleness", "max_staleness", int, "refuse updates older than this many versions"),
     ("--max-l2", "max_l2", float, "server-side L2 bound per update (larger ones are scaled down)"),
@@ -93,7 +95,16 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
         "technique: ε per shared value (the paper's ε/c); off by default",
     ),
     ("--dp-budget", "dp_budget", float, "total ε a participant may spend before it stops"),
-    ("--dp-delta", "dp_delta", float, "δ' of the reported advanced-composition bound"),
+    ("--dp-delta", "dp_delta", float, "δ of the reported (ε, δ) bound (default 1e-5)"),
+    ("--dp-mechanism", "dp_mechanism", str, "svt (the paper's, default) or dpsgd (record-level)"),
+    ("--dp-epsilon", "dp_epsilon", float, "DP-SGD: total ε per participant for the whole run"),
+    ("--dp-clip", "dp_clip", float, "DP-SGD: per-example gradient clip norm C (default 1)"),
+    (
+        "--dp-noise-multiplier",
+        "dp_noise_multiplier",
+        float,
+        "DP-SGD: noise multiplier σ (default: derived from --dp-epsilon, --dp-delta, --epochs)",
+    ),
 ]
 
 
@@ -261,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--synthetic",
         action="store_true",
         help="send small integer updates instead of training (exact-sum test oracle)",
+    )
+    p.add_argument(
+        "--task", help="this worker's copy of the run's task (FILE.py:NAME, …); default: the run's"
+    )
+    p.add_argument(
+        "--data", metavar="DIR", help="this worker's own data folder, handed to local_data(ctx)"
     )
     p.add_argument("--record-dir", help="synthetic mode: write confirmed updates here")
     p.add_argument(

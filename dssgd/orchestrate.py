@@ -19,7 +19,6 @@ from shared.amqp_names import AmqpNames
 from shared.broker import connect as amqp_connect
 from shared.broker import declare_topology
 from shared.config import RunConfig
-from shared.data import load_mnist
 from shared.errors import ConfigError
 from shared.lifecycle import EXIT_OK, StopFlag, install_signal_handlers
 from shared.store import RunStore
@@ -94,17 +93,19 @@ def final_evaluation(store: RunStore, cfg: RunConfig) -> tuple[float, float, int
     # for PyTorch (the fork launcher has imported it already, for its children).
     import torch
 
-    from shared.data import prepare
-    from shared.models import build_model, set_flat
-    from shared.training import evaluate, labels_tensor
+    from shared.tasks import evaluate_state
 
-    data = load_mnist(cfg.data)
-    model = build_model(cfg.model)
     _, w, _ = store.read_params()
-    set_flat(model, w.copy())
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    r = evaluate(model, prepare(data.test_x, cfg.model), labels_tensor(data.test_y))
-    return r.accuracy, r.loss, int(w.size)
+    m = evaluate_state(cfg, w) or federated_metrics(store)
+    return m.get("accuracy", float("nan")), m.get("loss", float("nan")), int(w.size)
+
+
+def federated_metrics(store: RunStore) -> dict[str, float]:
+    """The latest metric point (participants' federated evaluation when there is no test set)."""
+    points = store.metrics()
+    last = points[-1] if points else {}
+    return {k: float(last[k]) for k in ("accuracy", "loss") if k in last}
 
 
 def summary(store: RunStore, cfg: RunConfig, wall: float, reason: str) -> dict[str, Any]:
@@ -265,7 +266,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--workers must be >= 1")
     workers = min(workers, cfg.participants)
     conns = connections(args)
-    load_mnist(cfg.data)  # fail early with a clear message (and warm the cache for the workers)
+    from shared.tasks import preflight
+
+    preflight(cfg)  # a bad task or missing data fails here, in one line (and warms MNIST's cache)
 
     store = RunStore(redis_connect(conns.redis_url), run_id)
     names = AmqpNames(run_id)

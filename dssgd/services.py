@@ -210,6 +210,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         synthetic=args.synthetic,
         record_dir=Path(args.record_dir) if args.record_dir else None,
         pace=args.pace,
+        task=args.task,
+        data_dir=Path(args.data) if args.data else None,
         **extra,
     )
     stop = StopFlag()

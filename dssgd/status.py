@@ -29,6 +29,15 @@ def _config_or_none(store: RunStore) -> RunConfig | None:
         return None
 
 
+def _epsilon_text(p: dict[str, Any]) -> str:
+    """ε spent with the bound it is, e.g. "4.06 (pld, δ 1e-05)"; "-" without DP."""
+    if p["epsilon"] is None:
+        return "-"
+    bound = p.get("epsilon_bound") or "basic"
+    delta = p.get("epsilon_delta")
+    return f"{p['epsilon']:.4g} ({bound}" + (f", δ {delta:g})" if delta else ")")
+
+
 def _latest_run(r: Any) -> str:
     """The newest run started from here (a folder in the runs directory), else the newest in
     Redis, which on a shared Redis may be someone else's: then we say so."""
@@ -87,6 +96,9 @@ def collect(store: RunStore, amqp_url: str) -> dict[str, Any]:
                 "bytes_up": int(p.get("bytes_up", 0)),
                 "loss": float(p["loss"]) if "loss" in p else None,
                 "epsilon": float(p["dp_total"]) if "dp_total" in p else None,
+                # which valid bound "epsilon" is (pld, advanced, basic) and its δ
+                "epsilon_bound": p.get("dp_bound"),
+                "epsilon_delta": float(p["dp_total_delta"]) if "dp_total_delta" in p else None,
                 "stopped": p.get("stopped"),
             }
         )
@@ -141,7 +153,7 @@ def render(s: dict[str, Any]) -> str:
         lines.append(
             f"  {p['participant']:>11}  {p['state']:<8} {p['epochs']:>6} {p['seq']:>5} "
             f"{stale!s:>10}  {seen:>9}  {loss:>7} {p['bytes_up'] / 1e6:8.2f} "
-            f"{p['epsilon'] if p['epsilon'] is not None else '-'!s:>9}"
+            f"{_epsilon_text(p):>9}"
         )
     return "\n".join(lines)
 

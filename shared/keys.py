@@ -76,6 +76,10 @@ class Keys:
         return self._k("stop")
 
     @property
+    def model(self) -> str:  # JSON: task spec, model fingerprint, tensor names/shapes/dtypes
+        return self._k("model")
+
+    @property
     def heartbeat_aggregator(self) -> str:  # TTL key for health checks
         return self._k("hb:aggregator")
 

@@ -267,6 +267,20 @@ class RunStore:
             created = pipe.execute()
         return bool(created[0])
 
+    def init_model(self, record: str) -> bool:
+        """Store the run's model record (shared/tasks.py) unless it exists."""
+        with guarded("recording the model"):
+            return bool(self.r.set(self.keys.model, record, nx=True))
+
+    def model_record(self) -> str | None:
+        with guarded("reading the model record"):
+            raw = self.r.get(self.keys.model)
+        return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def has_params(self) -> bool:
+        with guarded("reading parameters"):
+            return bool(self.r.exists(self.keys.params))
+
     def read_params(self, with_stat: bool = False) -> tuple[int, np.ndarray, np.ndarray | None]:
         """(version, w, stat) read atomically; arrays are read-only views of the reply."""
         with guarded("reading parameters"):
@@ -483,6 +497,18 @@ class RunStore:
             for p, (_, expiry, renewed) in self.leases().items()
             if expiry > now and p not in done
         }
+
+    def turn_wait_state(self, participant: int) -> tuple[int, int | None, int]:
+        """(highest applied seq, turn holder, highest refused seq) of a holder waiting for its
+        apply, in one round trip."""
+        with guarded("reading the turn state"):
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hget(self.keys.dedup, str(participant))
+            pipe.get(self.keys.turn)
+            pipe.hget(self.keys.participant(participant), "refused_seq")
+            window, turn, refused = pipe.execute()
+        holder = int(turn) if turn not in (None, b"") else None
+        return decode_state(window)[0], holder, int(refused or 0)
 
     def finished(self) -> set[int]:
         n = self._n()

@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from shared.amqp_names import AmqpNames
 from shared.broker import Publisher
 from shared.config import Connections, RunConfig
-from shared.data import load_mnist
 from shared.errors import BrokerError, ConfigError, StopRequested, StoreError, is_permanent
 from shared.lifecycle import EXIT_OK, Backoff, StopFlag
 from shared.store import LEASE_TTL, RunStore
 from shared.store import connect as redis_connect
+from shared.tasks import LoadedTask, check_model, check_size, context_for, load_task
 from worker.participant import Participant
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class WorkerSettings:
     # Who holds this process's participant leases. A stable id (`--worker-id`, supervisor's
     # process name, the compose container's hostname) gets its participants back on a restart.
     worker_id: str = field(default_factory=lambda: default_worker_id())
+    task: str | None = None  # --task: this worker's copy of the task (default: the run's)
+    data_dir: Path | None = None  # --data DIR: handed to the task's local_data(ctx)
 
     def __post_init__(self) -> None:
         if any(p < 0 for p in self.participants):
@@ -145,24 +148,29 @@ class Worker:
         while True:
             try:
                 cfg = store.wait_config(self.stop)
+                task = self._task(store, cfg)  # before claiming ids: a refused worker takes none
                 pids = self._participants(store, cfg)
                 break
+            except StopRequested:
+                return EXIT_OK
             except StoreError as exc:
                 if _permanent(exc):
                     raise
                 log.warning("Redis not reachable (%s); retrying", exc)
                 if not backoff.sleep(self.stop):
                     return EXIT_OK
+        bad = [p for p in pids if p >= cfg.participants]
+        if bad:
+            raise ConfigError(f"participant ids {bad} are outside 0..{cfg.participants - 1}")
         keeper = LeaseKeeper(
             self.s.connections.redis_url, cfg.run_id, self.s.worker_id, pids, self.stop
         )
         try:
-            return self._host(cfg, store, pids)
+            return self._host(cfg, store, pids, task)
         finally:
             keeper.close()
 
-    def _host(self, cfg: RunConfig, store: RunStore, pids: list[int]) -> int:
-        data = None if self.s.synthetic else load_mnist(cfg.data)
+    def _host(self, cfg: RunConfig, store: RunStore, pids: list[int], task: LoadedTask) -> int:
         publisher = Publisher(
             self.s.connections.amqp_url,
             AmqpNames(cfg.run_id),
@@ -180,10 +188,11 @@ class Worker:
                         store,
                         publisher,
                         self.stop,
-                        data,
+                        None if self.s.synthetic else self._local_data(task, cfg, pid),
                         self.s.synthetic,
                         self.s.record_dir,
                         self.s.hmac_key,
+                        task,
                     )
                 )
             log.info(
@@ -210,6 +219,30 @@ class Worker:
             epochs,
         )
         return EXIT_OK
+
+    def _task(self, store: RunStore, cfg: RunConfig) -> LoadedTask:
+        """The task, refused when its model is not the run's (the aggregator records that)."""
+        task = load_task(self.s.task or cfg.task)
+        deadline = time.monotonic() + 120.0
+        while (record := self._with_retry(store.model_record)) is None:
+            if self._with_retry(store.has_params):
+                # A run seeded without a record (by an earlier version, or a test harness):
+                # its parameters exist, so only their number can be checked.
+                check_size(task, self._with_retry(store.read_params)[1].size, cfg.run_id)
+                return task
+            if time.monotonic() > deadline:
+                raise ConfigError(f"run {cfg.run_id!r} has no model record: is its aggregator up?")
+            if self.stop.wait(0.2):
+                raise StopRequested("stopped while waiting for the run's model")
+        check_model(task, record, cfg.run_id)
+        return task
+
+    def _local_data(self, task: LoadedTask, cfg: RunConfig, pid: int) -> Dataset:
+        ctx = context_for(cfg, pid, self.s.data_dir)
+        ds = task.local_data(ctx)
+        where = f"from {ctx.data_dir}" if ctx.data_dir else "(simulated split)"
+        log.info("participant %d: %d local examples %s", pid, len(ds), where)  # type: ignore[arg-type]
+        return ds
 
     def _participants(self, store: RunStore, cfg: RunConfig) -> list[int]:
         """Which participants this process hosts, leased in the run's one identity registry."""
@@ -298,7 +331,7 @@ class Worker:
             if cfg.ordered:
                 # We hold the turn until the aggregator applies this update and passes it on;
                 # looking at the turn before that would start a second epoch on stale state.
-                self._wait_applied(store, pid, report.seq)
+                self._wait_applied(store, pid, report.seq, live)
 
     def _wait_turn(self, store: RunStore, live: list[int]) -> int | None:
         """Block (≤ 1 s) until one of our participants holds the turn."""
@@ -309,13 +342,27 @@ class Worker:
         holder = self._with_retry(store.turn)
         return holder if holder in live else None
 
-    def _wait_applied(self, store: RunStore, pid: int, seq: int, timeout: float = 30.0) -> None:
-        """Hold the turn until our last update is applied, so no one downloads before it lands."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self.stop.is_set():
-            if self._with_retry(lambda: store.applied_high(pid)) >= seq:
+    def _wait_applied(self, store: RunStore, pid: int, seq: int, live: list[int]) -> None:
+        """Hold the turn until our update is applied or refused, or the turn is no longer ours.
+
+        However long the aggregator is away: giving up early would let this holder train again
+        from the same parameters while its update is still queued. The lease thread keeps
+        renewing meanwhile (a silent holder loses the turn after ``turn_timeout``), and a
+        refused update ends the wait at once (the aggregator records ``refused_seq`` after
+        passing the turn).
+        """
+        started = last_beat = time.monotonic()
+        while not self.stop.is_set():
+            applied, holder, refused = self._with_retry(lambda: store.turn_wait_state(pid))
+            if applied >= seq or refused >= seq or holder != pid:
                 return
-            self.stop.wait(0.01)
+            now = time.monotonic()
+            if now - last_beat >= 1.0:
+                if self._should_stop(store):  # a run stopped while the aggregator is away
+                    return
+                last_beat = now
+            # Poll fast while the apply is imminent, gently once the aggregator seems away.
+            self.stop.wait(0.01 if now - started < 2.0 else 0.1)
 
 
 def store_missing_config(store: RunStore) -> bool:
