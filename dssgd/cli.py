@@ -221,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=500, help="updates per Redis commit at most")
     p.add_argument("--no-eval", action="store_true", help="do not evaluate the global model")
     p.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="keep running (metrics, health) after the run is over; by default the aggregator "
+        "exits with a summary once every participant finished or the run was stopped",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="health check: exit 0 if an aggregator of this run has reported within 15 s",

@@ -83,12 +83,24 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     )
     stop = StopFlag()
     install_signal_handlers(stop)
-    watcher = RunEndWatcher(conns.redis_url, args.run_id, stop)
+    watcher = RunEndWatcher(conns.redis_url, args.run_id, stop, enabled=not args.keep_serving)
     code = Aggregator(settings, stop, cfg).run()
     watcher.close()
+    _clear_heartbeat(store, settings.name)
     if watcher.reason:
         _print_summary(store, watcher.reason)
     return code
+
+
+def _clear_heartbeat(store: RunStore, name: str) -> None:
+    """A stopped aggregator stops reporting at once (`--resume` then sees a run at rest), unless
+    a newer aggregator has written the key since."""
+    try:
+        raw = store.r.get(store.keys.heartbeat_aggregator)
+        if raw is not None and json.loads(raw).get("name") == name:
+            store.r.delete(store.keys.heartbeat_aggregator)
+    except Exception as exc:  # leaving: a heartbeat expires by itself within 15 s anyway
+        log.debug("could not clear the aggregator heartbeat: %s", exc)
 
 
 def _refuse_different(stored: RunConfig, args: argparse.Namespace, wanted: RunConfig) -> None:
@@ -110,10 +122,14 @@ class RunEndWatcher:
     """Ends a standalone aggregator once its run is over: every participant finished (or the
     run's stop flag is set) and every confirmed update has been applied."""
 
-    def __init__(self, redis_url: str, run_id: str, stop: StopFlag, period: float = 1.0) -> None:
+    def __init__(
+        self, redis_url: str, run_id: str, stop: StopFlag, enabled: bool = True, period: float = 1.0
+    ) -> None:
         self.store = RunStore(redis_connect(redis_url), run_id)
         self.stop, self.period, self.reason = stop, period, ""
         self._done = threading.Event()
+        if not enabled:
+            self._done.set()
         self._thread = threading.Thread(target=self._run, name="run-end", daemon=True)
         self._thread.start()
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from dssgd.cli import connections
@@ -13,10 +15,18 @@ from shared.amqp_names import AmqpNames
 from shared.broker import connect as amqp_connect
 from shared.broker import delete_topology, queue_depth
 from shared.config import RunConfig
-from shared.errors import ConfigError
+from shared.errors import BrokerError, ConfigError
 from shared.lifecycle import EXIT_OK
 from shared.store import RunStore, list_runs
 from shared.store import connect as redis_connect
+
+
+def _config_or_none(store: RunStore) -> RunConfig | None:
+    """A run written by another dssgd version may not parse here: list it, do not fail."""
+    try:
+        return store.load_config()
+    except ConfigError:
+        return None
 
 
 def _epsilon_text(p: dict[str, Any]) -> str:
@@ -29,14 +39,28 @@ def _epsilon_text(p: dict[str, Any]) -> str:
 
 
 def _latest_run(r: Any) -> str:
+    """The newest run started from here (a folder in the runs directory), else the newest in
+    Redis, which on a shared Redis may be someone else's: then we say so."""
     runs = list_runs(r)
     if not runs:
         raise ConfigError("no runs in Redis yet; start one with `dssgd run`")
     created = []
     for run in runs:
-        cfg = RunStore(r, run).load_config()
-        created.append((cfg.created if cfg else 0.0, run))
-    return max(created)[1]
+        cfg = _config_or_none(RunStore(r, run))
+        if cfg is not None:
+            created.append((cfg.created, run))
+    if not created:
+        raise ConfigError("no run in Redis that this dssgd version can read; pass --run-id")
+    here = Path(os.environ.get("DSSGD_RUNS_DIR", "runs"))
+    mine = [(t, run) for t, run in created if (here / run).is_dir()]
+    if mine:
+        return max(mine)[1]
+    run = max(created)[1]
+    print(
+        f"(no run of {here}/ in Redis: showing the newest one, {run}; pass --run-id)",
+        file=sys.stderr,
+    )
+    return run
 
 
 def collect(store: RunStore, amqp_url: str) -> dict[str, Any]:
@@ -162,7 +186,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     rows = []
     for run in list_runs(r):
         store = RunStore(r, run)
-        cfg = store.load_config()
+        cfg = _config_or_none(store)
         rows.append(
             {
                 "run_id": run,
@@ -202,7 +226,14 @@ def cmd_delete(args: argparse.Namespace) -> int:
         delete_topology(conn.channel(), AmqpNames(args.run_id))
     finally:
         conn.close()
-    users = remove_users(args.run_id, conns.amqp_url, conns.redis_url, args.management_url)
+    try:
+        users = remove_users(args.run_id, conns.amqp_url, conns.redis_url, args.management_url)
+    except BrokerError as exc:  # no management API here: the keys are gone, say what is left
+        print(
+            f"dssgd: users not checked ({exc}); `dssgd deprovision {args.run_id}` later",
+            file=sys.stderr,
+        )
+        users = 0
     if not exists and not users:
         raise ConfigError(f"run {args.run_id!r} does not exist (no keys, no users)")
     print(

@@ -146,10 +146,14 @@ _CLAIM = (
     _LEASE_NOW
     + """
 local owner, want, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local n = #KEYS / 2  -- KEYS: the n leases, then the n progress hashes
 local mine, fresh, lapsed = {}, {}, {}
-for i, k in ipairs(KEYS) do
+for i = 1, n do
+  local k = KEYS[i]
   local v = redis.call('GET', k)
-  if not v then fresh[#fresh + 1] = i
+  if redis.call('HEXISTS', KEYS[n + i], 'finished') == 1 then
+    -- finished for good: nothing left to host
+  elseif not v then fresh[#fresh + 1] = i
   elseif string.match(v, '^(%S+)') == owner then mine[#mine + 1] = i
   elseif not live_other(v, owner) then lapsed[#lapsed + 1] = i end
 end
@@ -159,7 +163,7 @@ for _, group in ipairs({mine, fresh, lapsed}) do
     if #got < want then got[#got + 1] = i end
   end
 end
-if #got < want then return {} end
+if #got < want then return {-1, #got} end  -- not enough: take none, say how many
 local out = {}
 for _, i in ipairs(got) do
   redis.call('SET', KEYS[i], owner .. ' ' .. (now + ttl) .. ' ' .. ttl)
@@ -416,13 +420,15 @@ class RunStore:
         n = self._n()
         with guarded("claiming participant ids"):
             got = self._claim(
-                keys=[self.keys.lease(p) for p in range(n)], args=[owner, want, int(ttl * 1000)]
+                keys=[self.keys.lease(p) for p in range(n)]
+                + [self.keys.participant(p) for p in range(n)],
+                args=[owner, want, int(ttl * 1000)],
             )
         ids = [int(x) for x in got]
-        if len(ids) < want:
+        if ids[:1] == [-1]:
             raise ConfigError(
-                f"run {self.run_id!r}: only {len(ids)} of its {n} participant ids are free, "
-                f"{want} wanted; every other id is hosted by a live worker"
+                f"run {self.run_id!r} already has all {n} participants taken: {ids[1]} free, "
+                f"{want} wanted (every other id is hosted by a live worker, or finished)"
             )
         return ids
 
