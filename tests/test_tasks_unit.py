@@ -267,3 +267,18 @@ def test_a_bad_task_on_the_command_line_is_one_line(tmp_path: Path) -> None:
     )  # fmt: skip
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "does not exist" in res.stderr, res.stderr
+
+
+def test_federated_point_is_the_example_weighted_mean() -> None:
+    from aggregator.evaluator import federated_point
+
+    progress = {
+        0: {"fed_version": "4", "fed_examples": "10", "fed_accuracy": "1.0", "fed_loss": "0.1"},
+        1: {"fed_version": "6", "fed_examples": "30", "fed_accuracy": "0.5", "fed_loss": "0.5"},
+        2: {"epochs": "3"},  # not reported yet
+    }
+    point = federated_point(progress)
+    assert point is not None
+    assert point["accuracy"] == pytest.approx(0.625) and point["loss"] == pytest.approx(0.4)
+    assert (point["version"], point["reporting"], point["source"]) == (6, 2, "federated")
+    assert federated_point({2: {"epochs": "3"}}) is None
