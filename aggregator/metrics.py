@@ -80,8 +80,15 @@ class AggregatorMetrics:
         self._loss = Gauge("dssgd_test_loss", "Test loss of the global model", run, registry=reg)
         self._epsilon = Gauge(
             "dssgd_epsilon_spent",
-            "Differential-privacy budget ε spent",
+            "Differential-privacy budget ε spent (the tightest valid bound, named by "
+            "dssgd_epsilon_bound)",
             (*run, "participant"),
+            registry=reg,
+        )
+        self._epsilon_bound = Gauge(
+            "dssgd_epsilon_bound",
+            "1 for the bound dssgd_epsilon_spent reports: pld, advanced or basic composition",
+            (*run, "participant", "bound"),
             registry=reg,
         )
         self._batch_size = Gauge(
@@ -136,9 +143,11 @@ class AggregatorMetrics:
         self._accuracy.labels(self.run_id).set(accuracy)
         self._loss.labels(self.run_id).set(loss)
 
-    def set_epsilon(self, participant: int, epsilon: float) -> None:
-        """Record the privacy budget a participant has spent so far."""
+    def set_epsilon(self, participant: int, epsilon: float, bound: str = "basic") -> None:
+        """Record the privacy budget a participant has spent so far, and which bound it is."""
         self._epsilon.labels(self.run_id, str(participant)).set(epsilon)
+        for name in ("pld", "advanced", "basic"):
+            self._epsilon_bound.labels(self.run_id, str(participant), name).set(name == bound)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""

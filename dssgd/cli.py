@@ -22,9 +22,15 @@ from shared.config import (
     RunConfig,
     env_overrides,
     from_mapping,
-    load_toml,
 )
-from shared.errors import BrokerError, ConfigError, DataError, DssgdError, StoreError
+from shared.errors import (
+    BrokerError,
+    ConfigError,
+    DataError,
+    DssgdError,
+    StoreError,
+    is_permanent,
+)
 from shared.lifecycle import EXIT_ERROR, EXIT_UNAVAILABLE, EXIT_USAGE, setup_logging
 from shared.rules import rules_help
 from shared.selection import selection_help
@@ -89,7 +95,16 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
         "technique: ε per shared value (the paper's ε/c); off by default",
     ),
     ("--dp-budget", "dp_budget", float, "total ε a participant may spend before it stops"),
-    ("--dp-delta", "dp_delta", float, "δ' of the reported advanced-composition bound"),
+    ("--dp-delta", "dp_delta", float, "δ of the reported (ε, δ) bound (default 1e-5)"),
+    ("--dp-mechanism", "dp_mechanism", str, "svt (the paper's, default) or dpsgd (record-level)"),
+    ("--dp-epsilon", "dp_epsilon", float, "DP-SGD: total ε per participant for the whole run"),
+    ("--dp-clip", "dp_clip", float, "DP-SGD: per-example gradient clip norm C (default 1)"),
+    (
+        "--dp-noise-multiplier",
+        "dp_noise_multiplier",
+        float,
+        "DP-SGD: noise multiplier σ (default: derived from --dp-epsilon, --dp-delta, --epochs)",
+    ),
 ]
 
 
@@ -122,7 +137,10 @@ def run_config_from_args(args: argparse.Namespace, run_id: str) -> RunConfig:
     values: dict[str, Any] = {}
     values.update(PRESETS.get(args.preset or "default", {}))
     if args.config:
-        values.update(load_toml(args.config))
+        from dssgd.admin import read_toml, split_run_command_options
+
+        values.update(read_toml(args.config))
+        split_run_command_options(values, args)
         if "preset" in values:
             values = {**PRESETS.get(values.pop("preset"), {}), **values}
     values.update(env_overrides(RunConfig))
@@ -159,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "run",
-        help="train locally: aggregator + participants under supervisor",
+        help="train locally: the aggregator and the participants as local processes",
         description="Run a whole training on this machine: starts the aggregator "
-        "and the participants under supervisor, shows progress, stops on the first "
+        "and the participants (forked from this process, or under supervisord with "
+        "--launcher supervisor), shows progress, stops on the first "
         "stop condition and prints a final table.",
     )
     p.add_argument("--run-id", help="name of the run (default: run-<date>-<time>)")
@@ -173,20 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target-accuracy", type=float, help="stop when the global test accuracy reaches this"
     )
-    p.add_argument(
-        "--time-limit", type=float, default=900.0, help="stop after this many seconds (default 900)"
-    )
+    p.add_argument("--time-limit", type=float, help="stop after this many seconds (default 900)")
     p.add_argument(
         "--runs-dir",
-        default=os.environ.get("DSSGD_RUNS_DIR", "runs"),
-        help="where run folders (supervisor config, logs) go (default ./runs)",
+        help="where run folders (supervisor config, logs) go (env DSSGD_RUNS_DIR; default ./runs)",
     )
     p.add_argument("--resume", action="store_true", help="continue an existing run of that id")
     p.add_argument(
         "--launcher",
         choices=("fork", "supervisor"),
-        # Forking a process that has imported PyTorch is safe on Linux, not on macOS.
-        default="fork" if sys.platform.startswith("linux") else "supervisor",
         help="how the services start: forked from this process after it has imported PyTorch "
         "once (default on Linux, fastest start), or as fresh processes under supervisord "
         "(default elsewhere)",
@@ -275,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="p<N>.json from `dssgd provision`: run, "
         "participant id, least-privilege URLs and the HMAC key",
     )
+    p.add_argument(
+        "--worker-id",
+        default=os.environ.get("DSSGD_WORKER_ID"),
+        help="stable name of this worker: a restart with the same name gets its participants "
+        "back (default: supervisor's process name, else host:pid)",
+    )
     add_connection_options(p)
 
     p = sub.add_parser(
@@ -296,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="RabbitMQ management API (default http://<amqp "
         "host>:15672, admin credentials from --amqp-url)",
     )
+    from dssgd.admin import add_provision_options
+
+    add_provision_options(p)
     add_connection_options(p)
 
     p = sub.add_parser(
@@ -363,9 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_connection_options(p)
 
-    p = sub.add_parser("delete", help="remove a run's keys and queues")
+    p = sub.add_parser("delete", help="remove a run's keys, queues and users")
     p.add_argument("run_id", metavar="RUN")
+    from dssgd.admin import add_admin_parsers, add_management_option
+
+    add_management_option(p)
     add_connection_options(p)
+    add_admin_parsers(sub)
     return parser
 
 
@@ -403,23 +430,49 @@ def main(argv: list[str] | None = None) -> int:
             from dssgd import status
 
             return getattr(status, f"cmd_{args.command}")(args)
+        if args.command == "deprovision":
+            from dssgd.admin import cmd_deprovision
+
+            return cmd_deprovision(args)
     except (BrokerError, StoreError) as exc:
-        print(f"dssgd: {exc}", file=sys.stderr)
-        print(
-            "dssgd: is the service running? `bash deploy/dev.sh services` starts both locally.",
-            file=sys.stderr,
-        )
+        from dssgd.admin import EXIT_DENIED
+
+        print(f"dssgd: {exc}{_where(args, exc)}", file=sys.stderr)
+        if is_permanent(exc):
+            return EXIT_DENIED  # rights or password: retrying cannot help
+        if "deploy/dev.sh" not in str(exc):
+            print(
+                "dssgd: is the service running? `bash deploy/dev.sh services` starts both locally.",
+                file=sys.stderr,
+            )
         return EXIT_UNAVAILABLE
+    except OSError as exc:  # a path we were given: unwritable, a directory, a full disk
+        print(f"dssgd: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USAGE
     except (ConfigError, DataError) as exc:
         print(f"dssgd: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except DssgdError as exc:
+        from dssgd.admin import EXIT_DENIED, AccessDenied
+
         print(f"dssgd: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_DENIED if isinstance(exc, AccessDenied) else EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
+
+
+def _where(args: argparse.Namespace, exc: Exception) -> str:
+    """Name the server an error came from when its message does not already."""
+    from dssgd.admin import where
+
+    if not hasattr(args, "redis_url") or "connecting to" in str(exc) or " at " in str(exc):
+        return ""
+    conns = connections(args)
+    if isinstance(exc, StoreError):
+        return f" (Redis at {where(conns.redis_url, 6379)})"
+    return f" (RabbitMQ at {where(conns.amqp_url, 5672)})"
 
 
 def parse_participants(text: str | None) -> tuple[int, ...]:

@@ -41,9 +41,23 @@ def write_plot(store: RunStore, cfg: RunConfig, out: Path) -> Path:
     return plot_run(points, out, title_of(cfg))
 
 
+def _check_writable(out: Path) -> None:
+    """Say in one line that a result cannot be written, before any work is done."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write {out}: {exc.strerror}; choose another --out") from None
+    if out.is_dir():
+        raise ConfigError(f"cannot write {out}: it is a directory; give a file name to --out")
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     store, cfg = _store_and_config(args)
     out = Path(args.out) if args.out else Path(args.runs_dir) / cfg.run_id / "accuracy.png"
+    _check_writable(out)
     print(write_plot(store, cfg, out))
     return EXIT_OK
 
@@ -72,7 +86,7 @@ def write_state(state: dict[str, torch.Tensor], out: Path) -> list[Path]:
 def cmd_export(args: argparse.Namespace) -> int:
     store, cfg = _store_and_config(args)
     out = Path(args.out) if args.out else Path(args.runs_dir) / cfg.run_id / "model.pt"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
     task = load_task(cfg.task)
     written = write_state(global_model(store, cfg).state_dict(), out)
     meta = {
@@ -101,10 +115,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         try:
             state = torch.load(args.from_file, weights_only=True)
             model.load_state_dict(state)
-        except (OSError, RuntimeError, ValueError) as exc:
+        except FileNotFoundError:
+            raise ConfigError(f"{args.from_file} does not exist") from None
+        except Exception as exc:  # a corrupt file can fail inside torch's loader in any way
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(
-                f"cannot load {args.from_file} as a {cfg.task} state dict: {exc}"
-            ) from exc
+                f"cannot load {args.from_file} as a {cfg.task} state dict ({first[:200]}); "
+                f"export one with `dssgd export {cfg.run_id}`"
+            ) from None
     else:
         model = global_model(store, cfg)
     with torch.inference_mode():

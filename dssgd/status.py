@@ -19,6 +19,15 @@ from shared.store import RunStore, list_runs
 from shared.store import connect as redis_connect
 
 
+def _epsilon_text(p: dict[str, Any]) -> str:
+    """ε spent with the bound it is, e.g. "4.06 (pld, δ 1e-05)"; "-" without DP."""
+    if p["epsilon"] is None:
+        return "-"
+    bound = p.get("epsilon_bound") or "basic"
+    delta = p.get("epsilon_delta")
+    return f"{p['epsilon']:.4g} ({bound}" + (f", δ {delta:g})" if delta else ")")
+
+
 def _latest_run(r: Any) -> str:
     runs = list_runs(r)
     if not runs:
@@ -63,6 +72,9 @@ def collect(store: RunStore, amqp_url: str) -> dict[str, Any]:
                 "bytes_up": int(p.get("bytes_up", 0)),
                 "loss": float(p["loss"]) if "loss" in p else None,
                 "epsilon": float(p["dp_total"]) if "dp_total" in p else None,
+                # which valid bound "epsilon" is (pld, advanced, basic) and its δ
+                "epsilon_bound": p.get("dp_bound"),
+                "epsilon_delta": float(p["dp_total_delta"]) if "dp_total_delta" in p else None,
                 "stopped": p.get("stopped"),
             }
         )
@@ -84,6 +96,7 @@ def collect(store: RunStore, amqp_url: str) -> dict[str, Any]:
         "accuracy": last_metric["accuracy"] if last_metric else None,
         "loss": last_metric["loss"] if last_metric else None,
         "stop": store.stop_reason(),
+        "finished": len(finished) >= cfg.participants,
         "participants": participants,
     }
 
@@ -100,7 +113,8 @@ def render(s: dict[str, Any]) -> str:
     lines = [
         f"run {s['run_id']}: {cfg.model}, {cfg.participants} participants, {cfg.order}, "
         f"rule {cfg.effective_rule}, θu={cfg.theta_u}, θd={cfg.theta_d}"
-        + (f"  [stopped: {s['stop']}]" if s["stop"] else ""),
+        + (f"  [stopped: {s['stop']}]" if s["stop"] else "")
+        + ("  [finished: every participant finished]" if s.get("finished") else ""),
         f"  global version {s['version']}   applied {c.get('applied', 0)} ({rate})   rejected "
         f"{c.get('rejected', 0)}   duplicates {c.get('duplicates', 0)}",
         f"  accuracy {acc}   queue depth {q.get('updates', '-')}   dead letters "
@@ -115,12 +129,16 @@ def render(s: dict[str, Any]) -> str:
         lines.append(
             f"  {p['participant']:>11}  {p['state']:<8} {p['epochs']:>6} {p['seq']:>5} "
             f"{stale!s:>10}  {seen:>9}  {loss:>7} {p['bytes_up'] / 1e6:8.2f} "
-            f"{p['epsilon'] if p['epsilon'] is not None else '-'!s:>9}"
+            f"{_epsilon_text(p):>9}"
         )
     return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import logging
+
+    # Queues not declared yet are a normal state here, not a pika warning on the screen.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     conns = connections(args)
     r = redis_connect(conns.redis_url)
     run_id = args.run_id or _latest_run(r)
@@ -170,17 +188,24 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    """Keys, queues and exchanges, and the run's users (RabbitMQ and Redis ACL)."""
+    from dssgd.admin import remove_users
+
     conns = connections(args)
     store = RunStore(redis_connect(conns.redis_url), args.run_id)
-    if store.load_config() is None and not list(
-        store.r.scan_iter(match=store.keys.all_patterns()[0])
-    ):
-        raise ConfigError(f"run {args.run_id!r} does not exist")
-    removed = store.delete_run()
-    conn = amqp_connect(conns.amqp_url, "dssgd-delete")
+    exists = store.load_config() is not None or bool(
+        list(store.r.scan_iter(match=store.keys.all_patterns()[0]))
+    )
+    removed = store.delete_run() if exists else 0
+    conn = amqp_connect(conns.amqp_url, f"dssgd-delete {args.run_id}")
     try:
         delete_topology(conn.channel(), AmqpNames(args.run_id))
     finally:
         conn.close()
-    print(f"deleted run {args.run_id}: {removed} Redis keys, its queues and exchanges")
+    users = remove_users(args.run_id, conns.amqp_url, conns.redis_url, args.management_url)
+    if not exists and not users:
+        raise ConfigError(f"run {args.run_id!r} does not exist (no keys, no users)")
+    print(
+        f"deleted run {args.run_id}: {removed} Redis keys, its queues and exchanges, {users} users"
+    )
     return EXIT_OK

@@ -31,6 +31,9 @@ ORDERS = ("async", "round-robin", "random")
 SELECTIONS = tuple(SELECTION_RULES)  # and any pkg.mod:Name (shared/selection.py)
 RULES = ("auto", *UPDATE_RULES)  # and any pkg.mod:Name (shared/rules.py)
 VALUE_CODINGS = ("f32", "f16", "q8")
+# What float16 can carry: |v| <= 65504 (its largest finite value) and, to keep a value within
+# ±γ non-zero, a step 2**-24 (its smallest subnormal) no larger than γ.
+F16_MAX, F16_TINY = 65504.0, 2.0**-24
 DOWNLOADS = ("most-updated", "random")
 BUFFERS = ("whole", "local")
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,47}")  # used with fullmatch
@@ -85,10 +88,15 @@ class RunConfig:
     dp_eps_per_value: float | None = None
     dp_budget: float | None = None  # total ε a participant may spend; then it stops publishing
     dp_delta: float = 1e-5  # δ' of the advanced-composition bound that is reported
+    # "svt" (the paper's, above) or "dpsgd": record-level DP-SGD in the local epoch (shared.dpsgd)
+    dp_mechanism: str = "svt"
+    dp_epsilon: float | None = None  # DP-SGD: total ε per participant for the whole run (at δ)
+    dp_clip: float = 1.0  # DP-SGD: per-example gradient L2 clip norm C
+    dp_noise_multiplier: float | None = None  # DP-SGD σ; None = derived from ε, δ and the run
     created: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
-        problems = []
+        problems: list[str] = []
         if not isinstance(self.run_id, str) or not RUN_ID_RE.fullmatch(self.run_id):
             problems.append(
                 f"run id {self.run_id!r} must be 1-48 letters, digits, '-' or '_' (not first)"
@@ -130,6 +138,7 @@ class RunConfig:
             problems.append("stat decay β must be in (0, 1]")
         if self.value_coding not in VALUE_CODINGS:
             problems.append(f"value coding must be one of {', '.join(VALUE_CODINGS)}")
+        problems.extend(_coding_problems(self))
         if self.epochs < 0:
             problems.append("epochs must be >= 0")
         if not (math.isfinite(self.eval_interval) and self.eval_interval > 0):
@@ -154,6 +163,7 @@ class RunConfig:
             problems.append("a DP budget needs --dp-eps-per-value")
         if not 0 < self.dp_delta < 1:
             problems.append("DP δ' must be in (0, 1)")
+        problems += self._dpsgd_problems()
         if not 1 <= self.queue_max_length <= 10_000_000:
             problems.append("queue max length must be 1..10000000")
         if problems:
@@ -188,6 +198,40 @@ class RunConfig:
         if self.label_skew is not None and self.partition == "iid":
             return f"dirichlet:{self.label_skew!r}"
         return self.partition
+
+    def _dpsgd_problems(self) -> list[str]:
+        out = []
+        if self.dp_mechanism not in ("svt", "dpsgd"):
+            out.append(f"DP mechanism must be svt or dpsgd, got {self.dp_mechanism!r}")
+        if self.dp_epsilon is not None and not (
+            math.isfinite(self.dp_epsilon) and self.dp_epsilon > 0
+        ):
+            out.append("DP ε must be > 0")
+        if not (math.isfinite(self.dp_clip) and self.dp_clip > 0):
+            out.append("DP clip norm must be > 0")
+        if self.dp_noise_multiplier is not None and not (
+            math.isfinite(self.dp_noise_multiplier) and self.dp_noise_multiplier > 0
+        ):
+            out.append("DP noise multiplier must be > 0")
+        if self.dp_mechanism == "dpsgd":
+            if self.dp_epsilon is None:
+                out.append("--dp-mechanism dpsgd needs --dp-epsilon (total ε per participant)")
+            if self.dp_eps_per_value is not None or self.dp_budget is not None:
+                out.append("--dp-eps-per-value and --dp-budget belong to --dp-mechanism svt")
+            if self.epochs == 0 and self.dp_noise_multiplier is None:
+                out.append("DP-SGD derives its noise from the run's length: set --epochs > 0")
+        elif self.dp_epsilon is not None or self.dp_noise_multiplier is not None:
+            out.append("--dp-epsilon and --dp-noise-multiplier need --dp-mechanism dpsgd")
+        return out
+
+    @property
+    def dpsgd(self) -> bool:
+        return self.dp_mechanism == "dpsgd" and self.dp_epsilon is not None
+
+    @property
+    def dp_on(self) -> bool:
+        """Whether participants run a DP mechanism (and so record ε spent)."""
+        return self.dp_eps_per_value is not None or self.dpsgd
 
     # Derived values: one place decides them so every process agrees.
     @property
@@ -313,3 +357,17 @@ def env_overrides(cls: Any, prefix: str = "DSSGD_") -> dict[str, Any]:
         if key in os.environ:
             out[f.name] = os.environ[key]
     return out
+
+
+def _coding_problems(cfg: RunConfig) -> list[str]:
+    """A γ the value coding cannot carry is refused here, not by a crashing worker later."""
+    if cfg.value_coding != "f16" or not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        return []
+    gamma = cfg.effective_gamma
+    if not math.isfinite(gamma) or gamma <= 0:
+        return []
+    if gamma >= F16_MAX:
+        return [f"f16 carries |values| up to {F16_MAX:.0f}; γ = {gamma:g} needs f32 or q8"]
+    if gamma < F16_TINY:
+        return [f"f16 rounds every value below {F16_TINY:.3g} to zero; γ = {gamma:g} needs f32"]
+    return []

@@ -158,8 +158,8 @@ def svt_select(
 
     1. draw the threshold noise r_τ ~ Lap(σ(ε1));
     2. visit the entries in a uniformly random order; for entry j draw r_j ~ Lap(2σ(ε1));
-    3. if |clip(Δw_j, γ)| + r_j ≥ τ + r_τ, release clip(Δw_j + Lap(σ(ε2)), γ), count it and draw
-       a fresh r_τ;
+    3. if |clip(Δw_j, γ)| + r_j ≥ τ + r_τ, release clip(clip(Δw_j, γ) + Lap(σ(ε2)), γ), count it
+       and draw a fresh r_τ;
     4. stop after c releases (or when every entry has been visited).
 
     Privacy: steps 1–3's selection is Dwork–Roth's Sparse with c above-threshold answers, queries
@@ -201,7 +201,10 @@ def svt_select(
     released = _scan(scores[candidates].tolist(), thresholds.tolist(), max_releases)
     chosen = order[candidates[released]]
 
-    noisy = d64[chosen] + rng.laplace(0.0, params.value_scale, size=chosen.size)
+    # Clip *before* the noise: Δf = 2γ, and so the Laplace scale, holds only for the clipped value;
+    # noise on the raw Δw_j has unbounded sensitivity. The outer clip is post-processing.
+    clipped = np.clip(d64[chosen], -gamma, gamma)
+    noisy = clipped + rng.laplace(0.0, params.value_scale, size=chosen.size)
     bound = _float32_bound(gamma)
     values = np.clip(noisy, -bound, bound).astype(np.float32)
     by_index = np.argsort(chosen, kind="stable")
@@ -263,15 +266,18 @@ def advanced_composition(eps_per_epoch: float, epochs: int, delta_prime: float) 
 class PrivacyAccountant:
     """One participant's ε spent so far, and its budget.
 
-    `budget` caps the total ε under the tighter of basic and advanced composition (None: no cap).
-    The reported guarantee `total` is that tighter value: pure `total`-DP when basic composition
-    wins, (`total`, δ')-DP when advanced composition wins (`total_delta` says which).
+    Three valid bounds on the same mechanism: basic composition (k·ε, pure DP), advanced
+    composition and, when `c` (releases per epoch) is known, the privacy-loss-distribution
+    composition of every epoch's c above-threshold tests and c Laplace releases
+    (shared.accounting). `total` is the tightest of them and `bound` names it; `total_delta` is
+    its δ (0 for basic composition, else δ'). `budget` caps `total` (None: no cap).
     """
 
     eps_per_epoch: float
     delta_prime: float = 1e-5
     budget: float | None = None
     epochs: int = 0
+    c: int | None = None
 
     def __post_init__(self) -> None:
         self.eps_per_epoch = _positive_finite("eps_per_epoch", self.eps_per_epoch)
@@ -281,12 +287,23 @@ class PrivacyAccountant:
         if self.budget is not None:
             self.budget = _positive_finite("budget", self.budget)
         self.epochs = _count("epochs", self.epochs, 0)
+        if self.c is not None:
+            self.c = _count("c", self.c, 1)
+
+    def bounds_after(self, epochs: int) -> dict[str, float]:
+        """Every valid bound on the total ε after `epochs` epochs, by name."""
+        out = {
+            "basic": basic_composition(self.eps_per_epoch, epochs),
+            "advanced": advanced_composition(self.eps_per_epoch, epochs, self.delta_prime),
+        }
+        if self.c is not None:
+            from shared.accounting import svt_pld_epsilon  # dp-accounting loads in ~1 s
+
+            out["pld"] = svt_pld_epsilon(self.eps_per_epoch, self.c, epochs, self.delta_prime)
+        return out
 
     def _total_after(self, epochs: int) -> float:
-        return min(
-            basic_composition(self.eps_per_epoch, epochs),
-            advanced_composition(self.eps_per_epoch, epochs, self.delta_prime),
-        )
+        return min(self.bounds_after(epochs).values())
 
     @property
     def total_basic(self) -> float:
@@ -298,13 +315,19 @@ class PrivacyAccountant:
 
     @property
     def total(self) -> float:
-        """The ε of the reported guarantee: the smaller of basic and advanced composition."""
+        """The ε of the reported guarantee: the tightest valid bound (named by `bound`)."""
         return self._total_after(self.epochs)
 
     @property
+    def bound(self) -> str:
+        """Which bound `total` is: "basic", "advanced" or "pld"."""
+        bounds = self.bounds_after(self.epochs)
+        return min(bounds, key=lambda k: bounds[k])
+
+    @property
     def total_delta(self) -> float:
-        """The δ that goes with `total`: δ' if advanced composition gave it, else 0 (pure DP)."""
-        return self.delta_prime if self.total_advanced < self.total_basic else 0.0
+        """The δ that goes with `total`: 0 for basic composition (pure DP), else δ'."""
+        return 0.0 if self.bound == "basic" else self.delta_prime
 
     def can_spend(self) -> bool:
         """Whether one more epoch stays within the budget."""
@@ -329,15 +352,18 @@ class PrivacyAccountant:
     def to_dict(self) -> dict[str, str]:
         """Strings for a Redis hash.
 
-        `total` and `total_delta` are there for people reading Redis; `from_dict` ignores them.
+        `total`, `total_delta` and `bound` are there for people reading Redis (and `dssgd status`);
+        `from_dict` ignores them.
         """
         return {
             "eps_per_epoch": repr(self.eps_per_epoch),
             "delta_prime": repr(self.delta_prime),
             "budget": "" if self.budget is None else repr(self.budget),
             "epochs": str(self.epochs),
+            "c": "" if self.c is None else str(self.c),
             "total": repr(self.total),
             "total_delta": repr(self.total_delta),
+            "bound": self.bound,
         }
 
     @classmethod
@@ -349,11 +375,13 @@ class PrivacyAccountant:
             fields[k] = value.decode() if isinstance(value, bytes) else str(value)
         try:
             budget = fields.get("budget", "")
+            c = fields.get("c", "")
             return cls(
                 eps_per_epoch=float(fields["eps_per_epoch"]),
                 delta_prime=float(fields["delta_prime"]),
                 budget=float(budget) if budget else None,
                 epochs=int(fields["epochs"]),
+                c=int(c) if c else None,
             )
         except KeyError as exc:
             raise ValueError(f"privacy accountant record lacks field {exc.args[0]!r}") from exc

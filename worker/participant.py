@@ -46,6 +46,13 @@ class EpochReport:
     seconds_total: float
 
 
+def synthetic_values(rng: np.random.Generator, k: int, gamma: float) -> np.ndarray:
+    """k values m·u, m in -3..3, u the largest power of two with 3u <= γ (u = 1 once γ >= 3):
+    every |value| <= γ, and float32 sums of them are exact while they stay below 2**24·u."""
+    unit = 1.0 if gamma >= 3 else 2.0 ** np.floor(np.log2(gamma / 3))
+    return (rng.integers(-3, 4, size=k) * unit).astype(np.float32)
+
+
 class Participant:
     def __init__(
         self,
@@ -87,6 +94,8 @@ class Participant:
         )
         self.task = task or load_task(cfg.task)
         self._build(model, data)
+        if cfg.dpsgd and self.trainer is not None:
+            self._use_dpsgd(progress)
         self.local = get_flat(self.model)
         self.budget_exhausted = ""
         self.svt: SvtParams | None = None
@@ -113,9 +122,63 @@ class Participant:
                 )
                 if any(k.startswith("dp_") for k in progress)
                 else PrivacyAccountant(
-                    eps_per_epoch=self.svt.epsilon, delta_prime=cfg.dp_delta, budget=cfg.dp_budget
+                    eps_per_epoch=self.svt.epsilon,
+                    delta_prime=cfg.dp_delta,
+                    budget=cfg.dp_budget,
+                    c=c,
                 )
             )
+
+    def _use_dpsgd(self, progress: dict[str, str]) -> None:
+        """Replace the local epoch by DP-SGD, with σ derived from the run's ε, δ and length."""
+        # Imported here: dp-accounting and torch.func cost about a second a process without DP.
+        from shared.accounting import DpSgdAccountant, noise_multiplier
+        from shared.dpsgd import DpSgdTrainer
+
+        cfg, trainer = self.cfg, self.trainer
+        assert cfg.dp_epsilon is not None and trainer is not None
+        if self.layout.n_buffers:
+            # Buffers are statistics of the local data sent whole: no DP bound covers them.
+            raise ConfigError(
+                f"task {cfg.task}: DP-SGD needs a model without buffers, and "
+                f"{self.layout.slots[-1].name!r} is one (BatchNorm statistics leak data)"
+            )
+        x, y = trainer.x, trainer.y
+        q = min(1.0, cfg.batch_size / len(x))
+        steps = -(-len(x) // cfg.batch_size)
+        sigma = cfg.dp_noise_multiplier or noise_multiplier(
+            cfg.dp_epsilon, cfg.dp_delta, q, steps * cfg.epochs
+        )
+        self.trainer = DpSgdTrainer(  # type: ignore[assignment]
+            self.model, x, y, cfg.lr, cfg.batch_size, cfg.dp_clip, sigma, loss=self.task.loss
+        )
+        self.dpsgd: DpSgdAccountant | None = DpSgdAccountant(
+            sigma, q, cfg.dp_delta, cfg.dp_epsilon, int(progress.get("dp_steps", 0))
+        )
+        log.info(
+            "participant %d: DP-SGD with σ %.4g, q %.4g, C %g", self.pid, sigma, q, cfg.dp_clip
+        )
+
+    def _dpsgd_exhausted(self) -> bool:
+        acc = getattr(self, "dpsgd", None)
+        if acc is None or self.trainer is None or acc.can_run(self.trainer.steps_per_epoch):
+            return False
+        if not self.budget_exhausted:
+            nxt = acc.epsilon_after(acc.steps + self.trainer.steps_per_epoch)
+            self.budget_exhausted = (
+                f"privacy budget exhausted: DP-SGD ε spent {acc.total:.4g} (PLD, δ {acc.delta:g}),"
+                f" one more epoch would make it {nxt:.4g} > budget {acc.budget:.4g}; "
+                f"participant {self.pid} stops publishing"
+            )
+            log.warning("%s", self.budget_exhausted)
+        return True
+
+    def _record_dpsgd(self) -> None:
+        """The steps just taken are spent whether or not the update is published: record them."""
+        acc = getattr(self, "dpsgd", None)
+        if acc is not None and self.trainer is not None:
+            acc.steps += self.trainer.steps_per_epoch
+            self.store.record_progress(self.pid, **{f"dp_{k}": v for k, v in acc.to_dict().items()})
 
     def _build(self, model: nn.Module | None, data: Dataset | None) -> None:
         """The model (the task's, or the own-loop user's) and the local trainer."""
@@ -141,6 +204,8 @@ class Participant:
 
     @property
     def done(self) -> bool:
+        if self._dpsgd_exhausted():
+            return True
         if self.accountant is not None and not self.accountant.can_spend():
             if not self.budget_exhausted:
                 self.budget_exhausted = (
@@ -167,6 +232,7 @@ class Participant:
             assert self.trainer is not None
             loss = self.trainer.epoch()
             self.t_train += time.perf_counter() - t_sgd
+            self._record_dpsgd()
             indices, values = self.select(base)
         return self.publish(
             version, indices, values, loss, bytes_down, t0, time.perf_counter() - t1
@@ -234,7 +300,13 @@ class Participant:
             indices=indices,
             values=values,
         )
-        body = wire.encode(update, values=self.cfg.value_coding, rng=self.rng, key=self.hmac_key)
+        body = wire.encode(
+            update,
+            values=self.cfg.value_coding,
+            rng=self.rng,
+            key=self.hmac_key,
+            bound=self.cfg.effective_gamma,  # a lossy coding must not push ±γ beyond γ
+        )
         # Burn the sequence number before it can reach the broker: a restart after a crash
         # between publish and confirm must never reuse it for different content.
         self.store.record_progress(self.pid, seq_sent=self.seq)
@@ -269,7 +341,8 @@ class Participant:
             seq=confirmed_seq,
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
-            loss=f"{loss:.5f}",
+            # A loss computed on the local data is outside every DP mechanism: not published.
+            loss="nan" if self.cfg.dp_on else f"{loss:.5f}",
             last_seen=f"{time.time():.3f}",
             base_version=version,
             entries=indices.size,
@@ -326,11 +399,11 @@ class Participant:
             self.record.flush()
 
     def _synthetic_update(self) -> tuple[np.ndarray, np.ndarray, float]:
-        """Small integer values: sums are exact, so the global state is an exact oracle."""
+        """Small multiples of a power of two within ±γ: sums are exact, so the global state is an
+        exact oracle (with a zero start and the sum rule)."""
         k = int(self.rng.integers(1, budget(self.n, self.cfg.theta_u) + 1))
         indices = np.sort(self.rng.choice(self.n, size=k, replace=False)).astype(np.int64)
-        limit = max(1, min(3, int(self.cfg.effective_gamma)))
-        values = self.rng.integers(-limit, limit + 1, size=k).astype(np.float32)
+        values = synthetic_values(self.rng, k, self.cfg.effective_gamma)
         return indices, values, 0.0
 
     def _publish(self, body: bytes) -> None:
