@@ -385,9 +385,18 @@ def preflight(cfg: Any) -> LoadedTask:
     selection_rule(cfg.selection)  # user rules (pkg.mod:Name) are found now, not mid-run
     update_rule(cfg.effective_rule)
     task = load_task(cfg.task)
-    _ = task.layout
+    check_coding(task, cfg)
     central_test(cfg)  # also warms MNIST's cache for the workers
     return task
+
+
+def check_coding(task: LoadedTask, cfg: Any) -> None:
+    """q8 scales a message by its largest value: buffers sent whole would drown the parameters."""
+    if task.layout.n_buffers and cfg.buffers == "whole" and cfg.value_coding == "q8":
+        raise TaskError(
+            f"task {task.spec}'s model has buffers ({task.layout.slots[-1].name!r}), which "
+            "travel whole: use --value-coding f32 or f16, not q8"
+        )
 
 
 def check_size(task: LoadedTask, n: int, run_id: str) -> None:

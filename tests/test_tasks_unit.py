@@ -282,3 +282,24 @@ def test_federated_point_is_the_example_weighted_mean() -> None:
     assert point["accuracy"] == pytest.approx(0.625) and point["loss"] == pytest.approx(0.4)
     assert (point["version"], point["reporting"], point["source"]) == (6, 2, "federated")
     assert federated_point({2: {"epochs": "3"}}) is None
+
+
+def test_q8_is_refused_for_a_model_with_buffers(tmp_path: Path) -> None:
+    from shared.config import RunConfig
+    from shared.tasks import check_coding
+
+    (tmp_path / "bn.py").write_text(
+        "from torch import nn\n"
+        "class T:\n"
+        "    def build_model(self):\n"
+        "        return nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))\n"
+        "    def local_data(self, ctx):\n"
+        "        return None\n"
+        "TASK = T()\n"
+    )
+    task = load_task(f"{tmp_path}/bn.py:TASK")
+    with pytest.raises(TaskError, match="not q8"):
+        check_coding(task, RunConfig(value_coding="q8"))
+    check_coding(task, RunConfig(value_coding="f16"))
+    check_coding(task, RunConfig(value_coding="q8", buffers="local"))
+    check_coding(load_task("mnist-mlp"), RunConfig(value_coding="q8"))
