@@ -351,6 +351,11 @@ def check_model(task: LoadedTask, record: str, run_id: str) -> None:
     check_layout(task.layout, record, run_id, f"task {task.spec}")
 
 
+def param_entries(cfg: Any, n: int) -> int:
+    """How many of a run's n state entries are parameters (the rest are buffers sent whole)."""
+    return n - buffer_entries(cfg.task) if cfg.buffers == "whole" else n
+
+
 @functools.lru_cache(maxsize=32)
 def buffer_entries(spec: str) -> int:
     """Flat-state entries after the parameters (buffers), for the run's checks of an update."""

@@ -303,3 +303,13 @@ def test_q8_is_refused_for_a_model_with_buffers(tmp_path: Path) -> None:
     check_coding(task, RunConfig(value_coding="f16"))
     check_coding(task, RunConfig(value_coding="q8", buffers="local"))
     check_coding(load_task("mnist-mlp"), RunConfig(value_coding="q8"))
+
+
+def test_the_l2_bound_leaves_buffers_alone() -> None:
+    from shared.rules import bound_l2
+
+    values = np.array([3.0, 4.0, 500.0], dtype=np.float32)  # two parameters, one buffer
+    out, scaled = bound_l2(values, 1.0, np.array([True, True, False]))
+    assert scaled and out.tolist() == pytest.approx([0.6, 0.8, 500.0])
+    out, scaled = bound_l2(values, 1.0)  # without the mask the buffer would crush the step
+    assert scaled and out[0] < 0.01
