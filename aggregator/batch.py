@@ -17,6 +17,7 @@ from shared.config import RunConfig
 from shared.errors import ValidationError
 from shared.rules import UpdateRule, apply_update, bound_l2, decay
 from shared.store import AggregatorState
+from shared.tasks import param_entries
 
 
 @dataclass
@@ -81,7 +82,8 @@ def _apply_one(
     if upd.count:
         values = upd.values
         if cfg.max_l2 is not None:
-            values, clipped = bound_l2(values, cfg.max_l2)
+            params = upd.indices < param_entries(cfg, state.w.size)  # buffers are not a step
+            values, clipped = bound_l2(values, cfg.max_l2, params)
             out.counters["l2_clipped"] += clipped
         apply_update(state.w, state.stat, upd.indices, values, rule.weight(staleness))
         decay(state.stat, cfg.stat_decay)

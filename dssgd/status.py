@@ -119,6 +119,8 @@ def collect(store: RunStore, amqp_url: str) -> dict[str, Any]:
         "aggregator": json.loads(agg) if agg else None,
         "accuracy": last_metric["accuracy"] if last_metric else None,
         "loss": last_metric["loss"] if last_metric else None,
+        # "federated": the participants' own held-out evaluations (a task without a test set)
+        "accuracy_source": (last_metric or {}).get("source", "test set"),
         "stop": store.stop_reason(),
         "finished": len(finished) >= cfg.participants,
         "participants": participants,
@@ -130,6 +132,8 @@ def render(s: dict[str, Any]) -> str:
     c = s["counters"]
     q = s["queues"] or {}
     acc = f"{s['accuracy']:.4f}" if s["accuracy"] is not None else "-"
+    if s.get("accuracy_source") == "federated":
+        acc += " (federated)"
     rate = f"{s['updates_per_second']:.1f}/s" if s["updates_per_second"] is not None else "-"
     agg = "up" if s["aggregator"] else "not reporting"
     if s["aggregator"] and s["aggregator"].get("metrics_url"):

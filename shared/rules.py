@@ -129,9 +129,22 @@ def decay(stat: np.ndarray, beta: float) -> None:
         stat *= np.float32(beta)
 
 
-def bound_l2(values: np.ndarray, max_norm: float) -> tuple[np.ndarray, bool]:
-    """Scale an update down to the server's L2 bound; returns (values, whether it was scaled)."""
-    norm = float(np.linalg.norm(values.astype(np.float64)))
+def bound_l2(
+    values: np.ndarray, max_norm: float, params: np.ndarray | None = None
+) -> tuple[np.ndarray, bool]:
+    """Scale an update down to the server's L2 bound; returns (values, whether it was scaled).
+
+    ``params`` (a boolean mask over ``values``) limits the bound to the parameter entries: the
+    buffers an update carries whole (shared/models.py) are statistics, not a step, and would
+    otherwise dominate the norm and scale the parameters' change to nothing.
+    """
+    counted = values if params is None else values[params]
+    norm = float(np.linalg.norm(counted.astype(np.float64)))
     if norm <= max_norm or norm == 0.0:
         return values, False
-    return (values * np.float32(max_norm / norm)).astype(np.float32), True
+    scale = np.float32(max_norm / norm)
+    if params is None:
+        return (values * scale).astype(np.float32), True
+    out = values.astype(np.float32, copy=True)
+    out[params] *= scale
+    return out, True

@@ -351,6 +351,11 @@ def check_model(task: LoadedTask, record: str, run_id: str) -> None:
     check_layout(task.layout, record, run_id, f"task {task.spec}")
 
 
+def param_entries(cfg: Any, n: int) -> int:
+    """How many of a run's n state entries are parameters (the rest are buffers sent whole)."""
+    return n - buffer_entries(cfg.task) if cfg.buffers == "whole" else n
+
+
 @functools.lru_cache(maxsize=32)
 def buffer_entries(spec: str) -> int:
     """Flat-state entries after the parameters (buffers), for the run's checks of an update."""
@@ -385,9 +390,18 @@ def preflight(cfg: Any) -> LoadedTask:
     selection_rule(cfg.selection)  # user rules (pkg.mod:Name) are found now, not mid-run
     update_rule(cfg.effective_rule)
     task = load_task(cfg.task)
-    _ = task.layout
+    check_coding(task, cfg)
     central_test(cfg)  # also warms MNIST's cache for the workers
     return task
+
+
+def check_coding(task: LoadedTask, cfg: Any) -> None:
+    """q8 scales a message by its largest value: buffers sent whole would drown the parameters."""
+    if task.layout.n_buffers and cfg.buffers == "whole" and cfg.value_coding == "q8":
+        raise TaskError(
+            f"task {task.spec}'s model has buffers ({task.layout.slots[-1].name!r}), which "
+            "travel whole: use --value-coding f32 or f16, not q8"
+        )
 
 
 def check_size(task: LoadedTask, n: int, run_id: str) -> None:

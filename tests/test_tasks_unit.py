@@ -267,3 +267,49 @@ def test_a_bad_task_on_the_command_line_is_one_line(tmp_path: Path) -> None:
     )  # fmt: skip
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "does not exist" in res.stderr, res.stderr
+
+
+def test_federated_point_is_the_example_weighted_mean() -> None:
+    from aggregator.evaluator import federated_point
+
+    progress = {
+        0: {"fed_version": "4", "fed_examples": "10", "fed_accuracy": "1.0", "fed_loss": "0.1"},
+        1: {"fed_version": "6", "fed_examples": "30", "fed_accuracy": "0.5", "fed_loss": "0.5"},
+        2: {"epochs": "3"},  # not reported yet
+    }
+    point = federated_point(progress)
+    assert point is not None
+    assert point["accuracy"] == pytest.approx(0.625) and point["loss"] == pytest.approx(0.4)
+    assert (point["version"], point["reporting"], point["source"]) == (6, 2, "federated")
+    assert federated_point({2: {"epochs": "3"}}) is None
+
+
+def test_q8_is_refused_for_a_model_with_buffers(tmp_path: Path) -> None:
+    from shared.config import RunConfig
+    from shared.tasks import check_coding
+
+    (tmp_path / "bn.py").write_text(
+        "from torch import nn\n"
+        "class T:\n"
+        "    def build_model(self):\n"
+        "        return nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))\n"
+        "    def local_data(self, ctx):\n"
+        "        return None\n"
+        "TASK = T()\n"
+    )
+    task = load_task(f"{tmp_path}/bn.py:TASK")
+    with pytest.raises(TaskError, match="not q8"):
+        check_coding(task, RunConfig(value_coding="q8"))
+    check_coding(task, RunConfig(value_coding="f16"))
+    check_coding(task, RunConfig(value_coding="q8", buffers="local"))
+    check_coding(load_task("mnist-mlp"), RunConfig(value_coding="q8"))
+
+
+def test_the_l2_bound_leaves_buffers_alone() -> None:
+    from shared.rules import bound_l2
+
+    values = np.array([3.0, 4.0, 500.0], dtype=np.float32)  # two parameters, one buffer
+    out, scaled = bound_l2(values, 1.0, np.array([True, True, False]))
+    assert scaled and out.tolist() == pytest.approx([0.6, 0.8, 500.0])
+    out, scaled = bound_l2(values, 1.0)  # without the mask the buffer would crush the step
+    assert scaled and out[0] < 0.01

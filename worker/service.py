@@ -27,7 +27,7 @@ from shared.errors import BrokerError, ConfigError, StopRequested, StoreError, i
 from shared.lifecycle import EXIT_OK, Backoff, StopFlag
 from shared.store import LEASE_TTL, RunStore
 from shared.store import connect as redis_connect
-from shared.tasks import LoadedTask, check_model, check_size, context_for, load_task
+from shared.tasks import LoadedTask, check_coding, check_model, check_size, context_for, load_task
 from worker.participant import Participant
 
 log = logging.getLogger(__name__)
@@ -223,6 +223,7 @@ class Worker:
     def _task(self, store: RunStore, cfg: RunConfig) -> LoadedTask:
         """The task, refused when its model is not the run's (the aggregator records that)."""
         task = load_task(self.s.task or cfg.task)
+        check_coding(task, cfg)
         deadline = time.monotonic() + 120.0
         while (record := self._with_retry(store.model_record)) is None:
             if self._with_retry(store.has_params):
