@@ -40,6 +40,14 @@ ROUND2 = [
     {**_BASE, "rule": "mean", "lr": 2.0},
 ]
 
+# Round 3: more steps at large batches (σ grows slower than the number of steps).
+ROUND3 = [
+    {**_BASE, "batch": 300, "epochs": 20, "lr": 0.5},
+    {**_BASE, "batch": 300, "epochs": 10, "lr": 1.0},
+    {**_BASE, "batch": 600, "epochs": 20, "lr": 2.0},
+]
+ROUNDS = {"round2": ROUND2, "round3": ROUND3}
+
 GRIDS = {
     "quick": {
         "batch": [120, 300, 600],
@@ -101,12 +109,12 @@ def simulate(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eps", type=float, default=8.0)
-    ap.add_argument("--grid", choices=[*sorted(GRIDS), "round2"], default="quick")
+    ap.add_argument("--grid", choices=[*sorted(GRIDS), *ROUNDS], default="quick")
     ap.add_argument("--budget-s", type=float, default=900.0, help="stop starting settings after")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the machine is shared
-    if args.grid == "round2":
-        settings = ROUND2
+    if args.grid in ROUNDS:
+        settings = ROUNDS[args.grid]
     else:
         g = GRIDS[args.grid]
         settings = [dict(zip(g, combo, strict=True)) for combo in itertools.product(*g.values())]

@@ -256,3 +256,27 @@ def test_metrics_name_the_bound() -> None:
     assert 'dssgd_epsilon_spent{participant="3",run="r"} 4.06' in text
     assert 'dssgd_epsilon_bound{bound="pld",participant="3",run="r"} 1.0' in text
     assert 'dssgd_epsilon_bound{bound="basic",participant="3",run="r"} 0.0' in text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dp_mechanism": "dpsgd"}, "needs --dp-epsilon"),
+        ({"dp_mechanism": "dpsgd", "dp_epsilon": 8.0, "epochs": 0}, "--epochs > 0"),
+        ({"dp_mechanism": "dpsgd", "dp_epsilon": 8.0, "dp_eps_per_value": 1.0}, "belong to"),
+        ({"dp_epsilon": 8.0}, "need --dp-mechanism dpsgd"),
+        ({"dp_mechanism": "laplace"}, "svt or dpsgd"),
+        ({"dp_mechanism": "dpsgd", "dp_epsilon": -1.0}, "DP ε must be > 0"),
+        ({"dp_mechanism": "dpsgd", "dp_epsilon": 1.0, "dp_clip": 0.0}, "clip norm"),
+    ],
+)
+def test_dpsgd_configuration_mistakes_are_one_clear_line(
+    kwargs: dict[str, object], message: str
+) -> None:
+    from shared.config import RunConfig
+    from shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as exc:
+        RunConfig(**kwargs)  # type: ignore[arg-type]
+    assert "\n" not in str(exc.value)
+    assert RunConfig(dp_mechanism="dpsgd", dp_epsilon=8.0).dpsgd
