@@ -1,4 +1,4 @@
-"""``python -m aggregator`` is ``dssgd aggregator``."""
+"""``python -m dssgd.aggregator`` is ``dssgd aggregator``."""
 
 import sys
 

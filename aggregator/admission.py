@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aggregator.validate import validate
-from shared import dedup, wire
-from shared.amqp_names import AmqpNames
-from shared.broker import Delivery
-from shared.config import RunConfig
-from shared.errors import ValidationError
-from shared.provision import participant_user
+from dssgd.aggregator.validate import validate
+from dssgd.shared import dedup, wire
+from dssgd.shared.amqp_names import AmqpNames
+from dssgd.shared.broker import Delivery
+from dssgd.shared.config import RunConfig
+from dssgd.shared.errors import ValidationError
+from dssgd.shared.provision import participant_user
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from aggregator.admission import Accepted, Duplicate, Rejected, Verdict
-from aggregator.validate import check_version
-from shared import dedup
-from shared.config import RunConfig
-from shared.errors import ValidationError
-from shared.rules import UpdateRule, apply_update, bound_l2, decay
-from shared.store import AggregatorState
-from shared.tasks import param_entries
+from dssgd.aggregator.admission import Accepted, Duplicate, Rejected, Verdict
+from dssgd.aggregator.validate import check_version
+from dssgd.shared import dedup
+from dssgd.shared.config import RunConfig
+from dssgd.shared.errors import ValidationError
+from dssgd.shared.rules import UpdateRule, apply_update, bound_l2, decay
+from dssgd.shared.store import AggregatorState
+from dssgd.shared.tasks import param_entries
 
 
 @dataclass

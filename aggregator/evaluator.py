@@ -16,17 +16,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-
-from aggregator.metrics import AggregatorMetrics
-from shared.config import RunConfig
-from shared.errors import DssgdError
-from shared.models import set_flat
-from shared.store import RunStore
-from shared.tasks import central_test
-from shared.training import EvalResult
+from dssgd.aggregator.metrics import AggregatorMetrics
+from dssgd.shared.config import RunConfig
+from dssgd.shared.errors import DssgdError
+from dssgd.shared.models import set_flat
+from dssgd.shared.store import RunStore
+from dssgd.shared.tasks import central_test
+from dssgd.shared.training import EvalResult
 
 if TYPE_CHECKING:
-    from aggregator.service import Snapshot
+    from dssgd.aggregator.service import Snapshot
 
 log = logging.getLogger(__name__)
 

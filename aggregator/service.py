@@ -22,20 +22,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from aggregator.admission import Admission
-from aggregator.batch import Outcome, apply_batch
-from aggregator.evaluator import Evaluator
-from aggregator.metrics import AggregatorMetrics
-from shared.amqp_names import AmqpNames
-from shared.broker import Consumer, Delivery, tune_for_large_messages
-from shared.config import Connections, RunConfig
-from shared.errors import BrokerError, ConfigError, FencedError, StoreError
-from shared.lifecycle import EXIT_FENCED, EXIT_OK, Backoff, StopFlag
-from shared.rules import UpdateRule
-from shared.store import AggregatorState, RunStore
-from shared.store import connect as redis_connect
-from shared.tasks import load_task, model_record
+from dssgd.aggregator.admission import Admission
+from dssgd.aggregator.batch import Outcome, apply_batch
+from dssgd.aggregator.evaluator import Evaluator
+from dssgd.aggregator.metrics import AggregatorMetrics
+from dssgd.shared.amqp_names import AmqpNames
+from dssgd.shared.broker import Consumer, Delivery, tune_for_large_messages
+from dssgd.shared.config import Connections, RunConfig
+from dssgd.shared.errors import BrokerError, ConfigError, FencedError, StoreError
+from dssgd.shared.lifecycle import EXIT_FENCED, EXIT_OK, Backoff, StopFlag
+from dssgd.shared.rules import UpdateRule
+from dssgd.shared.store import AggregatorState, RunStore
+from dssgd.shared.store import connect as redis_connect
+from dssgd.shared.tasks import load_task, model_record
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,11 @@ entries, how large (``validate``), and how stale (``check_version``, at apply ti
 from __future__ import annotations
 
 import numpy as np
-
-from shared.config import RunConfig
-from shared.errors import ValidationError
-from shared.selection import entry_limit
-from shared.tasks import buffer_entries
-from shared.wire import Update
+from dssgd.shared.config import RunConfig
+from dssgd.shared.errors import ValidationError
+from dssgd.shared.selection import entry_limit
+from dssgd.shared.tasks import buffer_entries
+from dssgd.shared.wire import Update
 
 # float32 rounding of a value clipped to γ in float64 may land one ulp above γ (6e-8 relative),
 # and q8's product q·scale a few ulps (measured worst 1.8e-7). f16 would need 2**-11, so its

@@ -25,8 +25,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from dssgd.shared.config import RunConfig
+
 from bench import system as S
-from shared.config import RunConfig
 
 DOC = S.ROOT / "docs" / "BENCHMARKS.md"
 HEADER = "## System benchmarks (issue 7)"
@@ -439,7 +440,7 @@ How each figure is measured:
   durable quorum queue, drained by a pika `BlockingConnection` consumer that only acks
   (prefetch 1000, `multiple` ack every 100); end = last message received. *Aggregator*: a run
   with `rule = sum`, γ = 100, zero parameters, 30 participants and
-  `python -m aggregator --no-eval`; end = the moment the `version` key shows every confirmed
+  `python -m dssgd.aggregator --no-eval`; end = the moment the `version` key shows every confirmed
   update committed (polled every 2 ms). Both are end to end from the first publish, so they
   include draining any backlog; publishers, broker, Redis and the consumer share the 2 cores, as
   on a single-host deployment. "msgs/commit" = updates applied ÷ Lua commits (the `commits`

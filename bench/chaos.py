@@ -69,19 +69,18 @@ import msgpack
 import numpy as np
 import pika
 import redis
+from dssgd.shared import wire
+from dssgd.shared.amqp_names import AmqpNames
+from dssgd.shared.broker import Publisher, declare_topology, delete_topology, queue_depth
+from dssgd.shared.broker import connect as amqp_connect
+from dssgd.shared.config import DEFAULT_AMQP_URL, RunConfig
+from dssgd.shared.dedup import decode_state
+from dssgd.shared.errors import BrokerError, DssgdError
+from dssgd.shared.models import initial_parameters
+from dssgd.shared.store import RunStore
+from dssgd.shared.store import connect as redis_connect
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-
-from shared import wire
-from shared.amqp_names import AmqpNames
-from shared.broker import Publisher, declare_topology, delete_topology, queue_depth
-from shared.broker import connect as amqp_connect
-from shared.config import DEFAULT_AMQP_URL, RunConfig
-from shared.dedup import decode_state
-from shared.errors import BrokerError, DssgdError
-from shared.models import initial_parameters
-from shared.store import RunStore
-from shared.store import connect as redis_connect
 
 ROOT = Path(__file__).resolve().parent.parent
 RESUME_LIMIT = 30.0  # seconds; RELIABILITY.md rows 2 and 3: everyone resumes on their own
@@ -570,7 +569,7 @@ class Run:
     # processes
 
     def _spawn(self, module: str, args: list[str], log: str) -> subprocess.Popen[bytes]:
-        p = popen([sys.executable, "-m", module, "--run-id", self.run_id, *args],
+        p = popen([sys.executable, "-m", f"dssgd.{module}", "--run-id", self.run_id, *args],
                   self.dir / log, env=self.svc.child_env)
         self.procs.append(p)
         return p

@@ -24,9 +24,8 @@ from typing import Any
 
 import msgpack
 import numpy as np
-
-from shared.errors import DssgdError, WireError
-from shared.wire import (
+from dssgd.shared.errors import DssgdError, WireError
+from dssgd.shared.wire import (
     SCHEMA_VERSION,
     Update,
     ValueCoding,
@@ -185,7 +184,7 @@ def build_cnn() -> tuple[Any, str]:
     from torch import nn
 
     try:
-        from shared.models import build_model  # type: ignore[import-not-found,unused-ignore]
+        from dssgd.shared.models import build_model  # type: ignore[import-not-found,unused-ignore]
     except ImportError:  # not written yet: use the inline copy below
         build_model = None
     if build_model is not None:
@@ -194,7 +193,7 @@ def build_cnn() -> tuple[Any, str]:
         except (TypeError, DssgdError):  # another signature or model name: use the inline copy
             model = None
         if model is not None and sum(p.numel() for p in model.parameters()) == N_PARAMS:
-            return model, 'shared.models.build_model("cnn")'
+            return model, 'dssgd.shared.models.build_model("cnn")'
 
     class PaperCNN(nn.Module):
         def __init__(self) -> None:

@@ -18,11 +18,10 @@ import sys
 
 import numpy as np
 import torch
-
-from shared.accounting import dpsgd_epsilon, noise_multiplier, svt_pld_epsilon
-from shared.dpaudit import audit
-from shared.privacy import SvtParams, advanced_composition, epsilon_for, svt_select
-from shared.selection import budget
+from dssgd.shared.accounting import dpsgd_epsilon, noise_multiplier, svt_pld_epsilon
+from dssgd.shared.dpaudit import audit
+from dssgd.shared.privacy import SvtParams, advanced_composition, epsilon_for, svt_select
+from dssgd.shared.selection import budget
 
 sys.path.insert(0, "tests")
 from test_dp_selftest import (

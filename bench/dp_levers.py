@@ -19,13 +19,12 @@ import time
 
 import numpy as np
 import torch
-
-from shared.accounting import noise_multiplier
-from shared.data import load_mnist, prepare, shard_indices
-from shared.dpsgd import DpSgdTrainer
-from shared.models import build_model, get_flat, set_flat
-from shared.selection import budget, select_top_k
-from shared.training import evaluate, labels_tensor
+from dssgd.shared.accounting import noise_multiplier
+from dssgd.shared.data import load_mnist, prepare, shard_indices
+from dssgd.shared.dpsgd import DpSgdTrainer
+from dssgd.shared.models import build_model, get_flat, set_flat
+from dssgd.shared.selection import budget, select_top_k
+from dssgd.shared.training import evaluate, labels_tensor
 
 _BASE = {"batch": 120, "epochs": 5, "lr": 0.5, "clip": 1.0, "theta_u": 1.0, "rule": "sum"}
 # Round 2: one lever at a time around the best of "quick" (B 120, 5 epochs, lr 0.5).

@@ -23,11 +23,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from shared.baselines import standalone
-from shared.config import Connections, RunConfig
-from shared.data import load_mnist
-from shared.store import RunStore
-from shared.store import connect as redis_connect
+from dssgd.shared.baselines import standalone
+from dssgd.shared.config import Connections, RunConfig
+from dssgd.shared.data import load_mnist
+from dssgd.shared.store import RunStore
+from dssgd.shared.store import connect as redis_connect
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "RESULTS.md"

@@ -13,8 +13,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from dssgd.shared.errors import DssgdError
+
 from dssgd.experiment import measured_run
-from shared.errors import DssgdError
 
 TARGET = 0.93
 

@@ -35,14 +35,13 @@ from typing import Any
 import numpy as np
 import pika
 import pika.exceptions as pex
-
-from shared import wire
-from shared.amqp_names import CONTENT_TYPE, AmqpNames
-from shared.broker import connect as amqp_connect
-from shared.broker import declare_topology, delete_topology
-from shared.config import Connections, RunConfig
-from shared.store import RunStore
-from shared.store import connect as redis_connect
+from dssgd.shared import wire
+from dssgd.shared.amqp_names import CONTENT_TYPE, AmqpNames
+from dssgd.shared.broker import connect as amqp_connect
+from dssgd.shared.broker import declare_topology, delete_topology
+from dssgd.shared.config import Connections, RunConfig
+from dssgd.shared.store import RunStore
+from dssgd.shared.store import connect as redis_connect
 
 ROOT = Path(__file__).resolve().parent.parent
 N_CNN = 105_506
@@ -588,10 +587,10 @@ class BenchRun:
         return int(self.store.r.get(self.store.keys.version) or 0)
 
     def start_aggregator(self, command: list[str] | None = None) -> int:
-        """``python -m aggregator --run-id R --no-eval`` (or ``command`` + those arguments, to
+        """``python -m dssgd.aggregator --run-id R --no-eval`` (or ``command`` + those arguments, to
         try a variant); returns its pid once it consumes from the run's queue."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        cmd = command or [sys.executable, "-m", "aggregator"]
+        cmd = command or [sys.executable, "-m", "dssgd.aggregator"]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [*cmd, "--run-id", self.run_id, "--no-eval"],
@@ -642,8 +641,8 @@ def delete_run(run_id: str) -> None:
 def measure_aggregator(cfg: LoadSettings, theta: float, run_id: str,
                        profiler: list[str] | None = None,
                        command: list[str] | None = None) -> LoadResult:
-    """The real aggregator (``python -m aggregator --no-eval``) under the same load; the end is
-    the moment the version key shows every confirmed message applied."""
+    """The real aggregator (``python -m dssgd.aggregator --no-eval``) under the same load; the
+    end is the moment the version key shows every confirmed message applied."""
     run = BenchRun(run_id, cfg.publishers * cfg.participants_each, theta)
     procs: list[Any] = []
     prof: subprocess.Popen[bytes] | None = None
@@ -993,9 +992,9 @@ def milestones(run_dir: Path, rec: RunRecord) -> dict[str, float]:
 
 CENTRALIZED = r"""
 import json, sys, time
-from shared.baselines import train_curve, union_indices
-from shared.config import RunConfig
-from shared.data import load_mnist
+from dssgd.shared.baselines import train_curve, union_indices
+from dssgd.shared.config import RunConfig
+from dssgd.shared.data import load_mnist
 import torch
 target, epochs, threads = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)

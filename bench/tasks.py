@@ -19,10 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from dssgd.shared.baselines import task_baseline
+from dssgd.shared.config import RunConfig
+from dssgd.shared.errors import DssgdError
+
 from dssgd.experiment import measured_run
-from shared.baselines import task_baseline
-from shared.config import RunConfig
-from shared.errors import DssgdError
 
 # Partitioner specs (shared/partition.py), passed to every process as DSSGD_PARTITION.
 PARTITIONS = {

@@ -4,7 +4,7 @@ Runs, alternately and under the same load as section 1 (3 publisher processes, a
 confirms, CNN-sized updates):
 
 * *ceiling*: the ack-only consumer on a plain quorum queue;
-* *aggregator*: ``python -m aggregator --no-eval``, as shipped;
+* *aggregator*: ``python -m dssgd.aggregator --no-eval``, as shipped;
 * *free decode*: the same aggregator with the index and value sections "decoded" for free
   (``shared.wire._decode_indices`` / ``_decode_values`` replaced by lookups of one
   pre-built array per size), which bounds what any decoder, native code included, could give.
@@ -46,7 +46,8 @@ def _free_values(_coding: Any, _data: bytes, k: int) -> tuple[np.ndarray, float]
 
 def aggregator_with_free_decode(argv: list[str]) -> int:
     """``python -m bench.whatif --serve ARGS``: the aggregator CLI with decoding patched out."""
-    import shared.wire as wire
+    import dssgd.shared.wire as wire
+
     from dssgd.cli import main
 
     wire._decode_indices = _free_indices  # type: ignore[assignment]

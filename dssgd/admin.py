@@ -14,7 +14,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from shared.errors import BrokerError, ConfigError, DssgdError, StoreError
+from dssgd.shared.errors import BrokerError, ConfigError, DssgdError, StoreError
 
 log = logging.getLogger("dssgd")
 
@@ -105,7 +105,7 @@ def add_admin_parsers(sub: Any) -> None:
 
 
 def remove_users(run_id: str, amqp_url: str, redis_url: str, management_url: str | None) -> int:
-    from shared.provision import deprovision
+    from dssgd.shared.provision import deprovision
 
     return deprovision(run_id, None, amqp_url, redis_url, management_url)
 
@@ -196,14 +196,14 @@ def check_amqp(url: str, name: str) -> None:
 def explicit_run_fields(args: argparse.Namespace) -> set[str]:
     """Run settings the user gave for this command: flags, TOML file, environment."""
     from dssgd.cli import RUN_OPTIONS
-    from shared.config import RunConfig, env_overrides
+    from dssgd.shared.config import RunConfig, env_overrides
 
     given = {f for _, f, _, _ in RUN_OPTIONS if getattr(args, f, None) is not None}
     if getattr(args, "config", None):
         given |= set(read_toml(args.config)) - set(RUN_COMMAND_OPTIONS)
     given |= set(env_overrides(RunConfig))
     if getattr(args, "preset", None):
-        from shared.config import PRESETS
+        from dssgd.shared.config import PRESETS
 
         given |= set(PRESETS.get(args.preset, {}))
     return given - {"run_id", "created"}

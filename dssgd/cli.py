@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shared.config import (
+from dssgd.shared.config import (
     DOWNLOADS,
     ORDERS,
     PRESETS,
@@ -23,7 +23,7 @@ from shared.config import (
     env_overrides,
     from_mapping,
 )
-from shared.errors import (
+from dssgd.shared.errors import (
     BrokerError,
     ConfigError,
     DataError,
@@ -31,9 +31,9 @@ from shared.errors import (
     StoreError,
     is_permanent,
 )
-from shared.lifecycle import EXIT_ERROR, EXIT_UNAVAILABLE, EXIT_USAGE, setup_logging
-from shared.rules import rules_help
-from shared.selection import selection_help
+from dssgd.shared.lifecycle import EXIT_ERROR, EXIT_UNAVAILABLE, EXIT_USAGE, setup_logging
+from dssgd.shared.rules import rules_help
+from dssgd.shared.selection import selection_help
 
 log = logging.getLogger("dssgd")
 

@@ -24,14 +24,14 @@ from typing import Any
 import torch
 
 from dssgd.plot import plot_series
-from shared.baselines import Curve, centralized, standalone
-from shared.config import Connections, RunConfig
-from shared.data import load_mnist
-from shared.errors import ConfigError, DssgdError
-from shared.lifecycle import EXIT_OK
-from shared.models import build_model
-from shared.store import RunStore
-from shared.store import connect as redis_connect
+from dssgd.shared.baselines import Curve, centralized, standalone
+from dssgd.shared.config import Connections, RunConfig
+from dssgd.shared.data import load_mnist
+from dssgd.shared.errors import ConfigError, DssgdError
+from dssgd.shared.lifecycle import EXIT_OK
+from dssgd.shared.models import build_model
+from dssgd.shared.store import RunStore
+from dssgd.shared.store import connect as redis_connect
 
 # The paper's figures (shared/docs/PAPER.md; [F] = read off its DP figure, ±0.005).
 PAPER_CENTRALIZED = 0.991
@@ -174,10 +174,10 @@ def honest_epsilon(theta: float, eps_per_value: float, epochs: int) -> tuple[flo
     """(basic, PLD) total ε of one participant of a DP point: what its accountant reports.
 
     The CNN's c = θu·n releases per epoch, ε = (ε/c)·c per epoch, δ = 1e-5 (the default)."""
-    from shared.accounting import svt_pld_epsilon
-    from shared.models import n_params
-    from shared.privacy import epsilon_for
-    from shared.selection import budget
+    from dssgd.shared.accounting import svt_pld_epsilon
+    from dssgd.shared.models import n_params
+    from dssgd.shared.privacy import epsilon_for
+    from dssgd.shared.selection import budget
 
     c = budget(n_params(build_model("cnn", 0)), theta)
     eps = epsilon_for(eps_per_value, c)

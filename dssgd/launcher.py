@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from shared.config import Connections
-from shared.errors import DssgdError
+from dssgd.shared.config import Connections
+from dssgd.shared.errors import DssgdError
 
 log = logging.getLogger("dssgd.launcher")
 
@@ -68,7 +68,8 @@ def preload() -> None:
     Nothing may start a thread or run a PyTorch operation here: a child forked from a process
     with running threads (an OpenMP pool, an I/O thread) can inherit a lock held forever.
     """
-    for module in ("torch", "aggregator.evaluator", "aggregator.service", "worker.service"):
+    warm = ("torch", "dssgd.aggregator.evaluator", "dssgd.aggregator.service")
+    for module in (*warm, "dssgd.worker.service"):
         importlib.import_module(module)
 
 

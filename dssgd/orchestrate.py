@@ -15,14 +15,14 @@ from typing import Any
 
 from dssgd.cli import connections, run_config_from_args
 from dssgd.launcher import make_launcher
-from shared.amqp_names import AmqpNames
-from shared.broker import connect as amqp_connect
-from shared.broker import declare_topology
-from shared.config import RunConfig
-from shared.errors import ConfigError
-from shared.lifecycle import EXIT_OK, StopFlag, install_signal_handlers
-from shared.store import RunStore
-from shared.store import connect as redis_connect
+from dssgd.shared.amqp_names import AmqpNames
+from dssgd.shared.broker import connect as amqp_connect
+from dssgd.shared.broker import declare_topology
+from dssgd.shared.config import RunConfig
+from dssgd.shared.errors import ConfigError
+from dssgd.shared.lifecycle import EXIT_OK, StopFlag, install_signal_handlers
+from dssgd.shared.store import RunStore
+from dssgd.shared.store import connect as redis_connect
 
 log = logging.getLogger("dssgd.run")
 
@@ -93,7 +93,7 @@ def final_evaluation(store: RunStore, cfg: RunConfig) -> tuple[float, float, int
     # for PyTorch (the fork launcher has imported it already, for its children).
     import torch
 
-    from shared.tasks import evaluate_state
+    from dssgd.shared.tasks import evaluate_state
 
     _, w, _ = store.read_params()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -266,7 +266,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--workers must be >= 1")
     workers = min(workers, cfg.participants)
     conns = connections(args)
-    from shared.tasks import preflight
+    from dssgd.shared.tasks import preflight
 
     preflight(cfg)  # a bad task or missing data fails here, in one line (and warms MNIST's cache)
 

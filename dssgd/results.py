@@ -10,13 +10,13 @@ import torch
 
 from dssgd.cli import connections
 from dssgd.plot import plot_run
-from shared.config import RunConfig
-from shared.errors import ConfigError
-from shared.lifecycle import EXIT_OK
-from shared.models import set_flat
-from shared.store import RunStore
-from shared.store import connect as redis_connect
-from shared.tasks import central_test, load_task
+from dssgd.shared.config import RunConfig
+from dssgd.shared.errors import ConfigError
+from dssgd.shared.lifecycle import EXIT_OK
+from dssgd.shared.models import set_flat
+from dssgd.shared.store import RunStore
+from dssgd.shared.store import connect as redis_connect
+from dssgd.shared.tasks import central_test, load_task
 
 
 def _store_and_config(args: argparse.Namespace) -> tuple[RunStore, RunConfig]:
@@ -100,7 +100,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out.with_suffix(".json").write_text(json.dumps(meta) + "\n")
     print(
         f"wrote {', '.join(map(str, written))} ({cfg.task}); load it with "
-        f"shared.tasks.load_task({cfg.task!r}).build_model()"
+        f"dssgd.shared.tasks.load_task({cfg.task!r}).build_model()"
         ".load_state_dict(torch.load(path, weights_only=True))"
     )
     return EXIT_OK

@@ -10,17 +10,17 @@ import threading
 import time
 from pathlib import Path
 
-from aggregator.service import Aggregator, AggregatorSettings
 from dssgd.admin import check_amqp, check_redis
+from dssgd.aggregator.service import Aggregator, AggregatorSettings
 from dssgd.cli import connections, parse_participants, parse_slot, run_config_from_args
-from shared.broker import connect as amqp_connect
-from shared.config import Connections, RunConfig
-from shared.errors import ConfigError, DssgdError
-from shared.lifecycle import EXIT_OK, EXIT_UNAVAILABLE, StopFlag, install_signal_handlers
-from shared.provision import provision, read_credentials
-from shared.store import RunStore
-from shared.store import connect as redis_connect
-from worker.service import Worker, WorkerSettings
+from dssgd.shared.broker import connect as amqp_connect
+from dssgd.shared.config import Connections, RunConfig
+from dssgd.shared.errors import ConfigError, DssgdError
+from dssgd.shared.lifecycle import EXIT_OK, EXIT_UNAVAILABLE, StopFlag, install_signal_handlers
+from dssgd.shared.provision import provision, read_credentials
+from dssgd.shared.store import RunStore
+from dssgd.shared.store import connect as redis_connect
+from dssgd.worker.service import Worker, WorkerSettings
 
 log = logging.getLogger("dssgd")
 

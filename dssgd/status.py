@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from dssgd.cli import connections
-from shared.amqp_names import AmqpNames
-from shared.broker import connect as amqp_connect
-from shared.broker import delete_topology, queue_depth
-from shared.config import RunConfig
-from shared.errors import BrokerError, ConfigError
-from shared.lifecycle import EXIT_OK
-from shared.store import RunStore, list_runs
-from shared.store import connect as redis_connect
+from dssgd.shared.amqp_names import AmqpNames
+from dssgd.shared.broker import connect as amqp_connect
+from dssgd.shared.broker import delete_topology, queue_depth
+from dssgd.shared.config import RunConfig
+from dssgd.shared.errors import BrokerError, ConfigError
+from dssgd.shared.lifecycle import EXIT_OK
+from dssgd.shared.store import RunStore, list_runs
+from dssgd.shared.store import connect as redis_connect
 
 
 def _config_or_none(store: RunStore) -> RunConfig | None:

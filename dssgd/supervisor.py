@@ -13,8 +13,8 @@ from typing import Any
 
 from supervisor import childutils
 
-from shared.config import Connections
-from shared.errors import DssgdError
+from dssgd.shared.config import Connections
+from dssgd.shared.errors import DssgdError
 
 
 def _esc(value: str) -> str:
@@ -50,7 +50,7 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 serverurl=unix://{sock}
 
 [program:aggregator]
-command={py} -m aggregator --run-id {run_id} --metrics-port 0
+command={py} -m dssgd.aggregator --run-id {run_id} --metrics-port 0
 environment={env}
 stopsignal=TERM
 stopwaitsecs=20
@@ -63,7 +63,7 @@ stdout_logfile={logs / "aggregator.log"}
 priority=10
 
 [program:worker]
-command={py} -m worker --run-id {run_id} --slot %(process_num)d/{workers}
+command={py} -m dssgd.worker --run-id {run_id} --slot %(process_num)d/{workers}
 process_name=worker-%(process_num)d
 numprocs={workers}
 environment={env}

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 DSSGD="${DSSGD:-.venv/bin/python -m dssgd}"
 RUN="hospitals-$(date +%H%M%S)"
 DATA="$(mktemp -d)"
-.venv/bin/python -c "from shared.builtin_tasks import write_csv_parts as w; w('$DATA', 3)"
+.venv/bin/python -c "from dssgd.shared.builtin_tasks import write_csv_parts as w; w('$DATA', 3)"
 $DSSGD aggregator --run-id "$RUN" --task breast-cancer --participants 3 --epochs 20 &
 AGG=$!
 trap 'kill $AGG 2>/dev/null || true' EXIT

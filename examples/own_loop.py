@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a fresh clone, not installed
 
-from shared.tasks import TaskContext, as_tensors, load_task
-from worker.client import Client
+from dssgd.shared.tasks import TaskContext, as_tensors, load_task
+from dssgd.worker.client import Client
 
 
 def main(run_id: str, rounds: int = 10) -> None:

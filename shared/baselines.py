@@ -11,12 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-
-from shared.config import RunConfig
-from shared.data import Mnist, prepare, shard_indices
-from shared.errors import ConfigError
-from shared.models import build_model
-from shared.training import LocalTrainer, evaluate, labels_tensor
+from dssgd.shared.config import RunConfig
+from dssgd.shared.data import Mnist, prepare, shard_indices
+from dssgd.shared.errors import ConfigError
+from dssgd.shared.models import build_model
+from dssgd.shared.training import LocalTrainer, evaluate, labels_tensor
 
 
 @dataclass
@@ -98,9 +97,8 @@ def task_baseline(cfg: RunConfig, participants: list[int], epochs: int) -> float
     model, seed, learning rate and batch size as the federated run, any task (shared/tasks.py).
     """
     import torch
+    from dssgd.shared.tasks import as_tensors, central_test, context_for
     from torch.utils.data import ConcatDataset
-
-    from shared.tasks import as_tensors, central_test, context_for
 
     task, _, test = central_test(cfg)
     if test is None:

@@ -17,10 +17,9 @@ from typing import Any
 
 import pika
 import pika.exceptions as pex
+from dssgd.shared.amqp_names import CONTENT_TYPE, AmqpNames
+from dssgd.shared.errors import BrokerError, UnroutableError
 from pika.adapters.blocking_connection import BlockingChannel
-
-from shared.amqp_names import CONTENT_TYPE, AmqpNames
-from shared.errors import BrokerError, UnroutableError
 
 log = logging.getLogger(__name__)
 

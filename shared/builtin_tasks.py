@@ -17,15 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from dssgd.shared import partition
+from dssgd.shared.data import Mnist, load_mnist, prepare, shard_indices
+from dssgd.shared.errors import DataError
+from dssgd.shared.models import MODELS
+from dssgd.shared.tasks import Task, TaskContext
+from dssgd.shared.training import labels_tensor
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
-
-from shared import partition
-from shared.data import Mnist, load_mnist, prepare, shard_indices
-from shared.errors import DataError
-from shared.models import MODELS
-from shared.tasks import Task, TaskContext
-from shared.training import labels_tensor
 
 
 @functools.lru_cache(maxsize=2)

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
-from shared.partition import parse as partition_scheme
-from shared.plugins import is_spec
-from shared.rules import UPDATE_RULES
-from shared.selection import SELECTION_RULES
+from dssgd.shared.errors import ConfigError
+from dssgd.shared.partition import parse as partition_scheme
+from dssgd.shared.plugins import is_spec
+from dssgd.shared.rules import UPDATE_RULES
+from dssgd.shared.selection import SELECTION_RULES
 
 ORDERS = ("async", "round-robin", "random")
 SELECTIONS = tuple(SELECTION_RULES)  # and any pkg.mod:Name (shared/selection.py)

@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from shared.errors import ConfigError, DataError
+from dssgd.shared.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     import torch
@@ -254,7 +253,7 @@ def shard_indices(
     IID by default (``shared/partition.py``); ``label_skew`` = α is Dirichlet label skew, as
     ``partition="dirichlet:α"``; any other scheme of ``shared.partition`` by its spec.
     """
-    from shared import partition as part
+    from dssgd.shared import partition as part
 
     if label_skew is not None:
         if label_skew <= 0:

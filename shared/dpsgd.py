@@ -24,10 +24,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from dssgd.shared.errors import DssgdError
 from torch import nn
 from torch.func import functional_call, grad, vmap
-
-from shared.errors import DssgdError
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

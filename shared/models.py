@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from dssgd.shared.errors import ConfigError
 from torch import nn
-
-from shared.errors import ConfigError
 
 
 class PaperCNN(nn.Module):

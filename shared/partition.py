@@ -19,8 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from shared.errors import ConfigError
+from dssgd.shared.errors import ConfigError
 
 SCHEMES = ("iid", "dirichlet", "classes", "quantity")
 

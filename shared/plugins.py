@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
+from dssgd.shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-
-from shared.errors import DssgdError
+from dssgd.shared.errors import DssgdError
 
 # ε1 : ε2 = 8 : 2 follows NumericSparse. Selection spends ε1 in full; the c value releases, each
 # with Laplace scale σ(ε2) = 2·c·Δf/ε2, cost c · Δf/σ(ε2) = ε2/2, so the epoch costs
@@ -297,7 +296,7 @@ class PrivacyAccountant:
             "advanced": advanced_composition(self.eps_per_epoch, epochs, self.delta_prime),
         }
         if self.c is not None:
-            from shared.accounting import svt_pld_epsilon  # dp-accounting loads in ~1 s
+            from dssgd.shared.accounting import svt_pld_epsilon  # dp-accounting loads in ~1 s
 
             out["pld"] = svt_pld_epsilon(self.eps_per_epoch, self.c, epochs, self.delta_prime)
         return out

@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
-
-from shared.amqp_names import AmqpNames
-from shared.config import RunConfig
-from shared.errors import BrokerError, ConfigError, DssgdError, StoreError
-from shared.keys import Keys
-from shared.store import RunStore
+from dssgd.shared.amqp_names import AmqpNames
+from dssgd.shared.config import RunConfig
+from dssgd.shared.errors import BrokerError, ConfigError, DssgdError, StoreError
+from dssgd.shared.keys import Keys
+from dssgd.shared.store import RunStore
 
 
 def participant_user(run_id: str, participant: int) -> str:
@@ -221,8 +220,8 @@ def _prepare_dir(out_dir: Path) -> None:
 def _create_run(store: RunStore, amqp_url: str, cfg: RunConfig) -> None:
     """The run's configuration (with the admin's rights: it registers in `dssgd:runs`) and its
     queues, so the least-privileged aggregator and workers find everything in place."""
-    from shared.broker import connect as amqp_connect
-    from shared.broker import declare_topology
+    from dssgd.shared.broker import connect as amqp_connect
+    from dssgd.shared.broker import declare_topology
 
     conn = amqp_connect(amqp_url, f"dssgd-provision {cfg.run_id}")
     try:

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-
-from shared import plugins
+from dssgd.shared import plugins
 
 
 class WeightRule(Protocol):

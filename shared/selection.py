@@ -16,8 +16,7 @@ import math
 from typing import Protocol
 
 import numpy as np
-
-from shared import plugins
+from dssgd.shared import plugins
 
 
 def budget(n: int, theta_u: float) -> int:

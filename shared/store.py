@@ -23,13 +23,12 @@ from typing import Any
 import numpy as np
 import redis
 import redis.exceptions as rex
+from dssgd.shared.config import RunConfig
+from dssgd.shared.dedup import decode_state
+from dssgd.shared.errors import ConfigError, FencedError, StoreError
+from dssgd.shared.keys import RUNS, Keys
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-
-from shared.config import RunConfig
-from shared.dedup import decode_state
-from shared.errors import ConfigError, FencedError, StoreError
-from shared.keys import RUNS, Keys
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,17 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from dssgd.shared import partition, plugins
+from dssgd.shared.models import (
+    StateLayout,
+    fingerprint_of,
+    first_difference,
+    get_flat,
+    layout_of,
+    seeded,
+)
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
-
-from shared import partition, plugins
-from shared.models import StateLayout, fingerprint_of, first_difference, get_flat, layout_of, seeded
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +50,9 @@ ENTRY_POINT_GROUP = "dssgd.tasks"
 
 # Built-in tasks, imported only when named (MNIST loading, scikit-learn stay out of other runs).
 BUILTIN: dict[str, str] = {
-    "mnist-mlp": "shared.builtin_tasks:MNIST_MLP",
-    "mnist-cnn": "shared.builtin_tasks:MNIST_CNN",
-    "breast-cancer": "shared.builtin_tasks:BREAST_CANCER",
+    "mnist-mlp": "dssgd.shared.builtin_tasks:MNIST_MLP",
+    "mnist-cnn": "dssgd.shared.builtin_tasks:MNIST_CNN",
+    "breast-cancer": "dssgd.shared.builtin_tasks:BREAST_CANCER",
 }
 # --model of earlier versions: the two paper models are the two MNIST tasks.
 MODEL_ALIASES = {"mlp": "mnist-mlp", "cnn": "mnist-cnn"}
@@ -375,7 +381,7 @@ def evaluate_state(cfg: Any, w: np.ndarray) -> dict[str, float] | None:
     task, model, test = central_test(cfg)
     if test is None:
         return None
-    from shared.models import set_flat
+    from dssgd.shared.models import set_flat
 
     set_flat(model, np.array(w, dtype=np.float32))
     with torch.inference_mode():
@@ -384,8 +390,8 @@ def evaluate_state(cfg: Any, w: np.ndarray) -> dict[str, float] | None:
 
 def preflight(cfg: Any) -> LoadedTask:
     """Find and check a run's task before any service starts (a bad task fails in one line)."""
-    from shared.rules import update_rule
-    from shared.selection import selection_rule
+    from dssgd.shared.rules import update_rule
+    from dssgd.shared.selection import selection_rule
 
     selection_rule(cfg.selection)  # user rules (pkg.mod:Name) are found now, not mid-run
     update_rule(cfg.effective_rule)

@@ -72,8 +72,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
-
-from shared.errors import AuthenticationError, WireError
+from dssgd.shared.errors import AuthenticationError, WireError
 
 __all__ = [
     "MAX_MESSAGE_BYTES",

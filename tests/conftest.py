@@ -13,15 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from shared.amqp_names import AmqpNames
-from shared.broker import connect as amqp_connect
-from shared.broker import declare_topology, delete_topology
-from shared.config import Connections, RunConfig
-from shared.errors import DssgdError
-from shared.models import initial_parameters
-from shared.store import RunStore
-from shared.store import connect as redis_connect
+from dssgd.shared.amqp_names import AmqpNames
+from dssgd.shared.broker import connect as amqp_connect
+from dssgd.shared.broker import declare_topology, delete_topology
+from dssgd.shared.config import Connections, RunConfig
+from dssgd.shared.errors import DssgdError
+from dssgd.shared.models import initial_parameters
+from dssgd.shared.store import RunStore
+from dssgd.shared.store import connect as redis_connect
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +70,7 @@ class RunHandle:
     def spawn(self, module: str, *args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
         out = log.open("ab") if log else subprocess.DEVNULL
         p = subprocess.Popen(
-            [sys.executable, "-m", module, "--run-id", self.cfg.run_id, *args],
+            [sys.executable, "-m", f"dssgd.{module}", "--run-id", self.cfg.run_id, *args],
             env=self.env,
             cwd=ROOT,
             stdout=out,

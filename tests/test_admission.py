@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from aggregator.admission import (
+from dssgd.aggregator.admission import (
     MAX_CLOCK_LEAD,
     Accepted,
     Admission,
@@ -14,13 +13,13 @@ from aggregator.admission import (
     Rejected,
     SenderClockLimiter,
 )
-from aggregator.batch import apply_batch
-from shared import wire
-from shared.broker import Delivery, dead_letter_headers
-from shared.config import RunConfig
-from shared.errors import ValidationError
-from shared.rules import UpdateRule
-from shared.store import AggregatorState
+from dssgd.aggregator.batch import apply_batch
+from dssgd.shared import wire
+from dssgd.shared.broker import Delivery, dead_letter_headers
+from dssgd.shared.config import RunConfig
+from dssgd.shared.errors import ValidationError
+from dssgd.shared.rules import UpdateRule
+from dssgd.shared.store import AggregatorState
 
 
 def _refused(limiter: SenderClockLimiter, stamps: list[float | None], now: float) -> int:

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pika
 import pytest
+from dssgd.shared import wire
+from dssgd.shared.amqp_names import REASON_HEADER, AmqpNames
+from dssgd.shared.broker import Publisher
+from dssgd.shared.broker import connect as amqp_connect
 
-from shared import wire
-from shared.amqp_names import REASON_HEADER, AmqpNames
-from shared.broker import Publisher
-from shared.broker import connect as amqp_connect
 from tests.conftest import RunHandle
 
 pytestmark = pytest.mark.integration
@@ -183,7 +183,7 @@ def test_unroutable_publish_raises(make_run: Callable[..., RunHandle]) -> None:
     conn = amqp_connect(h.conns.amqp_url, "dssgd-tests")
     conn.channel().queue_unbind(h.names.queue, h.names.exchange, routing_key="upd.*")
     conn.close()
-    from shared.errors import UnroutableError
+    from dssgd.shared.errors import UnroutableError
 
     pub = Publisher(h.conns.amqp_url, h.names, app_id="test")
     try:

@@ -15,14 +15,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from dssgd.shared import dedup
+from dssgd.shared.config import Connections, RunConfig, env_overrides, from_mapping, load_toml
+from dssgd.shared.errors import ConfigError
+from dssgd.shared.lifecycle import Backoff, StopFlag
+from dssgd.shared.rules import UpdateRule, apply_update, decay, update_weight
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from shared import dedup
-from shared.config import Connections, RunConfig, env_overrides, from_mapping, load_toml
-from shared.errors import ConfigError
-from shared.lifecycle import Backoff, StopFlag
-from shared.rules import UpdateRule, apply_update, decay, update_weight
 
 # --- RunConfig ----------------------------------------------------------------------------------
 

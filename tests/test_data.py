@@ -12,12 +12,11 @@ import pickle
 import struct
 from pathlib import Path
 
+import dssgd.shared.data as data_mod
 import numpy as np
 import pytest
 import torch
-
-import shared.data as data_mod
-from shared.data import (
+from dssgd.shared.data import (
     IDX_FILES,
     MNIST_MEAN,
     MNIST_STD,
@@ -30,7 +29,7 @@ from shared.data import (
     read_idx_dir,
     shard_indices,
 )
-from shared.errors import ConfigError, DataError
+from dssgd.shared.errors import ConfigError, DataError
 
 # --- helpers ------------------------------------------------------------------------------------
 

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from dssgd.shared.config import Connections
 
 from dssgd.supervisor import render_config
-from shared.config import Connections
 from tests.conftest import ROOT
 
 

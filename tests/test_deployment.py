@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import redis
+from dssgd.shared.config import Connections
+from dssgd.shared.keys import RUNS, Keys
+from dssgd.shared.provision import Management, aggregator_acl, is_run_user, participant_acl
 
-from shared.config import Connections
-from shared.keys import RUNS, Keys
-from shared.provision import Management, aggregator_acl, is_run_user, participant_acl
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration

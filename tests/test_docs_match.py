@@ -6,11 +6,11 @@ import re
 from collections.abc import Callable
 
 import pytest
+from dssgd.shared.broker import DELIVERY_LIMIT
+from dssgd.shared.provision import Management
 
 from dssgd.admin import EXIT_DENIED
 from dssgd.cli import build_parser
-from shared.broker import DELIVERY_LIMIT
-from shared.provision import Management
 from tests.conftest import ROOT, RunHandle
 
 DOCS = ["docs/ARCHITECTURE.md", "docs/OPERATIONS.md", "docs/RELIABILITY.md"]

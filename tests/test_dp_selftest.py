@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from shared.dpaudit import AuditResult, audit, clopper_pearson, epsilon_lower_bound
-from shared.privacy import SvtParams, _float32_bound, _scan, svt_select
+from dssgd.shared.dpaudit import AuditResult, audit, clopper_pearson, epsilon_lower_bound
+from dssgd.shared.privacy import SvtParams, _float32_bound, _scan, svt_select
 
 GAMMA = 0.001
 TAU = 0.0001

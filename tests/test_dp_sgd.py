@@ -21,16 +21,16 @@ import prv_accountant as prv
 import pytest
 import torch
 import torch.nn.functional as F
+from dssgd.shared.accounting import dpsgd_epsilon, noise_multiplier, svt_pld_epsilon
+from dssgd.shared.data import prepare
+from dssgd.shared.dpaudit import audit
+from dssgd.shared.dpsgd import DpSgdTrainer, DpSgdUnsupported
+from dssgd.shared.models import build_model
+from dssgd.shared.privacy import PrivacyAccountant, epsilon_for
+from dssgd.shared.selection import budget
 from scipy.special import gammaln, logsumexp
 from torch import nn
 
-from shared.accounting import dpsgd_epsilon, noise_multiplier, svt_pld_epsilon
-from shared.data import prepare
-from shared.dpaudit import audit
-from shared.dpsgd import DpSgdTrainer, DpSgdUnsupported
-from shared.models import build_model
-from shared.privacy import PrivacyAccountant, epsilon_for
-from shared.selection import budget
 from tests.conftest import RunHandle
 
 DELTA = 1e-5
@@ -132,8 +132,7 @@ def test_svt_selection_part_matches_exact_composition_by_hand() -> None:
     """The c above-threshold tests of 30 epochs alone (pure ε1/c each) against the KOV formula."""
     from dp_accounting.pld import common
     from dp_accounting.pld import privacy_loss_distribution as pld
-
-    from shared.accounting import _grid_for
+    from dssgd.shared.accounting import _grid_for
 
     c, epochs = budget(109_386, 0.1), 30
     eps0 = 0.01 * 8 / 9
@@ -248,7 +247,7 @@ def test_status_names_the_bound() -> None:
 
 
 def test_metrics_name_the_bound() -> None:
-    from aggregator.metrics import AggregatorMetrics
+    from dssgd.aggregator.metrics import AggregatorMetrics
 
     m = AggregatorMetrics("r")
     m.set_epsilon(3, 4.06, "pld")
@@ -273,8 +272,8 @@ def test_metrics_name_the_bound() -> None:
 def test_dpsgd_configuration_mistakes_are_one_clear_line(
     kwargs: dict[str, object], message: str
 ) -> None:
-    from shared.config import RunConfig
-    from shared.errors import ConfigError
+    from dssgd.shared.config import RunConfig
+    from dssgd.shared.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message) as exc:
         RunConfig(**kwargs)  # type: ignore[arg-type]

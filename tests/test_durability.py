@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dssgd.shared import wire
+from dssgd.shared.amqp_names import AmqpNames
+from dssgd.shared.broker import Publisher
+from dssgd.shared.config import Connections
 
-from shared import wire
-from shared.amqp_names import AmqpNames
-from shared.broker import Publisher
-from shared.config import Connections
 from tests.conftest import RunHandle
 from tests.test_aggregator_integration import assert_exact, integer_update
 
@@ -90,7 +90,7 @@ def test_acked_updates_survive_a_redis_crash(
     private_redis: PrivateRedis, conns: Connections, tmp_path: Path
 ) -> None:
     c = Connections(amqp_url=conns.amqp_url, redis_url=private_redis.url)
-    from shared.config import RunConfig
+    from dssgd.shared.config import RunConfig
 
     cfg = RunConfig(
         run_id=f"durable-{os.getpid()}", participants=2, theta_u=0.01, gamma=100.0, rule="sum"

@@ -13,10 +13,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from dssgd.shared.config import Connections
+from dssgd.shared.store import RunStore
+from dssgd.shared.store import connect as redis_connect
 
-from shared.config import Connections
-from shared.store import RunStore
-from shared.store import connect as redis_connect
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from dssgd.shared.config import Connections
+from dssgd.shared.keys import RUNS
+from dssgd.shared.store import connect as redis_connect
 
-from shared.config import Connections
-from shared.keys import RUNS
-from shared.store import connect as redis_connect
 from tests.conftest import ROOT, RunHandle
 
 pytestmark = pytest.mark.integration

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pika
 import pytest
+from dssgd.shared import wire
+from dssgd.shared.amqp_names import REASON_HEADER, AmqpNames
+from dssgd.shared.broker import Publisher
+from dssgd.shared.broker import connect as amqp_connect
 
-from shared import wire
-from shared.amqp_names import REASON_HEADER, AmqpNames
-from shared.broker import Publisher
-from shared.broker import connect as amqp_connect
 from tests.conftest import RunHandle
 from tests.test_aggregator_integration import (
     _drain_dead_letters,

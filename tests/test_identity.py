@@ -14,11 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from dssgd.shared.config import Connections
+from dssgd.shared.errors import ConfigError
+from dssgd.worker.service import compact_ids
 
-from shared.config import Connections
-from shared.errors import ConfigError
 from tests.conftest import ROOT, RunHandle
-from worker.service import compact_ids
 
 pytestmark = pytest.mark.integration
 RUN = [sys.executable, "-m", "dssgd", "run"]

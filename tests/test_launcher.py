@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from dssgd.shared.config import Connections
 
 from dssgd.launcher import EXITED, FATAL, RUNNING, STOPPED, ForkLauncher, service_argv
-from shared.config import Connections
 from tests.conftest import ROOT
 
 

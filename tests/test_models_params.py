@@ -9,9 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from shared.errors import ConfigError
-from shared.models import (
+from dssgd.shared.errors import ConfigError
+from dssgd.shared.models import (
     MODELS,
     build_model,
     get_flat,

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dssgd.shared.data import load_mnist, shard_indices
+from dssgd.shared.models import build_model
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.data import load_mnist, shard_indices
-from shared.models import build_model
 from tests.conftest import ROOT, RunHandle
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -138,7 +138,7 @@ def test_participant_over_privacy_budget_stops(
     progress = h.store.progress(0)
     assert progress["epochs"] == "2"
     # the tightest valid bound (PLD composition), below basic composition's 2 × 109,390
-    from shared.accounting import svt_pld_epsilon
+    from dssgd.shared.accounting import svt_pld_epsilon
 
     assert float(progress["dp_total"]) == pytest.approx(svt_pld_epsilon(109_390.0, 10_939, 2, 1e-5))
     assert progress["dp_bound"] == "pld" and float(progress["dp_total"]) < 2 * 109_390

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dssgd.aggregator.metrics import AggregatorMetrics
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from aggregator.metrics import AggregatorMetrics
 from dssgd.plot import DPI, FIGSIZE, plot_run, plot_series
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -12,11 +12,8 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from shared.errors import DssgdError
-from shared.privacy import (
+from dssgd.shared.errors import DssgdError
+from dssgd.shared.privacy import (
     BudgetExhausted,
     PrivacyAccountant,
     SvtParams,
@@ -26,6 +23,8 @@ from shared.privacy import (
     noise_rng,
     svt_select,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 GAMMA = 0.001  # the paper's MNIST settings
 TAU = 0.0001

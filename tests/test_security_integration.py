@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from dssgd.shared import wire
+from dssgd.shared.amqp_names import AmqpNames
+from dssgd.shared.broker import Publisher
+from dssgd.shared.errors import BrokerError
+from dssgd.shared.provision import deprovision, participant_user, provision, read_credentials
 
-from shared import wire
-from shared.amqp_names import AmqpNames
-from shared.broker import Publisher
-from shared.errors import BrokerError
-from shared.provision import deprovision, participant_user, provision, read_credentials
 from tests.conftest import RunHandle
 from tests.test_aggregator_integration import _drain_dead_letters, assert_exact, integer_update
 

@@ -10,10 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from shared.selection import (
+from dssgd.shared.selection import (
     budget,
     clip,
     most_updated,
@@ -21,6 +18,8 @@ from shared.selection import (
     select_threshold_random,
     select_top_k,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def distinct_magnitudes(n: int, seed: int) -> np.ndarray:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from dssgd.shared.config import Connections
+from dssgd.shared.tasks import TaskContext, as_tensors, load_task
+from dssgd.shared.training import LocalTrainer
 from torch.utils.data import ConcatDataset
 
-from shared.config import Connections
-from shared.tasks import TaskContext, as_tensors, load_task
-from shared.training import LocalTrainer
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

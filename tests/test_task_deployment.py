@@ -12,11 +12,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from dssgd.shared.builtin_tasks import write_csv_parts
+from dssgd.shared.config import Connections
+from dssgd.shared.store import RunStore
+from dssgd.shared.store import connect as redis_connect
 
-from shared.builtin_tasks import write_csv_parts
-from shared.config import Connections
-from shared.store import RunStore
-from shared.store import connect as redis_connect
 from tests.conftest import ROOT
 
 pytest.importorskip("sklearn")
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 OTHER_MODEL = """
 from torch import nn
-from shared.builtin_tasks import BreastCancerTask
+from dssgd.shared.builtin_tasks import BreastCancerTask
 
 
 class Narrower(BreastCancerTask):

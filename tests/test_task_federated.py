@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from dssgd.shared.config import Connections
+from dssgd.shared.errors import ConfigError
+from dssgd.shared.store import RunStore
+from dssgd.shared.store import connect as redis_connect
+from dssgd.shared.tasks import load_task
 
-from shared.config import Connections
-from shared.errors import ConfigError
-from shared.store import RunStore
-from shared.store import connect as redis_connect
-from shared.tasks import load_task
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -74,7 +74,7 @@ def test_without_a_test_set_participants_evaluate(
 
 
 def test_own_loop_pull_train_push(spec: str, tmp_path: Path, conns: Connections) -> None:
-    from worker.client import Client
+    from dssgd.worker.client import Client
 
     run_id = f"test-{uuid.uuid4().hex[:8]}"
     agg = subprocess.Popen(
@@ -95,7 +95,7 @@ def test_own_loop_pull_train_push(spec: str, tmp_path: Path, conns: Connections)
         client = Client(run_id, 0, model, conns)
         with pytest.raises(ConfigError, match="pull"):
             client.push(model)
-        from shared.tasks import TaskContext, as_tensors
+        from dssgd.shared.tasks import TaskContext, as_tensors
 
         x, y = as_tensors(task.local_data(TaskContext(0, 2, 1)))
         opt = torch.optim.Adam(model.parameters(), lr=0.01)  # not dssgd's SGD: the user's loop

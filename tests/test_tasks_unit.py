@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dssgd.shared import partition
+from dssgd.shared.errors import ConfigError
+from dssgd.shared.models import first_difference, get_flat, layout_of, set_flat, state_dict_of
+from dssgd.shared.rules import UpdateRule, update_weight
+from dssgd.shared.selection import select, select_state
+from dssgd.shared.tasks import TaskContext, TaskError, check_model, load_task, model_record
 from torch import nn
-
-from shared import partition
-from shared.errors import ConfigError
-from shared.models import first_difference, get_flat, layout_of, set_flat, state_dict_of
-from shared.rules import UpdateRule, update_weight
-from shared.selection import select, select_state
-from shared.tasks import TaskContext, TaskError, check_model, load_task, model_record
 
 
 class BnNet(nn.Module):
@@ -146,7 +145,7 @@ def test_tasks_that_cannot_be_found(spec: str, needle: str) -> None:
 
 def test_model_alias_and_builtins() -> None:
     assert load_task("mlp").layout.n == load_task("mnist-mlp").layout.n == 109_386
-    assert load_task("shared.builtin_tasks:MNIST_CNN").layout.n == 105_506
+    assert load_task("dssgd.shared.builtin_tasks:MNIST_CNN").layout.n == 105_506
 
 
 def test_a_differing_model_is_refused_by_tensor_name(task_file: Path) -> None:
@@ -238,13 +237,13 @@ def test_a_task_registered_as_an_entry_point(
     monkeypatch.syspath_prepend(str(tmp_path))
     task = load_task("my-ep-task")
     assert isinstance(task.build_model(), nn.Linear)
-    from shared.tasks import registered_names
+    from dssgd.shared.tasks import registered_names
 
     assert "my-ep-task" in registered_names()
 
 
 def test_configurations_stored_by_earlier_versions_still_load() -> None:
-    from shared.config import RunConfig
+    from dssgd.shared.config import RunConfig
 
     old = RunConfig().to_json()
     raw = {k: v for k, v in json.loads(old).items() if k not in ("task", "partition", "buffers")}
@@ -270,7 +269,7 @@ def test_a_bad_task_on_the_command_line_is_one_line(tmp_path: Path) -> None:
 
 
 def test_federated_point_is_the_example_weighted_mean() -> None:
-    from aggregator.evaluator import federated_point
+    from dssgd.aggregator.evaluator import federated_point
 
     progress = {
         0: {"fed_version": "4", "fed_examples": "10", "fed_accuracy": "1.0", "fed_loss": "0.1"},
@@ -285,8 +284,8 @@ def test_federated_point_is_the_example_weighted_mean() -> None:
 
 
 def test_q8_is_refused_for_a_model_with_buffers(tmp_path: Path) -> None:
-    from shared.config import RunConfig
-    from shared.tasks import check_coding
+    from dssgd.shared.config import RunConfig
+    from dssgd.shared.tasks import check_coding
 
     (tmp_path / "bn.py").write_text(
         "from torch import nn\n"
@@ -306,7 +305,7 @@ def test_q8_is_refused_for_a_model_with_buffers(tmp_path: Path) -> None:
 
 
 def test_the_l2_bound_leaves_buffers_alone() -> None:
-    from shared.rules import bound_l2
+    from dssgd.shared.rules import bound_l2
 
     values = np.array([3.0, 4.0, 500.0], dtype=np.float32)  # two parameters, one buffer
     out, scaled = bound_l2(values, 1.0, np.array([True, True, False]))

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from dssgd.shared.data import prepare
+from dssgd.shared.models import build_model, get_flat
+from dssgd.shared.training import LocalTrainer, labels_tensor
 
-from shared.data import prepare
-from shared.models import build_model, get_flat
-from shared.training import LocalTrainer, labels_tensor
 from tests.conftest import ROOT
 
 
@@ -61,8 +61,8 @@ def test_training_does_not_import_torch_dynamo() -> None:
         sys.path.insert(0, {str(ROOT)!r})
         import torch
         from tests.test_training import _data
-        from shared.models import build_model
-        from shared.training import LocalTrainer
+        from dssgd.shared.models import build_model
+        from dssgd.shared.training import LocalTrainer
         x, y = _data("mlp")
         LocalTrainer(build_model("mlp", seed=1), x, y, lr=0.1, batch_size=32, seed=1).epoch()
         print("torch._dynamo" in sys.modules)

@@ -7,14 +7,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from dssgd.aggregator.validate import check_version, validate
+from dssgd.shared.config import RunConfig
+from dssgd.shared.errors import ValidationError
+from dssgd.shared.selection import budget
+from dssgd.shared.wire import Update
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from aggregator.validate import check_version, validate
-from shared.config import RunConfig
-from shared.errors import ValidationError
-from shared.selection import budget
-from shared.wire import Update
 
 N_PARAMS = 5_000
 CFG = RunConfig(run_id="r", participants=4, theta_u=0.1, gamma=0.5, max_staleness=20)
@@ -85,7 +84,7 @@ def test_every_invalid_update_is_refused_with_its_reason(
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_gamma_check_uses_the_peak_decode_measured(sign: float) -> None:
-    from shared.wire import decode, encode
+    from dssgd.shared.wire import decode, encode
 
     gamma = CFG.effective_gamma
     values = np.array([0.5 * gamma, sign * 1.01 * gamma], dtype=np.float32)

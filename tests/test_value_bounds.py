@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from aggregator.validate import validate
-from shared import wire
-from shared.config import RunConfig
-from shared.errors import ConfigError, ValidationError
-from shared.selection import budget, clip
-from worker.participant import synthetic_values
+from dssgd.aggregator.validate import validate
+from dssgd.shared import wire
+from dssgd.shared.config import RunConfig
+from dssgd.shared.errors import ConfigError, ValidationError
+from dssgd.shared.selection import budget, clip
+from dssgd.worker.participant import synthetic_values
 
 N = 20_000
 RNG = np.random.default_rng(2020)

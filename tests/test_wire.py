@@ -16,13 +16,8 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
-
-from bench.codec import plain_baseline
-from shared.errors import WireError
-from shared.wire import (
+from dssgd.shared.errors import WireError
+from dssgd.shared.wire import (
     MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
     Update,
@@ -34,6 +29,11 @@ from shared.wire import (
     log2_binomial,
     peek_participant,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from bench.codec import plain_baseline
 
 N_PAPER = 105_506  # parameters of the paper's CNN
 KEY = b"participant-secret"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from shared import wire
+from dssgd.shared import wire
 
 N = 105_506
 

@@ -1,4 +1,4 @@
-"""``python -m worker`` is ``dssgd worker``."""
+"""``python -m dssgd.worker`` is ``dssgd worker``."""
 
 import sys
 

@@ -18,18 +18,17 @@ from __future__ import annotations
 import math
 import time
 
+from dssgd.shared.amqp_names import AmqpNames
+from dssgd.shared.broker import Publisher
+from dssgd.shared.config import Connections
+from dssgd.shared.errors import ConfigError
+from dssgd.shared.lifecycle import StopFlag
+from dssgd.shared.models import layout_of, set_flat
+from dssgd.shared.store import RunStore
+from dssgd.shared.store import connect as redis_connect
+from dssgd.shared.tasks import check_layout
+from dssgd.worker.participant import EpochReport, Participant
 from torch import nn
-
-from shared.amqp_names import AmqpNames
-from shared.broker import Publisher
-from shared.config import Connections
-from shared.errors import ConfigError
-from shared.lifecycle import StopFlag
-from shared.models import layout_of, set_flat
-from shared.store import RunStore
-from shared.store import connect as redis_connect
-from shared.tasks import check_layout
-from worker.participant import EpochReport, Participant
 
 
 class Client:

@@ -15,21 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from dssgd.shared import wire
+from dssgd.shared.amqp_names import AmqpNames
+from dssgd.shared.broker import Publisher
+from dssgd.shared.config import RunConfig
+from dssgd.shared.errors import BrokerError, ConfigError, StopRequested
+from dssgd.shared.lifecycle import Backoff, StopFlag
+from dssgd.shared.models import get_flat, layout_of, set_flat
+from dssgd.shared.privacy import PrivacyAccountant, SvtParams, epsilon_for, noise_rng, svt_select
+from dssgd.shared.selection import budget, most_updated, select_state
+from dssgd.shared.store import RunStore
+from dssgd.shared.tasks import LoadedTask, as_tensors, holdout, load_task
+from dssgd.shared.training import LocalTrainer, refresh_norm_stats
 from torch import nn
 from torch.utils.data import Dataset
-
-from shared import wire
-from shared.amqp_names import AmqpNames
-from shared.broker import Publisher
-from shared.config import RunConfig
-from shared.errors import BrokerError, ConfigError, StopRequested
-from shared.lifecycle import Backoff, StopFlag
-from shared.models import get_flat, layout_of, set_flat
-from shared.privacy import PrivacyAccountant, SvtParams, epsilon_for, noise_rng, svt_select
-from shared.selection import budget, most_updated, select_state
-from shared.store import RunStore
-from shared.tasks import LoadedTask, as_tensors, holdout, load_task
-from shared.training import LocalTrainer, refresh_norm_stats
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +131,8 @@ class Participant:
     def _use_dpsgd(self, progress: dict[str, str]) -> None:
         """Replace the local epoch by DP-SGD, with σ derived from the run's ε, δ and length."""
         # Imported here: dp-accounting and torch.func cost about a second a process without DP.
-        from shared.accounting import DpSgdAccountant, noise_multiplier
-        from shared.dpsgd import DpSgdTrainer
+        from dssgd.shared.accounting import DpSgdAccountant, noise_multiplier
+        from dssgd.shared.dpsgd import DpSgdTrainer
 
         cfg, trainer = self.cfg, self.trainer
         assert cfg.dp_epsilon is not None and trainer is not None

@@ -18,17 +18,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from dssgd.shared.amqp_names import AmqpNames
+from dssgd.shared.broker import Publisher
+from dssgd.shared.config import Connections, RunConfig
+from dssgd.shared.errors import BrokerError, ConfigError, StopRequested, StoreError, is_permanent
+from dssgd.shared.lifecycle import EXIT_OK, Backoff, StopFlag
+from dssgd.shared.store import LEASE_TTL, RunStore
+from dssgd.shared.store import connect as redis_connect
+from dssgd.shared.tasks import (
+    LoadedTask,
+    check_coding,
+    check_model,
+    check_size,
+    context_for,
+    load_task,
+)
+from dssgd.worker.participant import Participant
 from torch.utils.data import Dataset
-
-from shared.amqp_names import AmqpNames
-from shared.broker import Publisher
-from shared.config import Connections, RunConfig
-from shared.errors import BrokerError, ConfigError, StopRequested, StoreError, is_permanent
-from shared.lifecycle import EXIT_OK, Backoff, StopFlag
-from shared.store import LEASE_TTL, RunStore
-from shared.store import connect as redis_connect
-from shared.tasks import LoadedTask, check_coding, check_model, check_size, context_for, load_task
-from worker.participant import Participant
 
 log = logging.getLogger(__name__)
 
