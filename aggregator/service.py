@@ -1,17 +1,17 @@
 """The aggregator: consume updates, apply them to the global parameters exactly once, ack.
 
 One connection lifetime is ``_session``; ``run`` rebuilds it with capped, jittered backoff. Within
-a session, deliveries are processed in batches (group commit): every message of a batch is
-decoded and validated, valid ones are applied in memory, invalid ones are dead-lettered with a
-reason, then the whole batch is written to Redis by one fenced Lua script, and only then acked
-with one ``multiple`` ack. A crash anywhere before the commit loses nothing (the broker redelivers
+a session, deliveries (``shared.broker.Consumer``) are processed in batches (group commit): each
+message gets a verdict (``aggregator.admission``), ``aggregator.batch.apply_batch`` applies the
+accepted ones in memory, the whole batch is written to Redis by one fenced Lua script, the
+refused messages are dead-lettered with a reason, and only then is the batch acked with one
+``multiple`` ack. A crash anywhere before the commit loses nothing (the broker redelivers
 the unacked messages); a crash after it applies nothing twice (the replay window committed with
 the parameters turns the redelivery into a no-op).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -21,25 +21,21 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import pika
-import pika.exceptions as pex
-from pika.adapters.blocking_connection import BlockingChannel
+import numpy as np
 
+from aggregator.admission import Admission
+from aggregator.batch import Outcome, apply_batch
 from aggregator.evaluator import Evaluator
 from aggregator.metrics import AggregatorMetrics
-from aggregator.validate import validate
-from shared import dedup, wire
-from shared.amqp_names import DETAIL_HEADER, REASON_HEADER, AmqpNames
-from shared.broker import connect as amqp_connect
-from shared.broker import declare_topology, tune_for_large_messages
+from shared.amqp_names import AmqpNames
+from shared.broker import Consumer, Delivery, tune_for_large_messages
 from shared.config import Connections, RunConfig
-from shared.errors import BrokerError, ConfigError, FencedError, StoreError, ValidationError
+from shared.errors import BrokerError, ConfigError, FencedError, StoreError
 from shared.lifecycle import EXIT_FENCED, EXIT_OK, Backoff, StopFlag
-from shared.models import initial_parameters, model_spec
-from shared.provision import participant_user
-from shared.rules import UpdateRule, apply_update, bound_l2, decay
+from shared.rules import UpdateRule
 from shared.store import AggregatorState, RunStore
 from shared.store import connect as redis_connect
+from shared.tasks import load_task, model_record
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +63,14 @@ class AggregatorSettings:
             raise ConfigError("prefetch and max batch must be >= 1")
 
 
-@dataclass
-class _Delivery:
-    tag: int
-    props: pika.BasicProperties
-    body: bytes
-    routing_key: str
+@dataclass(frozen=True)
+class Snapshot:
+    """The committed state, for the evaluator: parameters, version and totals of one commit."""
+
+    w: np.ndarray
+    version: int
+    applied: int
+    bytes_in: int
 
 
 class Aggregator:
@@ -89,8 +87,6 @@ class Aggregator:
         self.totals: Counter[str] = Counter()
         self.evaluator: Evaluator | None = None
         self.rng = random.Random()
-        self._pending: list[_Delivery] = []
-        self._buckets: dict[int, tuple[float, float]] = {}  # rate limit: (tokens, last time)
         tune_for_large_messages()
         self.metrics = AggregatorMetrics(settings.run_id)
         self.serving_since = 0.0  # monotonic time the current session began serving
@@ -128,67 +124,65 @@ class Aggregator:
         r = redis_connect(self.s.connections.redis_url)
         store = RunStore(r, self.s.run_id)
         cfg = self._config(store)
-        spec = model_spec(cfg.model)
-        store.init_params(initial_parameters(cfg.model, cfg.seed))
+        task = load_task(cfg.task)
+        store.init_params(task.initial_state(cfg.seed))
+        store.init_model(model_record(task))  # workers check their model against it
         fence = store.take_fence()
         self.serving_since = time.monotonic()
         with self.lock:
             self.state = store.load_state()
             self.cfg = cfg
+            self.totals = Counter(store.counters())
         self.rule = UpdateRule(cfg.effective_rule, cfg.staleness_exponent, cfg.participants)
-        self.totals = Counter(store.counters())
+        # Rate state lives as long as the session: a restart forgets it, which gives a key
+        # holder at most one extra burst (docs/RELIABILITY.md).
+        self.admission = Admission(cfg, task.layout.n, self.s.keys)
         if self.evaluator is None and self.s.evaluate:
-            self.evaluator = Evaluator(self, store, cfg)
+            self.evaluator = Evaluator(self.snapshot, store, cfg, self.metrics)
         log.info(
             "run %s: serving %s (n=%d) at version %d, rule %s, order %s, fence %d",
             cfg.run_id,
-            cfg.model,
-            spec.n_params,
+            cfg.task,
+            task.layout.n,
             self.state.version,
             self.rule.name,
             cfg.order,
             fence,
         )
-        conn = amqp_connect(self.s.connections.amqp_url, self.s.name)
-        self._pending = []
+        consumer = Consumer(
+            self.s.connections.amqp_url,
+            self.names,
+            self.s.name,
+            self.s.prefetch,
+            cfg.queue_max_length,
+        )
         try:
-            ch = conn.channel()
-            declare_topology(ch, self.names, cfg.queue_max_length)
-            dead_ch = conn.channel()
-            dead_ch.confirm_delivery()
-            ch.basic_qos(prefetch_count=self.s.prefetch)
-            ch.basic_consume(
-                self.names.queue, self._on_message, auto_ack=False, consumer_tag=self.s.name
-            )
             last_housekeeping = 0.0
             while not self.stop.is_set():
-                conn.process_data_events(time_limit=0.5)
-                if self._pending:
-                    deadline = time.monotonic() + self.s.batch_window
-                    while len(self._pending) < self.s.max_batch:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        conn.process_data_events(time_limit=left)
-                while self._pending:
-                    batch = self._pending[: self.s.max_batch]
-                    self._pending = self._pending[self.s.max_batch :]
-                    self._process(batch, store, fence, ch, dead_ch)
+                batch = consumer.deliveries(0.5, self.s.max_batch, self.s.batch_window)
+                if batch:
+                    self._process(batch, store, fence, consumer)
                 now = time.monotonic()
                 if now - last_housekeeping >= 1.0:
                     last_housekeeping = now
                     self._housekeeping(store, fence)
             # Graceful stop: what was delivered is processed and acked; the rest is requeued.
-            if self._pending:
-                self._process(self._pending, store, fence, ch, dead_ch)
-                self._pending = []
-        except (pex.AMQPError, OSError) as exc:
-            raise BrokerError(f"RabbitMQ connection failed: {exc!r}") from exc
+            while batch := consumer.deliveries(0.0, self.s.max_batch):
+                self._process(batch, store, fence, consumer)
         finally:
-            # A broken connection may fail to close in many ways; the broker requeues our unacked
-            # deliveries either way.
-            with contextlib.suppress(Exception):
-                conn.close()
+            consumer.close()
+
+    def snapshot(self) -> Snapshot | None:
+        """Parameters, version and totals of the last commit (the evaluator's only view)."""
+        with self.lock:
+            if self.state is None:
+                return None
+            return Snapshot(
+                self.state.w.copy(),
+                self.state.version,
+                self.totals["applied"],
+                self.totals["bytes_in"],
+            )
 
     def _config(self, store: RunStore) -> RunConfig:
         if self.initial_cfg is not None:
@@ -202,174 +196,71 @@ class Aggregator:
             return cfg
         return store.wait_config(self.stop)
 
-    def _on_message(
-        self,
-        _ch: BlockingChannel,
-        method: pex.spec.Basic.Deliver,  # type: ignore[name-defined]
-        props: pika.BasicProperties,
-        body: bytes,
-    ) -> None:
-        self._pending.append(_Delivery(method.delivery_tag, props, body, method.routing_key))
-
     # --- one batch ------------------------------------------------------------------------------
 
     def _process(
-        self,
-        batch: list[_Delivery],
-        store: RunStore,
-        fence: int,
-        ch: BlockingChannel,
-        dead_ch: BlockingChannel,
+        self, batch: list[Delivery], store: RunStore, fence: int, consumer: Consumer
     ) -> None:
+        """Admission → apply_batch → commit → dead letters → ack. The lock is held from the apply
+        to the new totals, so a snapshot never pairs applied parameters with older totals."""
         assert self.state is not None and self.cfg is not None
-        cfg, n = self.cfg, self.state.w.size
-        counters: Counter[str] = Counter()
-        dedup_changes: dict[int, str] = {}
-        log_entries: list[str] = []
-        stalenesses: list[int] = []
-        dead: list[tuple[_Delivery, str, str]] = []
+        cfg = self.cfg
         holder = store.turn() if cfg.ordered else None
-        advance = False
         t0 = time.perf_counter()
         with self.lock:
             state = self.state
-            for d in batch:
-                counters["bytes_in"] += len(d.body)
-                try:
-                    upd = wire.decode(
-                        d.body,
-                        expected_run=cfg.run_id,
-                        expected_n=n,
-                        key_for=self._key_for if self.s.keys else None,
-                    )
-                except wire.AuthenticationError as exc:
-                    dead.append((d, "unauthenticated", str(exc)))
-                    continue
-                except wire.WireError as exc:
-                    dead.append((d, "undecodable", str(exc)))
-                    continue
-                # Replays first: a copy of an applied update is a duplicate whatever else holds.
-                window = state.dedup.get(upd.participant, (0, 0))
-                verdict = dedup.check(window, upd.seq)
-                if verdict == dedup.DUPLICATE:
-                    counters["duplicates"] += 1
-                    continue
-                if verdict == dedup.TOO_OLD:
-                    dead.append((d, "replay", f"seq {upd.seq} is older than the replay window"))
-                    continue
-                try:
-                    self._check_rate(upd.participant, cfg)  # a flood is a flood, valid or not
-                    staleness = validate(upd, cfg, n, state.version)
-                    self._check_sender(upd.participant, d)
-                except ValidationError as exc:
-                    dead.append((d, exc.reason, exc.detail))
-                    advance = advance or upd.participant == holder
-                    continue
-                weight = self.rule.weight(staleness)
-                values = upd.values
-                if cfg.max_l2 is not None:
-                    values, clipped = bound_l2(values, cfg.max_l2)
-                    counters["l2_clipped"] += clipped
-                apply_update(state.w, state.stat, upd.indices, values, weight)
-                decay(state.stat, cfg.stat_decay)
-                state.version += 1
-                window = dedup.mark(window, upd.seq)
-                state.dedup[upd.participant] = window
-                dedup_changes[upd.participant] = dedup.encode_state(window)
-                log_entries.append(f"{upd.participant}:{upd.seq}:{state.version}:{staleness}")
-                counters["applied"] += 1
-                counters["entries"] += upd.count
-                counters["staleness_sum"] += staleness
-                stalenesses.append(staleness)
-                advance = advance or upd.participant == holder
-        for d, reason, detail in dead:
-            self._dead_letter(dead_ch, d, reason, detail)
-            counters["rejected"] += 1
-            counters[f"rejected:{reason}"] += 1
-        stamp = f"{time.time():.6f}"
-        log_entries = [f"{e}:{stamp}" for e in log_entries]
-        turn_expect = turn_next = ""
-        if advance and holder is not None:
-            turn_expect, turn_next = str(holder), self._next_turn(store, holder)
-        store.commit(
-            fence, state, dedup_changes, dict(counters), log_entries, turn_expect, turn_next
-        )
-        ch.basic_ack(batch[-1].tag, multiple=True)
-        self.totals.update(counters)
+            window_of = lambda p: state.dedup.get(p, (0, 0))  # noqa: E731
+            verdicts = [self.admission.admit(d, window_of) for d in batch]
+            out = apply_batch(state, verdicts, cfg, self.rule, holder)
+            stamp = f"{time.time():.6f}"
+            turn_expect = turn_next = ""
+            if out.holder_done and holder is not None:
+                turn_expect, turn_next = str(holder), self._next_turn(store, holder)
+            try:
+                store.commit(
+                    fence,
+                    state,
+                    out.dedup_changes,
+                    dict(out.counters),
+                    [f"{e}:{stamp}" for e in out.log_entries],
+                    turn_expect,
+                    turn_next,
+                )
+            except BaseException:
+                self.state = None  # applied in memory, not committed: the next session reloads
+                raise
+            self.totals.update(out.counters)
+        # After the commit: a crash before it leaves nothing dead-lettered twice; a crash
+        # between here and the ack re-sends these dead letters once more (at least once).
+        for rej in out.rejected:
+            log.warning(
+                "rejected message from %s (%s): %s",
+                rej.participant if rej.participant is not None else rej.delivery.routing_key[:64],
+                rej.reason,
+                rej.detail[:200],
+            )
+            consumer.dead_letter(rej.delivery, rej.reason, rej.detail)
+        if out.holder_refused is not None and holder is not None:
+            # Lets the holder stop waiting for an apply that will not come (worker._wait_applied).
+            store.record_progress(holder, refused_seq=out.holder_refused)
+        consumer.ack_through(batch[-1].tag)
+        self._observe(out, len(batch), time.perf_counter() - t0, state.version)
+
+    def _observe(self, out: Outcome, size: int, seconds: float, version: int) -> None:
+        counters = out.counters
         self.metrics.observe_batch(
             applied=counters["applied"],
             duplicates=counters["duplicates"],
             rejected={
                 k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("rejected:")
             },
-            staleness=stalenesses,
+            staleness=out.stalenesses,
             bytes_in=counters["bytes_in"],
-            seconds=time.perf_counter() - t0,
-            version=state.version,
+            seconds=seconds,
+            version=version,
         )
         if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "batch of %d: %s in %.1f ms",
-                len(batch),
-                dict(counters),
-                1000 * (time.perf_counter() - t0),
-            )
-
-    def _key_for(self, participant: int) -> bytes | None:
-        if self.s.keys is None:
-            return None
-        return self.s.keys.get(participant)
-
-    def _check_sender(self, participant: int, d: _Delivery) -> None:
-        """The broker vouches for user_id and the routing key; both must name the participant."""
-        if d.routing_key != AmqpNames.routing_key(participant):
-            raise ValidationError(
-                "wrong-routing-key", f"participant {participant} sent with key {d.routing_key!r}"
-            )
-        if self.s.keys is not None:
-            expected = participant_user(self.s.run_id, participant)
-            if d.props.user_id != expected:
-                raise ValidationError(
-                    "impersonation", f"user_id {d.props.user_id!r} is not {expected!r}"
-                )
-
-    def _check_rate(self, participant: int, cfg: RunConfig) -> None:
-        if cfg.rate_limit is None:
-            return
-        now = time.monotonic()
-        tokens, last = self._buckets.get(participant, (max(1.0, cfg.rate_limit), now))
-        tokens = min(max(1.0, cfg.rate_limit), tokens + (now - last) * cfg.rate_limit)
-        if tokens < 1.0:
-            self._buckets[participant] = (tokens, now)
-            raise ValidationError(
-                "rate-limited", f"participant {participant} exceeds {cfg.rate_limit}/s"
-            )
-        self._buckets[participant] = (tokens - 1.0, now)
-
-    def _dead_letter(
-        self, dead_ch: BlockingChannel, d: _Delivery, reason: str, detail: str
-    ) -> None:
-        log.warning(
-            "rejected message from %s (%s): %s", d.props.app_id or d.routing_key, reason, detail
-        )
-        headers = dict(d.props.headers or {})
-        headers.update(
-            {
-                REASON_HEADER: reason,
-                DETAIL_HEADER: detail[:500],
-                "x-dssgd-routing-key": d.routing_key,
-            }
-        )
-        props = pika.BasicProperties(
-            content_type=d.props.content_type,
-            app_id=d.props.app_id,
-            delivery_mode=pika.DeliveryMode.Persistent,
-            headers=headers,
-        )
-        try:
-            dead_ch.basic_publish(self.names.dead_exchange, "", d.body, props)
-        except (pex.AMQPError, OSError) as exc:
-            raise BrokerError(f"cannot dead-letter a message: {exc!r}") from exc
+            log.debug("batch of %d: %s in %.1f ms", size, dict(counters), 1000 * seconds)
 
     # --- turns (ordered modes) --------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from shared.errors import DssgdError, WireError
 from shared.wire import (
+    SCHEMA_VERSION,
     Update,
     ValueCoding,
     decode,
@@ -291,7 +292,7 @@ def _mutate(body: bytes, rng: np.random.Generator) -> bytes:
     return bytes(buf)
 
 
-_HEADER = bytes([1, 0, 7, 0, 0, 0])  # version 1, no MAC, participant 7
+_HEADER = bytes([SCHEMA_VERSION, 0, 7, 0, 0, 0])  # no MAC, participant 7
 
 
 def _mutate_section(fields: dict[str, Any], rng: np.random.Generator) -> bytes:

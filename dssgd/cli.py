@@ -17,16 +17,23 @@ from shared.config import (
     DOWNLOADS,
     ORDERS,
     PRESETS,
-    RULES,
     VALUE_CODINGS,
     Connections,
     RunConfig,
     env_overrides,
     from_mapping,
-    load_toml,
 )
-from shared.errors import BrokerError, ConfigError, DataError, DssgdError, StoreError
+from shared.errors import (
+    BrokerError,
+    ConfigError,
+    DataError,
+    DssgdError,
+    StoreError,
+    is_permanent,
+)
 from shared.lifecycle import EXIT_ERROR, EXIT_UNAVAILABLE, EXIT_USAGE, setup_logging
+from shared.rules import rules_help
+from shared.selection import selection_help
 
 log = logging.getLogger("dssgd")
 
@@ -43,26 +50,27 @@ RabbitMQ and Redis are found through --amqp-url/--redis-url or DSSGD_AMQP_URL/DS
 
 # (flag, RunConfig field, type, help)
 RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
-    ("--model", "model", str, "mlp (784-128-64-10) or cnn (the paper's, 105,506 parameters)"),
+    (
+        "--task",
+        "task",
+        str,
+        "what to train: FILE.py:NAME, package.module:NAME, or a registered name "
+        "(mnist-mlp, the default; mnist-cnn; breast-cancer); see docs/TASKS.md",
+    ),
+    ("--model", "model", str, "mlp or cnn: the same as --task mnist-mlp / mnist-cnn"),
     ("--participants", "participants", int, "number of participants N (default 10)"),
     ("--shard-size", "shard_size", int, "training images per participant (default 600)"),
     ("--label-skew", "label_skew", float, "non-IID shards: Dirichlet α of the label mix"),
     ("--theta-u", "theta_u", float, "fraction of Δw uploaded per epoch, θu (default 0.1)"),
     ("--theta-d", "theta_d", float, "fraction of parameters downloaded per epoch, θd (default 1)"),
     ("--download", "download", str, f"which θd fraction: {', '.join(DOWNLOADS)}"),
-    ("--selection", "selection", str, "topk (largest |Δw|) or threshold (random above τ)"),
+    ("--selection", "selection", str, selection_help()),
     ("--lr", "lr", float, "local SGD learning rate (default 0.2)"),
     ("--batch-size", "batch_size", int, "local mini-batch size (default 32)"),
     ("--gamma", "gamma", float, "bound γ on each shared value (default lr/4)"),
     ("--tau", "tau", float, "threshold τ for --selection threshold (default γ/10)"),
     ("--order", "order", str, f"{', '.join(ORDERS)} (default async)"),
-    (
-        "--rule",
-        "rule",
-        str,
-        f"server update rule: {', '.join(RULES)} (auto = staleness when "
-        "async, the paper's sum when ordered)",
-    ),
+    ("--rule", "rule", str, rules_help()),
     ("--staleness-exponent", "staleness_exponent", float, "a in the weight (1+staleness)^-a"),
     ("--stat-decay", "stat_decay", float, "the paper's β: stat := β·stat per update (1 = off)"),
     (
@@ -73,7 +81,7 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ),
     ("--epochs", "epochs", int, "local epochs per participant (default 30, 0 = unlimited)"),
     ("--seed", "seed", int, "seed of initialisation, shards and shuffles (default 1)"),
-    ("--data", "data", str, "MNIST source: auto, hub, or a directory of IDX files"),
+    ("--data", "data", str, "data source: auto, hub, or a directory (MNIST IDX files, task data)"),
     ("--eval-interval", "eval_interval", float, "seconds between test-set evaluations"),
     ("--max-staleness", "max_staleness", int, "refuse updates older than this many versions"),
     ("--max-l2", "max_l2", float, "server-side L2 bound per update (larger ones are scaled down)"),
@@ -129,7 +137,10 @@ def run_config_from_args(args: argparse.Namespace, run_id: str) -> RunConfig:
     values: dict[str, Any] = {}
     values.update(PRESETS.get(args.preset or "default", {}))
     if args.config:
-        values.update(load_toml(args.config))
+        from dssgd.admin import read_toml, split_run_command_options
+
+        values.update(read_toml(args.config))
+        split_run_command_options(values, args)
         if "preset" in values:
             values = {**PRESETS.get(values.pop("preset"), {}), **values}
     values.update(env_overrides(RunConfig))
@@ -166,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "run",
-        help="train locally: aggregator + participants under supervisor",
+        help="train locally: the aggregator and the participants as local processes",
         description="Run a whole training on this machine: starts the aggregator "
-        "and the participants under supervisor, shows progress, stops on the first "
+        "and the participants (forked from this process, or under supervisord with "
+        "--launcher supervisor), shows progress, stops on the first "
         "stop condition and prints a final table.",
     )
     p.add_argument("--run-id", help="name of the run (default: run-<date>-<time>)")
@@ -180,20 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target-accuracy", type=float, help="stop when the global test accuracy reaches this"
     )
-    p.add_argument(
-        "--time-limit", type=float, default=900.0, help="stop after this many seconds (default 900)"
-    )
+    p.add_argument("--time-limit", type=float, help="stop after this many seconds (default 900)")
     p.add_argument(
         "--runs-dir",
-        default=os.environ.get("DSSGD_RUNS_DIR", "runs"),
-        help="where run folders (supervisor config, logs) go (default ./runs)",
+        help="where run folders (supervisor config, logs) go (env DSSGD_RUNS_DIR; default ./runs)",
     )
     p.add_argument("--resume", action="store_true", help="continue an existing run of that id")
     p.add_argument(
         "--launcher",
         choices=("fork", "supervisor"),
-        # Forking a process that has imported PyTorch is safe on Linux, not on macOS.
-        default="fork" if sys.platform.startswith("linux") else "supervisor",
         help="how the services start: forked from this process after it has imported PyTorch "
         "once (default on Linux, fastest start), or as fresh processes under supervisord "
         "(default elsewhere)",
@@ -213,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", type=int, default=1000)
     p.add_argument("--max-batch", type=int, default=500, help="updates per Redis commit at most")
     p.add_argument("--no-eval", action="store_true", help="do not evaluate the global model")
+    p.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="keep running (metrics, health) after the run is over; by default the aggregator "
+        "exits with a summary once every participant finished or the run was stopped",
+    )
     p.add_argument(
         "--check",
         action="store_true",
@@ -260,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send small integer updates instead of training (exact-sum test oracle)",
     )
+    p.add_argument(
+        "--task", help="this worker's copy of the run's task (FILE.py:NAME, …); default: the run's"
+    )
+    p.add_argument(
+        "--data", metavar="DIR", help="this worker's own data folder, handed to local_data(ctx)"
+    )
     p.add_argument("--record-dir", help="synthetic mode: write confirmed updates here")
     p.add_argument(
         "--pace",
@@ -275,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="p<N>.json from `dssgd provision`: run, "
         "participant id, least-privilege URLs and the HMAC key",
+    )
+    p.add_argument(
+        "--worker-id",
+        default=os.environ.get("DSSGD_WORKER_ID"),
+        help="stable name of this worker: a restart with the same name gets its participants "
+        "back (default: supervisor's process name, else host:pid)",
     )
     add_connection_options(p)
 
@@ -297,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="RabbitMQ management API (default http://<amqp "
         "host>:15672, admin credentials from --amqp-url)",
     )
+    from dssgd.admin import add_provision_options
+
+    add_provision_options(p)
     add_connection_options(p)
 
     p = sub.add_parser(
@@ -364,9 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_connection_options(p)
 
-    p = sub.add_parser("delete", help="remove a run's keys and queues")
+    p = sub.add_parser("delete", help="remove a run's keys, queues and users")
     p.add_argument("run_id", metavar="RUN")
+    from dssgd.admin import add_admin_parsers, add_management_option
+
+    add_management_option(p)
     add_connection_options(p)
+    add_admin_parsers(sub)
     return parser
 
 
@@ -404,23 +436,49 @@ def main(argv: list[str] | None = None) -> int:
             from dssgd import status
 
             return getattr(status, f"cmd_{args.command}")(args)
+        if args.command == "deprovision":
+            from dssgd.admin import cmd_deprovision
+
+            return cmd_deprovision(args)
     except (BrokerError, StoreError) as exc:
-        print(f"dssgd: {exc}", file=sys.stderr)
-        print(
-            "dssgd: is the service running? `bash deploy/dev.sh services` starts both locally.",
-            file=sys.stderr,
-        )
+        from dssgd.admin import EXIT_DENIED
+
+        print(f"dssgd: {exc}{_where(args, exc)}", file=sys.stderr)
+        if is_permanent(exc):
+            return EXIT_DENIED  # rights or password: retrying cannot help
+        if "deploy/dev.sh" not in str(exc):
+            print(
+                "dssgd: is the service running? `bash deploy/dev.sh services` starts both locally.",
+                file=sys.stderr,
+            )
         return EXIT_UNAVAILABLE
+    except OSError as exc:  # a path we were given: unwritable, a directory, a full disk
+        print(f"dssgd: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USAGE
     except (ConfigError, DataError) as exc:
         print(f"dssgd: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except DssgdError as exc:
+        from dssgd.admin import EXIT_DENIED, AccessDenied
+
         print(f"dssgd: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_DENIED if isinstance(exc, AccessDenied) else EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
+
+
+def _where(args: argparse.Namespace, exc: Exception) -> str:
+    """Name the server an error came from when its message does not already."""
+    from dssgd.admin import where
+
+    if not hasattr(args, "redis_url") or "connecting to" in str(exc) or " at " in str(exc):
+        return ""
+    conns = connections(args)
+    if isinstance(exc, StoreError):
+        return f" (Redis at {where(conns.redis_url, 6379)})"
+    return f" (RabbitMQ at {where(conns.amqp_url, 5672)})"
 
 
 def parse_participants(text: str | None) -> tuple[int, ...]:

@@ -36,6 +36,7 @@ log = logging.getLogger("dssgd.launcher")
 RUNNING, EXITED, BACKOFF, FATAL, STOPPED = "RUNNING", "EXITED", "BACKOFF", "FATAL", "STOPPED"
 
 _PR_SET_PDEATHSIG = 1
+PERMANENT_EXIT_CODES = frozenset({2, 77})
 
 
 class Launcher(Protocol):
@@ -55,8 +56,9 @@ def service_argv(run_id: str, workers: int, conns: Connections) -> dict[str, lis
     urls = ["--amqp-url", conns.amqp_url, "--redis-url", conns.redis_url]
     programs = {"aggregator": ["aggregator", "--run-id", run_id, "--metrics-port", "0", *urls]}
     for i in range(workers):
+        # A stable worker id: a restarted worker takes back its own participant leases at once.
         programs[f"worker:worker-{i}"] = ["worker", "--run-id", run_id, "--slot", f"{i}/{workers}"]
-        programs[f"worker:worker-{i}"] += urls
+        programs[f"worker:worker-{i}"] += ["--worker-id", f"{run_id}-worker-{i}", *urls]
     return programs
 
 
@@ -209,7 +211,8 @@ class ForkLauncher:
                 proc.state = STOPPED if proc.stopping else EXITED
                 continue
             proc.crashes = [t for t in proc.crashes if now - t < self.crash_window] + [now]
-            if len(proc.crashes) >= self.max_crashes:
+            # 2 (bad input) and 77 (credentials refused) come back on every restart: end at once.
+            if len(proc.crashes) >= self.max_crashes or code in PERMANENT_EXIT_CODES:
                 proc.state = FATAL
                 log.error(
                     "%s exited unexpectedly %d times within %.0f s (last exit code %d); see %s",

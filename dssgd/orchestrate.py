@@ -19,7 +19,6 @@ from shared.amqp_names import AmqpNames
 from shared.broker import connect as amqp_connect
 from shared.broker import declare_topology
 from shared.config import RunConfig
-from shared.data import load_mnist
 from shared.errors import ConfigError
 from shared.lifecycle import EXIT_OK, StopFlag, install_signal_handlers
 from shared.store import RunStore
@@ -94,17 +93,19 @@ def final_evaluation(store: RunStore, cfg: RunConfig) -> tuple[float, float, int
     # for PyTorch (the fork launcher has imported it already, for its children).
     import torch
 
-    from shared.data import prepare
-    from shared.models import build_model, set_flat
-    from shared.training import evaluate, labels_tensor
+    from shared.tasks import evaluate_state
 
-    data = load_mnist(cfg.data)
-    model = build_model(cfg.model)
     _, w, _ = store.read_params()
-    set_flat(model, w.copy())
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    r = evaluate(model, prepare(data.test_x, cfg.model), labels_tensor(data.test_y))
-    return r.accuracy, r.loss, int(w.size)
+    m = evaluate_state(cfg, w) or federated_metrics(store)
+    return m.get("accuracy", float("nan")), m.get("loss", float("nan")), int(w.size)
+
+
+def federated_metrics(store: RunStore) -> dict[str, float]:
+    """The latest metric point (participants' federated evaluation when there is no test set)."""
+    points = store.metrics()
+    last = points[-1] if points else {}
+    return {k: float(last[k]) for k in ("accuracy", "loss") if k in last}
 
 
 def summary(store: RunStore, cfg: RunConfig, wall: float, reason: str) -> dict[str, Any]:
@@ -179,10 +180,83 @@ def print_table(s: dict[str, Any]) -> None:
         print(f"  {k:<{width}}  {v}")
 
 
+def _last_line(logs: Path, name: str) -> str:
+    """The last line a failed service wrote: usually the one-line reason it stopped."""
+    path = logs / f"{name.split(':')[-1]}.log"
+    try:
+        lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return f"no log at {path}"
+    return lines[-1] if lines else f"{path} is empty"
+
+
+def _resolve_run_command_defaults(args: argparse.Namespace) -> None:
+    """Defaults of `dssgd run`'s own options, applied after TOML had its say."""
+    if args.time_limit is None:
+        args.time_limit = 900.0
+    if args.runs_dir is None:
+        args.runs_dir = os.environ.get("DSSGD_RUNS_DIR", "runs")
+    if args.launcher is None:
+        # Forking a process that has imported PyTorch is safe on Linux, not on macOS.
+        args.launcher = "fork" if sys.platform.startswith("linux") else "supervisor"
+    if args.launcher not in ("fork", "supervisor"):
+        raise ConfigError(f"launcher must be fork or supervisor, got {args.launcher!r}")
+
+
+def _prepare_run_dir(run_dir: Path) -> None:
+    """Make the run folder or say in one line why not, before anything exists in Redis."""
+    try:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the run folder {run_dir}: {exc.strerror}; choose a writable "
+            "--runs-dir (or DSSGD_RUNS_DIR)"
+        ) from None
+
+
+def _refuse_live(store: RunStore) -> None:
+    """A run whose aggregator or participants still report must not get a second set."""
+    agg = store.r.get(store.keys.heartbeat_aggregator)
+    live = store.active()
+    if agg or live:
+        who = ""
+        if agg:
+            who = f"its aggregator reported {time.time() - json.loads(agg)['time']:.0f} s ago"
+        if live:
+            who += (", " if who else "") + f"participants {sorted(live)} are hosted"
+        raise ConfigError(
+            f"run {store.run_id!r} is still running ({who}); stop it first "
+            "(Ctrl-C its `dssgd run`, or SIGTERM its services), then --resume"
+        )
+
+
+def _resume_config(stored: RunConfig, args: argparse.Namespace, wanted: RunConfig) -> RunConfig:
+    """--resume continues with the stored configuration; a different value given now could not
+    take effect, so it is refused rather than ignored."""
+    from dssgd.admin import explicit_run_fields
+
+    given = explicit_run_fields(args)
+    diff = [
+        f"{f} (stored {getattr(stored, f)!r}, given {getattr(wanted, f)!r})"
+        for f in sorted(given)
+        if getattr(stored, f) != getattr(wanted, f)
+    ]
+    if diff:
+        raise ConfigError(
+            f"--resume continues run {stored.run_id!r} with its stored settings; these differ: "
+            f"{'; '.join(diff)}. Drop them, or start a new run"
+        )
+    return stored
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
     run_id = args.run_id or default_run_id()
     cfg = run_config_from_args(args, run_id)
+    _resolve_run_command_defaults(args)
     if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
         raise ConfigError("--target-accuracy must be in (0, 1]")
     if args.time_limit <= 0:
@@ -192,23 +266,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--workers must be >= 1")
     workers = min(workers, cfg.participants)
     conns = connections(args)
-    load_mnist(cfg.data)  # fail early with a clear message (and warm the cache for the workers)
+    from shared.tasks import preflight
+
+    preflight(cfg)  # a bad task or missing data fails here, in one line (and warms MNIST's cache)
 
     store = RunStore(redis_connect(conns.redis_url), run_id)
     names = AmqpNames(run_id)
     _check_services(store, conns.amqp_url, names, cfg.queue_max_length)
-    stored, created = store.create_config(cfg)
-    if not created and not args.resume:
+    existing = store.load_config()
+    if existing is not None and not args.resume:
         raise ConfigError(
             f"run {run_id!r} already exists; pass --resume to continue it or "
             "choose another --run-id (dssgd runs lists them)"
         )
-    if not created:
-        cfg = stored
-        store.clear_stop()
-
     run_dir = Path(args.runs_dir) / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if existing is not None:
+        _refuse_live(store)
+        cfg = _resume_config(existing, args, cfg)
+        store.clear_stop()
+        workers = min(args.workers or workers, cfg.participants)
+    _prepare_run_dir(run_dir)
+    if existing is None:
+        cfg, _ = store.create_config(cfg)
     (run_dir / "config.json").write_text(json.dumps(json.loads(cfg.to_json()), indent=2) + "\n")
     sup = make_launcher(args.launcher, run_dir, run_id, workers, conns)
     stop = StopFlag()
@@ -253,6 +332,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             bad = [k for k, v in sup.states().items() if v in ("FATAL", "BACKOFF")]
             if bad:
                 reason = f"processes failed: {', '.join(bad)} (see {run_dir / 'logs'})"
+                for name in bad:
+                    log.error("%s: %s", name, _last_line(run_dir / "logs", name))
                 break
     finally:
         if tty:

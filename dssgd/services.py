@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import threading
 import time
 from pathlib import Path
 
 from aggregator.service import Aggregator, AggregatorSettings
+from dssgd.admin import check_amqp, check_redis
 from dssgd.cli import connections, parse_participants, parse_slot, run_config_from_args
 from shared.broker import connect as amqp_connect
-from shared.config import Connections
-from shared.errors import ConfigError
+from shared.config import Connections, RunConfig
+from shared.errors import ConfigError, DssgdError
 from shared.lifecycle import EXIT_OK, EXIT_UNAVAILABLE, StopFlag, install_signal_handlers
 from shared.provision import provision, read_credentials
 from shared.store import RunStore
 from shared.store import connect as redis_connect
 from worker.service import Worker, WorkerSettings
+
+log = logging.getLogger("dssgd")
 
 
 def _any_run_option(args: argparse.Namespace) -> bool:
@@ -53,6 +58,19 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
             )
         conns = Connections(amqp_url=creds["amqp_url"], redis_url=creds["redis_url"])
         keys = {int(p): bytes.fromhex(k) for p, k in creds["hmac_keys"].items()}
+    check_redis(conns.redis_url)
+    check_amqp(conns.amqp_url, f"dssgd-aggregator {args.run_id} (check)")
+    store = RunStore(redis_connect(conns.redis_url), args.run_id)
+    stored = store.load_config()
+    if stored is not None and cfg is not None:
+        _refuse_different(stored, args, cfg)
+    if stored is None and cfg is None:
+        log.info(
+            "run %s does not exist yet: waiting up to 120 s for it to be created "
+            "(`dssgd provision %s --participants N`, or give this aggregator run options)",
+            args.run_id,
+            args.run_id,
+        )
     settings = AggregatorSettings(
         run_id=args.run_id,
         connections=conns,
@@ -65,7 +83,96 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     )
     stop = StopFlag()
     install_signal_handlers(stop)
-    return Aggregator(settings, stop, cfg).run()
+    watcher = RunEndWatcher(conns.redis_url, args.run_id, stop, enabled=not args.keep_serving)
+    code = Aggregator(settings, stop, cfg).run()
+    watcher.close()
+    _clear_heartbeat(store, settings.name)
+    if watcher.reason:
+        _print_summary(store, watcher.reason)
+    return code
+
+
+def _clear_heartbeat(store: RunStore, name: str) -> None:
+    """A stopped aggregator stops reporting at once (`--resume` then sees a run at rest), unless
+    a newer aggregator has written the key since."""
+    try:
+        raw = store.r.get(store.keys.heartbeat_aggregator)
+        if raw is not None and json.loads(raw).get("name") == name:
+            store.r.delete(store.keys.heartbeat_aggregator)
+    except Exception as exc:  # leaving: a heartbeat expires by itself within 15 s anyway
+        log.debug("could not clear the aggregator heartbeat: %s", exc)
+
+
+def _refuse_different(stored: RunConfig, args: argparse.Namespace, wanted: RunConfig) -> None:
+    from dssgd.admin import explicit_run_fields
+
+    diff = [
+        f"{f} (stored {getattr(stored, f)!r}, given {getattr(wanted, f)!r})"
+        for f in sorted(explicit_run_fields(args))
+        if getattr(stored, f) != getattr(wanted, f)
+    ]
+    if diff:
+        raise ConfigError(
+            f"run {stored.run_id!r} exists with other settings, which stay: {'; '.join(diff)}; "
+            "drop these options (the stored configuration is used) or use a new run id"
+        )
+
+
+class RunEndWatcher:
+    """Ends a standalone aggregator once its run is over: every participant finished (or the
+    run's stop flag is set) and every confirmed update has been applied."""
+
+    def __init__(
+        self, redis_url: str, run_id: str, stop: StopFlag, enabled: bool = True, period: float = 1.0
+    ) -> None:
+        self.store = RunStore(redis_connect(redis_url), run_id)
+        self.stop, self.period, self.reason = stop, period, ""
+        self._done = threading.Event()
+        if not enabled:
+            self._done.set()
+        self._thread = threading.Thread(target=self._run, name="run-end", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.period):
+            try:
+                reason = self._over()
+            except DssgdError:
+                continue  # not created yet, or Redis briefly away: the aggregator reports that
+            if reason:
+                self.reason = reason
+                log.info("run is over (%s): stopping the aggregator", reason)
+                self.stop.set(reason)
+                return
+
+    def _over(self) -> str:
+        cfg = self.store.load_config()
+        if cfg is None:
+            return ""
+        stop = self.store.stop_reason()
+        finished = self.store.finished()
+        if not stop and len(finished) < cfg.participants:
+            return ""
+        progress = self.store.all_progress(cfg.participants)
+        if any(self.store.applied_high(p) < int(row.get("seq", 0)) for p, row in progress.items()):
+            return ""  # confirmed updates still in the queue
+        if len(finished) >= cfg.participants:
+            return f"every participant finished ({cfg.participants})"
+        return f"run stopped: {stop}"
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+
+def _print_summary(store: RunStore, reason: str) -> None:
+    counters = store.counters()
+    print(
+        f"run {store.run_id} over: {reason}; version {int(store.r.get(store.keys.version) or 0)}, "
+        f"applied {counters.get('applied', 0)}, rejected {counters.get('rejected', 0)}, "
+        f"duplicates {counters.get('duplicates', 0)}",
+        flush=True,
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -89,6 +196,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         run_id, participants = creds["run_id"], (int(creds["participant"]),)
         conns = Connections(amqp_url=creds["amqp_url"], redis_url=creds["redis_url"])
         hmac_key, user = bytes.fromhex(creds["hmac_key"]), creds["amqp_user"]
+    check_redis(conns.redis_url)
+    check_amqp(conns.amqp_url, f"dssgd-worker {run_id} (check)")
+    extra = {"worker_id": "".join(args.worker_id.split())} if args.worker_id else {}
     settings = WorkerSettings(
         run_id=run_id,
         connections=conns,
@@ -100,6 +210,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         synthetic=args.synthetic,
         record_dir=Path(args.record_dir) if args.record_dir else None,
         pace=args.pace,
+        task=args.task,
+        data_dir=Path(args.data) if args.data else None,
+        **extra,
     )
     stop = StopFlag()
     install_signal_handlers(stop)
@@ -109,8 +222,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_provision(args: argparse.Namespace) -> int:
     conns = connections(args)
     out = Path(args.out or Path(args.runs_dir) / args.run_id / "credentials")
+    cfg = run_config_from_args(args, args.run_id)
+    check_redis(conns.redis_url)
     summary = provision(
-        args.run_id, args.participants, conns.amqp_url, conns.redis_url, out, args.management_url
+        args.run_id,
+        args.participants,
+        conns.amqp_url,
+        conns.redis_url,
+        out,
+        args.management_url,
+        cfg=cfg,
+    )
+    print(
+        f"created run {args.run_id}: {cfg.participants} participants, {cfg.model}, "
+        f"{cfg.epochs} epochs, {cfg.order} (every service reads it from Redis)"
     )
     print(
         f"provisioned run {summary['run_id']}: {summary['rabbitmq_users']} RabbitMQ users, "

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from dssgd.cli import connections
@@ -13,10 +15,18 @@ from shared.amqp_names import AmqpNames
 from shared.broker import connect as amqp_connect
 from shared.broker import delete_topology, queue_depth
 from shared.config import RunConfig
-from shared.errors import ConfigError
+from shared.errors import BrokerError, ConfigError
 from shared.lifecycle import EXIT_OK
 from shared.store import RunStore, list_runs
 from shared.store import connect as redis_connect
+
+
+def _config_or_none(store: RunStore) -> RunConfig | None:
+    """A run written by another dssgd version may not parse here: list it, do not fail."""
+    try:
+        return store.load_config()
+    except ConfigError:
+        return None
 
 
 def _epsilon_text(p: dict[str, Any]) -> str:
@@ -29,14 +39,28 @@ def _epsilon_text(p: dict[str, Any]) -> str:
 
 
 def _latest_run(r: Any) -> str:
+    """The newest run started from here (a folder in the runs directory), else the newest in
+    Redis, which on a shared Redis may be someone else's: then we say so."""
     runs = list_runs(r)
     if not runs:
         raise ConfigError("no runs in Redis yet; start one with `dssgd run`")
     created = []
     for run in runs:
-        cfg = RunStore(r, run).load_config()
-        created.append((cfg.created if cfg else 0.0, run))
-    return max(created)[1]
+        cfg = _config_or_none(RunStore(r, run))
+        if cfg is not None:
+            created.append((cfg.created, run))
+    if not created:
+        raise ConfigError("no run in Redis that this dssgd version can read; pass --run-id")
+    here = Path(os.environ.get("DSSGD_RUNS_DIR", "runs"))
+    mine = [(t, run) for t, run in created if (here / run).is_dir()]
+    if mine:
+        return max(mine)[1]
+    run = max(created)[1]
+    print(
+        f"(no run of {here}/ in Redis: showing the newest one, {run}; pass --run-id)",
+        file=sys.stderr,
+    )
+    return run
 
 
 def collect(store: RunStore, amqp_url: str) -> dict[str, Any]:
@@ -95,7 +119,10 @@ def collect(store: RunStore, amqp_url: str) -> dict[str, Any]:
         "aggregator": json.loads(agg) if agg else None,
         "accuracy": last_metric["accuracy"] if last_metric else None,
         "loss": last_metric["loss"] if last_metric else None,
+        # "federated": the participants' own held-out evaluations (a task without a test set)
+        "accuracy_source": (last_metric or {}).get("source", "test set"),
         "stop": store.stop_reason(),
+        "finished": len(finished) >= cfg.participants,
         "participants": participants,
     }
 
@@ -105,6 +132,8 @@ def render(s: dict[str, Any]) -> str:
     c = s["counters"]
     q = s["queues"] or {}
     acc = f"{s['accuracy']:.4f}" if s["accuracy"] is not None else "-"
+    if s.get("accuracy_source") == "federated":
+        acc += " (federated)"
     rate = f"{s['updates_per_second']:.1f}/s" if s["updates_per_second"] is not None else "-"
     agg = "up" if s["aggregator"] else "not reporting"
     if s["aggregator"] and s["aggregator"].get("metrics_url"):
@@ -112,7 +141,8 @@ def render(s: dict[str, Any]) -> str:
     lines = [
         f"run {s['run_id']}: {cfg.model}, {cfg.participants} participants, {cfg.order}, "
         f"rule {cfg.effective_rule}, θu={cfg.theta_u}, θd={cfg.theta_d}"
-        + (f"  [stopped: {s['stop']}]" if s["stop"] else ""),
+        + (f"  [stopped: {s['stop']}]" if s["stop"] else "")
+        + ("  [finished: every participant finished]" if s.get("finished") else ""),
         f"  global version {s['version']}   applied {c.get('applied', 0)} ({rate})   rejected "
         f"{c.get('rejected', 0)}   duplicates {c.get('duplicates', 0)}",
         f"  accuracy {acc}   queue depth {q.get('updates', '-')}   dead letters "
@@ -133,6 +163,10 @@ def render(s: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import logging
+
+    # Queues not declared yet are a normal state here, not a pika warning on the screen.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     conns = connections(args)
     r = redis_connect(conns.redis_url)
     run_id = args.run_id or _latest_run(r)
@@ -156,7 +190,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     rows = []
     for run in list_runs(r):
         store = RunStore(r, run)
-        cfg = store.load_config()
+        cfg = _config_or_none(store)
         rows.append(
             {
                 "run_id": run,
@@ -182,17 +216,31 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    """Keys, queues and exchanges, and the run's users (RabbitMQ and Redis ACL)."""
+    from dssgd.admin import remove_users
+
     conns = connections(args)
     store = RunStore(redis_connect(conns.redis_url), args.run_id)
-    if store.load_config() is None and not list(
-        store.r.scan_iter(match=store.keys.all_patterns()[0])
-    ):
-        raise ConfigError(f"run {args.run_id!r} does not exist")
-    removed = store.delete_run()
-    conn = amqp_connect(conns.amqp_url, "dssgd-delete")
+    exists = store.load_config() is not None or bool(
+        list(store.r.scan_iter(match=store.keys.all_patterns()[0]))
+    )
+    removed = store.delete_run() if exists else 0
+    conn = amqp_connect(conns.amqp_url, f"dssgd-delete {args.run_id}")
     try:
         delete_topology(conn.channel(), AmqpNames(args.run_id))
     finally:
         conn.close()
-    print(f"deleted run {args.run_id}: {removed} Redis keys, its queues and exchanges")
+    try:
+        users = remove_users(args.run_id, conns.amqp_url, conns.redis_url, args.management_url)
+    except BrokerError as exc:  # no management API here: the keys are gone, say what is left
+        print(
+            f"dssgd: users not checked ({exc}); `dssgd deprovision {args.run_id}` later",
+            file=sys.stderr,
+        )
+        users = 0
+    if not exists and not users:
+        raise ConfigError(f"run {args.run_id!r} does not exist (no keys, no users)")
+    print(
+        f"deleted run {args.run_id}: {removed} Redis keys, its queues and exchanges, {users} users"
+    )
     return EXIT_OK

@@ -14,6 +14,7 @@ import numpy as np
 
 from shared.config import RunConfig
 from shared.data import Mnist, prepare, shard_indices
+from shared.errors import ConfigError
 from shared.models import build_model
 from shared.training import LocalTrainer, evaluate, labels_tensor
 
@@ -88,3 +89,27 @@ def standalone(
         data.train_y, participant, cfg.participants, cfg.shard_size, cfg.seed, cfg.label_skew
     )
     return train_curve("standalone", cfg, data, idx, epochs, progress)
+
+
+def task_baseline(cfg: RunConfig, participants: list[int], epochs: int) -> float:
+    """Test accuracy of the run's task trained on the pooled data of ``participants`` alone.
+
+    Centralized = every participant's part pooled; standalone = one participant's part. Same
+    model, seed, learning rate and batch size as the federated run, any task (shared/tasks.py).
+    """
+    import torch
+    from torch.utils.data import ConcatDataset
+
+    from shared.tasks import as_tensors, central_test, context_for
+
+    task, _, test = central_test(cfg)
+    if test is None:
+        raise ConfigError(f"task {cfg.task} has no central test set to compare on")
+    pooled = ConcatDataset([task.local_data(context_for(cfg, p)) for p in participants])
+    x, y = as_tensors(pooled)
+    model = task.build_model(cfg.seed)
+    trainer = LocalTrainer(model, x, y, cfg.lr, cfg.batch_size, seed=cfg.seed, loss=task.loss)
+    for _ in range(epochs):
+        trainer.epoch()
+    with torch.inference_mode():
+        return task.metrics(model, test)["accuracy"]

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -245,3 +246,164 @@ class Publisher:
         except (pex.AMQPError, OSError) as exc:
             log.warning("publisher connection lost while idle: %r", exc)
             self._drop()
+
+
+# --- the consumer of a run's update queue -------------------------------------------------------
+
+# Dead letters carry only these fields, each capped, so what a sender put into its message's
+# properties can never make the republished header frame exceed frame_max (which closes the
+# connection: FRAME_ERROR). AMQP caps routing key, app_id and user_id at 255 bytes anyway.
+_DEAD_FIELD_CAP = {"reason": 64, "detail": 500, "routing-key": 255, "app-id": 128, "user-id": 128}
+DEAD_HEADERS_MAX_BYTES = 2048  # whitelisted fields with their names and table overhead, at most
+
+
+def dead_letter_headers(
+    reason: str, detail: str, routing_key: str, app_id: str | None, user_id: str | None
+) -> dict[str, str]:
+    """The whole header table of a dead letter: whitelisted fields, each cut to its cap."""
+    raw = {
+        "reason": reason,
+        "detail": detail,
+        "routing-key": routing_key,
+        "app-id": app_id or "",
+        "user-id": user_id or "",
+    }
+    out = {}
+    for name, value in raw.items():
+        text = value if isinstance(value, str) else repr(value)
+        # Cut by encoded size: a multi-byte character must not push a field past its cap.
+        cut = text.encode("utf-8", "replace")[: _DEAD_FIELD_CAP[name]]
+        out[f"x-dssgd-{name}"] = cut.decode("utf-8", "ignore")
+    return out
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message from the update queue: what the aggregator may look at, nothing else.
+
+    ``routing_key`` and ``user_id`` are vouched for by the broker (user_id only when the broker
+    validates it, which it does for every publish); ``app_id`` is the sender's own word.
+    """
+
+    tag: int
+    body: bytes
+    routing_key: str
+    user_id: str | None
+    app_id: str | None
+    redelivered: bool = False
+
+
+class Consumer:
+    """One connection lifetime of a run's update queue: deliveries, acks, dead letters.
+
+    Every pika error is converted to :class:`BrokerError` here; the caller rebuilds the consumer
+    after one (the broker requeues whatever was not acked). Dead-lettering can only fail on the
+    connection itself, never on what a sender put into its message: the dead letter is built
+    from a capped whitelist, and if the dead-letter exchange still refuses it the delivery is
+    rejected to the queue's own dead-letter exchange instead (``x-dead-letter-exchange``).
+    """
+
+    def __init__(
+        self, url: str, names: AmqpNames, name: str, prefetch: int, max_length: int
+    ) -> None:
+        self.names = names
+        self._conn = connect(url, name)
+        self._pending: list[Delivery] = []
+        # Delivered, neither acked nor rejected, in order: a multiple ack must end on one of
+        # these (the broker closes the channel on an ack of a tag it no longer knows).
+        self._unacked: list[int] = []
+        try:
+            self._ch = self._conn.channel()
+            declare_topology(self._ch, names, max_length)
+            self._dead = self._dead_channel()
+            self._ch.basic_qos(prefetch_count=prefetch)
+            self._ch.basic_consume(names.queue, self._on_message, auto_ack=False, consumer_tag=name)
+        except (pex.AMQPError, OSError) as exc:
+            self.close()
+            raise BrokerError(f"cannot consume {names.queue}: {exc!r}") from exc
+        except BrokerError:
+            self.close()
+            raise
+
+    def _dead_channel(self) -> BlockingChannel:
+        ch = self._conn.channel()
+        ch.confirm_delivery()
+        return ch
+
+    def _on_message(
+        self,
+        _ch: BlockingChannel,
+        method: Any,
+        props: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
+        self._pending.append(
+            Delivery(
+                method.delivery_tag,
+                body,
+                method.routing_key,
+                props.user_id,
+                props.app_id,
+                bool(method.redelivered),
+            )
+        )
+
+    def deliveries(self, timeout: float, max_count: int, window: float = 0.0) -> list[Delivery]:
+        """Up to ``max_count`` deliveries: waits ≤ ``timeout`` for the first, then ≤ ``window``
+        for more (group commit: fuller batches are cheaper per update)."""
+        try:
+            if not self._pending:
+                self._conn.process_data_events(time_limit=timeout)
+            if self._pending and window > 0:
+                deadline = time.monotonic() + window
+                while len(self._pending) < max_count:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._conn.process_data_events(time_limit=left)
+        except (pex.AMQPError, OSError) as exc:
+            raise BrokerError(f"RabbitMQ connection failed: {exc!r}") from exc
+        batch, self._pending = self._pending[:max_count], self._pending[max_count:]
+        self._unacked.extend(d.tag for d in batch)
+        return batch
+
+    def ack_through(self, tag: int) -> None:
+        """Ack every delivery up to and including ``tag`` (one ``multiple`` ack), except those
+        already rejected to the queue's dead-letter exchange."""
+        covered = [t for t in self._unacked if t <= tag]
+        self._unacked = [t for t in self._unacked if t > tag]
+        if not covered:
+            return
+        try:
+            self._ch.basic_ack(covered[-1], multiple=True)
+        except (pex.AMQPError, OSError) as exc:
+            raise BrokerError(f"cannot ack: {exc!r}") from exc
+
+    def dead_letter(self, d: Delivery, reason: str, detail: str) -> None:
+        """Publish ``d`` to the dead-letter exchange with a reason, confirmed; fall back to a
+        reject to the queue's own dead-letter exchange if that channel refuses it."""
+        headers = dead_letter_headers(reason, detail, d.routing_key, d.app_id, d.user_id)
+        props = pika.BasicProperties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=pika.DeliveryMode.Persistent,
+            headers=headers,
+        )
+        try:
+            self._dead.basic_publish(self.names.dead_exchange, "", d.body, props)
+            return
+        except pex.ChannelClosed as exc:  # the channel only: the connection is still good
+            log.warning("dead-letter channel refused a message (%r); rejecting it instead", exc)
+        except (pex.AMQPError, OSError) as exc:
+            raise BrokerError(f"cannot dead-letter a message: {exc!r}") from exc
+        try:
+            self._dead = self._dead_channel()
+            self._ch.basic_nack(d.tag, multiple=False, requeue=False)
+            self._unacked.remove(d.tag)
+        except (pex.AMQPError, OSError) as exc:
+            raise BrokerError(f"cannot reject a message: {exc!r}") from exc
+
+    def close(self) -> None:
+        """Close the connection; the broker requeues every unacked delivery."""
+        # A broken connection may fail to close in many ways; it is gone either way.
+        with contextlib.suppress(Exception):
+            self._conn.close()

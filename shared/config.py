@@ -22,12 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
+from shared.partition import parse as partition_scheme
+from shared.plugins import is_spec
+from shared.rules import UPDATE_RULES
+from shared.selection import SELECTION_RULES
 
 ORDERS = ("async", "round-robin", "random")
-SELECTIONS = ("topk", "threshold")
-RULES = ("auto", "sum", "staleness", "mean")
+SELECTIONS = tuple(SELECTION_RULES)  # and any pkg.mod:Name (shared/selection.py)
+RULES = ("auto", *UPDATE_RULES)  # and any pkg.mod:Name (shared/rules.py)
 VALUE_CODINGS = ("f32", "f16", "q8")
+# What float16 can carry: |v| <= 65504 (its largest finite value) and, to keep a value within
+# ±γ non-zero, a step 2**-24 (its smallest subnormal) no larger than γ.
+F16_MAX, F16_TINY = 65504.0, 2.0**-24
 DOWNLOADS = ("most-updated", "random")
+BUFFERS = ("whole", "local")
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,47}")  # used with fullmatch
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -37,10 +45,22 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 @dataclass(frozen=True)
 class RunConfig:
     run_id: str = "default"
-    model: str = "mlp"  # "mlp" or "cnn" (the paper's two MNIST models)
+    # The task (shared/tasks.py): a built-in name, FILE.py:NAME or package.module:NAME. Empty =
+    # from `model`, the earlier setting: "mlp" or "cnn" are the tasks mnist-mlp and mnist-cnn.
+    # After construction `task` is always set and `model` is its short name (mlp, cnn, or the
+    # task spec itself), so configurations stored by earlier versions load unchanged.
+    task: str = ""
+    model: str = ""
     participants: int = 10  # N
     shard_size: int = 600  # images per participant (the paper's 1% of MNIST)
     label_skew: float | None = None  # Dirichlet α for non-IID shards; None = IID
+    # Partitioner of simulated data (shared/partition.py): iid, dirichlet:α, classes:k,
+    # quantity:β. A label_skew α means dirichlet:α.
+    partition: str = "iid"
+    # Model buffers (BatchNorm running statistics, counters): "whole" = sent whole in every
+    # update and aggregated like parameters; "local" = never leave a participant (FedBN's rule;
+    # the aggregator then evaluates with the initial buffers). See docs/TASKS.md.
+    buffers: str = "whole"
     theta_u: float = 0.1  # fraction of Δw uploaded per epoch
     theta_d: float = 1.0  # fraction of parameters downloaded per epoch (most-updated first)
     download: str = "most-updated"  # or "random": which θd fraction to download
@@ -57,7 +77,7 @@ class RunConfig:
     value_coding: str = "f32"  # wire precision of the shared values: f32, f16, q8
     epochs: int = 30  # local epochs per participant before it stops (0 = no limit)
     seed: int = 1
-    data: str = "auto"  # "auto", "hub" or a directory of IDX files
+    data: str = "auto"  # "auto", "hub" or a directory (MNIST's IDX files, or the task's data)
     eval_interval: float = 0.5  # seconds between evaluations, at least (under ~20 % of a core)
     max_staleness: int | None = None  # updates older than this many versions are refused
     max_l2: float | None = None  # server-side L2 bound: a larger update is scaled down to it
@@ -76,13 +96,12 @@ class RunConfig:
     created: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
-        problems = []
+        problems: list[str] = []
         if not isinstance(self.run_id, str) or not RUN_ID_RE.fullmatch(self.run_id):
             problems.append(
                 f"run id {self.run_id!r} must be 1-48 letters, digits, '-' or '_' (not first)"
             )
-        if self.model not in ("mlp", "cnn"):
-            problems.append(f"model must be mlp or cnn, got {self.model!r}")
+        problems += self._normalise_task()
         if not 1 <= self.participants <= 100_000:
             problems.append(f"participants must be 1..100000, got {self.participants}")
         if not 1 <= self.shard_size <= 50_000:
@@ -93,10 +112,12 @@ class RunConfig:
             v = getattr(self, name)
             if not (isinstance(v, int | float) and 0 < v <= 1):
                 problems.append(f"{name} must be in (0, 1], got {v}")
+        if self.buffers not in BUFFERS:
+            problems.append(f"buffers must be one of {', '.join(BUFFERS)}, got {self.buffers!r}")
         if self.download not in DOWNLOADS:
             problems.append(f"download must be one of {', '.join(DOWNLOADS)}")
-        if self.selection not in SELECTIONS:
-            problems.append(f"selection must be one of {', '.join(SELECTIONS)}")
+        if self.selection not in SELECTIONS and not is_spec(self.selection):
+            problems.append(f"selection must be one of {', '.join(SELECTIONS)} or pkg.mod:Name")
         if not (math.isfinite(self.lr) and self.lr > 0):
             problems.append(f"learning rate must be > 0, got {self.lr}")
         if not 1 <= self.batch_size <= 50_000:
@@ -107,14 +128,17 @@ class RunConfig:
             problems.append(f"tau must be >= 0, got {self.tau}")
         if self.order not in ORDERS:
             problems.append(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
-        if self.rule not in RULES:
-            problems.append(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.rule not in RULES and not is_spec(self.rule):
+            problems.append(
+                f"rule must be one of {', '.join(RULES)} or pkg.mod:Name, got {self.rule!r}"
+            )
         if not (math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0):
             problems.append("staleness exponent must be >= 0")
         if not 0 < self.stat_decay <= 1:
             problems.append("stat decay β must be in (0, 1]")
         if self.value_coding not in VALUE_CODINGS:
             problems.append(f"value coding must be one of {', '.join(VALUE_CODINGS)}")
+        problems.extend(_coding_problems(self))
         if self.epochs < 0:
             problems.append("epochs must be >= 0")
         if not (math.isfinite(self.eval_interval) and self.eval_interval > 0):
@@ -144,6 +168,36 @@ class RunConfig:
             problems.append("queue max length must be 1..10000000")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _normalise_task(self) -> list[str]:
+        """Fill `task` from the `model` alias (or the reverse); the problems found, if any."""
+        aliases = {"mlp": "mnist-mlp", "cnn": "mnist-cnn"}
+        task, model = self.task, self.model
+        if not isinstance(task, str) or not isinstance(model, str):
+            return ["task and model must be strings"]
+        if not task.strip():
+            if model and model not in aliases:
+                return [
+                    f"model must be mlp or cnn, got {model!r} "
+                    "(any other model: --task FILE.py:NAME)"
+                ]
+            task = aliases[model or "mlp"]
+        task = aliases.get(task.strip(), task.strip())
+        short = {v: k for k, v in aliases.items()}.get(task, task)
+        object.__setattr__(self, "task", task)
+        object.__setattr__(self, "model", short)
+        try:
+            partition_scheme(self.partition_spec)
+        except ConfigError as exc:
+            return [str(exc)]
+        return []
+
+    @property
+    def partition_spec(self) -> str:
+        """The partitioner every process uses (a label skew α is dirichlet:α)."""
+        if self.label_skew is not None and self.partition == "iid":
+            return f"dirichlet:{self.label_skew!r}"
+        return self.partition
 
     def _dpsgd_problems(self) -> list[str]:
         out = []
@@ -210,6 +264,11 @@ class RunConfig:
         return from_mapping(cls, raw, "stored run configuration")
 
     def replace(self, **changes: Any) -> RunConfig:
+        # `task` and its alias `model` move together: changing one re-derives the other.
+        if "model" in changes and "task" not in changes:
+            changes["task"] = ""
+        elif "task" in changes and "model" not in changes:
+            changes["model"] = ""
         return dataclasses.replace(self, **changes)
 
 
@@ -298,3 +357,17 @@ def env_overrides(cls: Any, prefix: str = "DSSGD_") -> dict[str, Any]:
         if key in os.environ:
             out[f.name] = os.environ[key]
     return out
+
+
+def _coding_problems(cfg: RunConfig) -> list[str]:
+    """A γ the value coding cannot carry is refused here, not by a crashing worker later."""
+    if cfg.value_coding != "f16" or not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        return []
+    gamma = cfg.effective_gamma
+    if not math.isfinite(gamma) or gamma <= 0:
+        return []
+    if gamma >= F16_MAX:
+        return [f"f16 carries |values| up to {F16_MAX:.0f}; γ = {gamma:g} needs f32 or q8"]
+    if gamma < F16_TINY:
+        return [f"f16 rounds every value below {F16_TINY:.3g} to zero; γ = {gamma:g} needs f32"]
+    return []

@@ -247,43 +247,24 @@ def shard_indices(
     shard_size: int,
     seed: int,
     label_skew: float | None = None,
+    partition: str = "iid",
 ) -> np.ndarray:
     """The training-set indices of one participant's shard; deterministic in its arguments.
 
-    IID by default: disjoint slices of one seeded permutation while N·s fits in the training set,
-    independent seeded samples (so shards overlap, as in the paper's N = 150) when it does not.
-    With ``label_skew`` = α, class proportions are drawn from Dirichlet(α): small α, few classes.
+    IID by default (``shared/partition.py``); ``label_skew`` = α is Dirichlet label skew, as
+    ``partition="dirichlet:α"``; any other scheme of ``shared.partition`` by its spec.
     """
-    total = len(labels)
-    if not 0 <= participant < n_participants:
-        raise ConfigError(f"participant {participant} is outside 0..{n_participants - 1}")
-    if not 1 <= shard_size <= total:
-        raise ConfigError(f"shard size must be within 1..{total}, got {shard_size}")
-    if label_skew is None:
-        if n_participants * shard_size <= total:
-            perm = np.random.default_rng(seed).permutation(total)
-            return np.sort(perm[participant * shard_size : (participant + 1) * shard_size])
-        rng = np.random.default_rng([seed, participant])
-        return np.sort(rng.choice(total, size=shard_size, replace=False))
-    if label_skew <= 0:
-        raise ConfigError(f"label skew (Dirichlet α) must be > 0, got {label_skew}")
-    rng = np.random.default_rng([seed, participant, 1])
-    classes = np.unique(labels)
-    props = rng.dirichlet(np.full(len(classes), label_skew))
-    counts = rng.multinomial(shard_size, props)
-    pools = {c: np.flatnonzero(labels == c) for c in classes}
-    short = [int(c) for c, k in zip(classes, counts, strict=True) if k > pools[c].size]
-    if short:
-        raise ConfigError(
-            f"label skew {label_skew} asks for more images of class(es) {short} "
-            "than the training set has; use a larger α or a smaller shard"
-        )
-    picked = [
-        rng.choice(pools[c], size=k, replace=False)
-        for c, k in zip(classes, counts, strict=True)
-        if k > 0
-    ]
-    return np.sort(np.concatenate(picked))
+    from shared import partition as part
+
+    if label_skew is not None:
+        if label_skew <= 0:
+            raise ConfigError(f"label skew (Dirichlet α) must be > 0, got {label_skew}")
+        partition = f"dirichlet:{label_skew!r}"
+    if not 1 <= shard_size <= len(labels):
+        raise ConfigError(f"shard size must be within 1..{len(labels)}, got {shard_size}")
+    return part.indices(
+        partition, labels, len(labels), participant, n_participants, shard_size, seed
+    )
 
 
 def prepare(images: np.ndarray, model: str) -> torch.Tensor:

@@ -54,3 +54,19 @@ class FencedError(StoreError):
 
 class StopRequested(DssgdError):
     """A stop signal arrived while waiting; unwind and exit cleanly."""
+
+
+# Words in a Redis or RabbitMQ refusal that retrying cannot change: a password or a right.
+PERMANENT_MARKERS = (
+    "NOPERM",
+    "no permissions",
+    "WRONGPASS",
+    "NOAUTH",
+    "invalid username",
+    "ACCESS_REFUSED",
+)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True for authentication and authorization refusals: end the service, do not loop."""
+    return any(word in str(exc) for word in PERMANENT_MARKERS)

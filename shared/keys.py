@@ -58,28 +58,26 @@ class Keys:
     def wake(self, participant: int) -> str:  # list used to wake a participant when its turn comes
         return self._k(f"wake:{participant}")
 
-    @property
-    def active(self) -> str:  # hash participant → last heartbeat (unix time)
-        return self._k("active")
+    # Participant identity. There is no shared "active" or "finished" set any more: each
+    # participant writes only keys of its own (lease, progress hash with its `finished` field,
+    # trace), so a least-privileged participant can never rewrite another's state.
 
-    @property
-    def finished(self) -> str:  # set of participants that stopped for good
-        return self._k("finished")
+    def lease(self, participant: int) -> str:  # "owner expiry_ms ttl_ms": who hosts it, till when
+        return self._k(f"lease:{participant}")
 
     def participant(self, participant: int) -> str:  # hash of a participant's progress
         return self._k(f"p:{participant}")
 
-    @property
-    def claims(self) -> str:  # integer, next participant id to hand to an anonymous worker
-        return self._k("claims")
-
-    @property
-    def trace(self) -> str:  # list of "event pid seq time" lines for ordering checks
-        return self._k("trace")
+    def trace(self, participant: int) -> str:  # list "event pid seq time" for ordering checks
+        return self._k(f"trace:{participant}")
 
     @property
     def stop(self) -> str:  # string reason; when set, workers finish their epoch and exit
         return self._k("stop")
+
+    @property
+    def model(self) -> str:  # JSON: task spec, model fingerprint, tensor names/shapes/dtypes
+        return self._k("model")
 
     @property
     def heartbeat_aggregator(self) -> str:  # TTL key for health checks

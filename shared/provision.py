@@ -17,6 +17,7 @@ and an aggregator user on each side with only what the aggregator needs. Credent
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -30,8 +31,10 @@ from typing import Any
 import redis
 
 from shared.amqp_names import AmqpNames
-from shared.errors import BrokerError, ConfigError, StoreError
+from shared.config import RunConfig
+from shared.errors import BrokerError, ConfigError, DssgdError, StoreError
 from shared.keys import Keys
+from shared.store import RunStore
 
 
 def participant_user(run_id: str, participant: int) -> str:
@@ -93,6 +96,72 @@ def _re(text: str) -> str:
     return text.replace(".", r"\.")
 
 
+# Commands, not categories: `+@connection` would include CLIENT KILL, `+@scripting` SCRIPT FLUSH.
+_CONNECTION = ["+ping", "+hello", "+auth", "+select", "+client|setname"]
+_SCRIPTS = ["+evalsha", "+eval", "+script|load"]
+# What a worker does with its own keys: read the run, write progress, lease, trace, wake-up.
+_PARTICIPANT_COMMANDS = [
+    *_CONNECTION,
+    *_SCRIPTS,
+    "+time",
+    "+get",
+    "+mget",
+    "+exists",
+    "+hget",
+    "+hgetall",
+    "+hmget",
+    "+hexists",
+    "+lrange",
+    "+llen",
+    "+set",
+    "+hset",
+    "+rpush",
+    "+ltrim",
+    "+blpop",
+    "+multi",
+    "+exec",
+    "+discard",
+]
+
+
+def participant_acl(run_id: str, participant: int, secret: str) -> list[str]:
+    """ACL SETUSER arguments of a participant: read the run, write only keys of its own."""
+    k = Keys(run_id)
+    # k.model: the model record a worker checks its own model against.
+    reads = [k.config, k.params, k.stat, k.version, k.dedup, k.turn, k.stop, k.model]
+    own = [k.participant(participant), k.wake(participant), k.lease(participant)]
+    own.append(k.trace(participant))
+    return [
+        "reset",
+        "on",
+        f">{secret}",
+        *(f"%R~{key}" for key in reads),
+        *(f"%RW~{key}" for key in own),
+        *_PARTICIPANT_COMMANDS,
+    ]
+
+
+def aggregator_acl(run_id: str, secret: str) -> list[str]:
+    """Read the whole run; write what only the aggregator writes (never a participant's keys)."""
+    k = Keys(run_id)
+    writes = [k.params, k.stat, k.version, k.dedup, k.counters, k.fence, k.metrics, k.model]
+    writes += [k.applied_log, k.turn, k._k("wake:*"), k.heartbeat_aggregator]
+    return [
+        "reset",
+        "on",
+        f">{secret}",
+        f"%R~{k.all_patterns()[0]}",
+        *(f"%RW~{key}" for key in writes),
+        *_CONNECTION,
+        *_SCRIPTS,
+        "+@read",
+        "+@write",
+        "+@transaction",
+        "+time",
+        "-@dangerous",
+    ]
+
+
 def provision(
     run_id: str,
     participants: int,
@@ -100,18 +169,82 @@ def provision(
     redis_url: str,
     out_dir: Path,
     management_url: str | None = None,
+    cfg: RunConfig | None = None,
 ) -> dict[str, Any]:
-    """Create every user and key of a run; returns a summary without any secret."""
+    """Create the run (when `cfg` is given), every user and key of it; returns a summary.
+
+    All or nothing: if any step fails, the users made so far are removed again and the run is
+    not created, so a retry starts clean.
+    """
     if participants < 1:
         raise ConfigError("a run needs at least one participant")
+    if cfg is not None and cfg.participants != participants:
+        raise ConfigError(
+            f"--participants {participants} differs from the run configuration's {cfg.participants}"
+        )
     mgmt = Management.from_amqp_url(amqp_url, management_url)
+    r = redis.Redis.from_url(redis_url, socket_timeout=10)
+    store = RunStore(r, run_id)
+    if cfg is not None and store.load_config() is not None:
+        raise ConfigError(
+            f"run {run_id!r} already exists; provision a new run id, or `dssgd delete {run_id}` "
+            "first"
+        )
+    _prepare_dir(out_dir)
+    try:
+        summary = _create_users(run_id, participants, amqp_url, redis_url, out_dir, mgmt, r)
+        if cfg is not None:
+            _create_run(store, amqp_url, cfg)
+    except BaseException:
+        with contextlib.suppress(DssgdError, redis.RedisError):
+            deprovision(run_id, participants, amqp_url, redis_url, management_url)
+        for f in out_dir.glob("*.json"):
+            f.unlink(missing_ok=True)
+        raise
+    summary["run_created"] = cfg is not None
+    return summary
+
+
+def _prepare_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(out_dir, 0o700)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write credential files to {out_dir}: {exc.strerror}; choose another --out"
+        ) from None
+
+
+def _create_run(store: RunStore, amqp_url: str, cfg: RunConfig) -> None:
+    """The run's configuration (with the admin's rights: it registers in `dssgd:runs`) and its
+    queues, so the least-privileged aggregator and workers find everything in place."""
+    from shared.broker import connect as amqp_connect
+    from shared.broker import declare_topology
+
+    conn = amqp_connect(amqp_url, f"dssgd-provision {cfg.run_id}")
+    try:
+        declare_topology(conn.channel(), AmqpNames(cfg.run_id), cfg.queue_max_length)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+    store.create_config(cfg)
+
+
+def _create_users(
+    run_id: str,
+    participants: int,
+    amqp_url: str,
+    redis_url: str,
+    out_dir: Path,
+    mgmt: Management,
+    r: redis.Redis,
+) -> dict[str, Any]:
     parts = urllib.parse.urlparse(amqp_url)
     vhost = urllib.parse.unquote(parts.path[1:]) if parts.path not in ("", "/") else "/"
     names = AmqpNames(run_id)
-    keys = Keys(run_id)
-    r = redis.Redis.from_url(redis_url, socket_timeout=10)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(out_dir, 0o700)
     host = parts.hostname or "127.0.0.1"
     port = parts.port or 5672
     rparts = urllib.parse.urlparse(redis_url)
@@ -146,52 +279,8 @@ def provision(
                 f"/api/topic-permissions/{_q(vhost)}/{_q(user)}",
                 {"exchange": names.exchange, "write": f"^upd\\.{p}$", "read": "^$"},
             )
-            # Redis: read the run, write only its own bookkeeping. %R~ / %RW~ need Redis >= 7.
-            r.execute_command(
-                "ACL",
-                "SETUSER",
-                user,
-                "reset",
-                "on",
-                f">{secret}",
-                f"%R~{keys.config}",
-                f"%R~{keys.params}",
-                f"%R~{keys.stat}",
-                f"%R~{keys.version}",
-                f"%R~{keys.dedup}",
-                f"%R~{keys.turn}",
-                f"%R~{keys.stop}",
-                f"%RW~{keys.finished}",
-                f"%RW~{keys.participant(p)}",
-                f"%RW~{keys.wake(p)}",
-                f"%RW~{keys.active}",
-                f"%RW~{keys.trace}",
-                "+@connection",
-                "+get",
-                "+mget",
-                "+getrange",
-                "+strlen",
-                "+exists",
-                "+hget",
-                "+hgetall",
-                "+hmget",
-                "+smembers",
-                "+sismember",
-                "+lrange",
-                "+lindex",
-                "+llen",
-                "+hset",
-                "+hdel",
-                "+sadd",
-                "+rpush",
-                "+ltrim",
-                "+blpop",
-                "+multi",
-                "+exec",
-                "+discard",
-                "+ping",
-                "+select",
-            )
+            # Redis: read the run, write only its own keys. %R~ / %RW~ need Redis >= 7.
+            r.execute_command("ACL", "SETUSER", user, *participant_acl(run_id, p, secret))
             creds = {
                 "run_id": run_id,
                 "participant": p,
@@ -201,21 +290,9 @@ def provision(
                 "hmac_key": key,
             }
             _write_secret(out_dir / f"p{p}.json", creds)
-        r.execute_command(
-            "ACL",
-            "SETUSER",
-            agg_name,
-            "reset",
-            "on",
-            f">{agg_secret}",
-            f"~dssgd:{{{run_id}}}:*",
-            "+@all",
-            "-@dangerous",
-            "+info",
-            "+ping",
-        )
+        r.execute_command("ACL", "SETUSER", agg_name, *aggregator_acl(run_id, agg_secret))
     except redis.RedisError as exc:
-        raise StoreError(f"cannot create Redis ACL users: {exc}") from exc
+        raise StoreError(f"cannot create Redis ACL users at {rhost}:{rport}: {exc}") from exc
     _write_secret(
         out_dir / "aggregator.json",
         {
@@ -224,6 +301,7 @@ def provision(
             "amqp_url": f"amqp://{_q(agg_name)}:{_q(agg_secret)}@{host}:{port}/{_q(vhost)}",
             "redis_url": f"redis://{_q(agg_name)}:{_q(agg_secret)}@{rhost}:{rport}{rdb}",
             "hmac_keys": hmac_keys,
+            "participants": participants,
         },
     )
     return {
@@ -235,15 +313,50 @@ def provision(
     }
 
 
+def is_run_user(run_id: str, name: str) -> bool:
+    """True for the names provision gives a run's users: dssgd-<run>-aggregator, -p<N>."""
+    prefix = f"dssgd-{run_id}-"
+    tail = name[len(prefix) :] if name.startswith(prefix) else ""
+    return tail == "aggregator" or (tail[:1] == "p" and tail[1:].isdigit())
+
+
+def run_users(r: redis.Redis, mgmt: Management, run_id: str) -> tuple[list[str], list[str]]:
+    """(RabbitMQ users, Redis ACL users) of a run, found by name."""
+    try:
+        acl = [x.decode() if isinstance(x, bytes) else x for x in r.execute_command("ACL", "USERS")]
+    except redis.RedisError as exc:
+        raise StoreError(f"cannot list Redis ACL users: {exc}") from exc
+    broker = [u["name"] for u in mgmt.call("GET", "/api/users") or []]
+    return (
+        sorted(u for u in broker if is_run_user(run_id, u)),
+        sorted(u for u in acl if is_run_user(run_id, u)),
+    )
+
+
 def deprovision(
-    run_id: str, participants: int, amqp_url: str, redis_url: str, management_url: str | None = None
-) -> None:
+    run_id: str,
+    participants: int | None,
+    amqp_url: str,
+    redis_url: str,
+    management_url: str | None = None,
+) -> int:
+    """Remove every RabbitMQ and Redis user of a run; returns how many were removed.
+
+    Users are found by name, not by count, so a run provisioned with another N (or half
+    provisioned) is cleaned up too; `participants` is accepted for older callers.
+    """
+    del participants
     mgmt = Management.from_amqp_url(amqp_url, management_url)
     r = redis.Redis.from_url(redis_url, socket_timeout=10)
-    users = [participant_user(run_id, p) for p in range(participants)] + [aggregator_user(run_id)]
-    for u in users:
+    broker, acl = run_users(r, mgmt, run_id)
+    for u in broker:
         mgmt.call("DELETE", f"/api/users/{_q(u)}")
-        r.execute_command("ACL", "DELUSER", u)
+    try:
+        for u in acl:
+            r.execute_command("ACL", "DELUSER", u)
+    except redis.RedisError as exc:
+        raise StoreError(f"cannot delete Redis ACL users: {exc}") from exc
+    return len(broker) + len(acl)
 
 
 def _write_secret(path: Path, payload: dict[str, Any]) -> None:

@@ -6,15 +6,76 @@ train from nearly the same parameters and their raw sum multiplies the step by t
 which diverges. The staleness-aware rule scales an update by how many updates were applied since
 the participant downloaded (FedAsync's polynomial weight), which is 1 in the ordered modes and
 about 1/N in steady asynchronous training. See docs/UPDATE_RULES.md for the measured comparison.
+
+Update rules are a small interface with a registry, as in Flower's Strategy: the weight of one
+update is the variable part, the apply is shared. ``UPDATE_RULES`` holds the built-in ones, and
+``--rule pkg.mod:Name`` (or ``FILE.py:Name``) names any object with ``weight(staleness,
+exponent, n_participants) -> float`` (a class is instantiated).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-RULES = ("sum", "staleness", "mean")
+from shared import plugins
+
+
+class WeightRule(Protocol):
+    """The multiplier of one update; ``help`` is the line ``--help`` shows."""
+
+    help: str
+
+    def weight(self, staleness: int, exponent: float, n_participants: int) -> float: ...
+
+
+class Sum:
+    help = "the paper's raw sum, weight 1"
+
+    def weight(self, staleness: int, exponent: float, n_participants: int) -> float:
+        return 1.0
+
+
+class Staleness:
+    help = "FedAsync's (1 + staleness)^-a"
+
+    def weight(self, staleness: int, exponent: float, n_participants: int) -> float:
+        return float((1.0 + max(0, staleness)) ** -exponent)
+
+
+class Mean:
+    help = "1/N"
+
+    def weight(self, staleness: int, exponent: float, n_participants: int) -> float:
+        return 1.0 / n_participants
+
+
+UPDATE_RULES: dict[str, WeightRule] = {"sum": Sum(), "staleness": Staleness(), "mean": Mean()}
+RULES = tuple(UPDATE_RULES)
+
+
+def rules_help() -> str:
+    rules = "; ".join(f"{name}: {rule.help}" for name, rule in UPDATE_RULES.items())
+    auto = "auto: staleness when async, sum when ordered"
+    return f"server update rule — {auto}; {rules}; or pkg.mod:Name"
+
+
+@functools.lru_cache(maxsize=16)
+def update_rule(name: str) -> WeightRule:
+    """A registered rule by name, or a user's by ``pkg.mod:Name`` / ``FILE.py:Name``."""
+    if name in UPDATE_RULES:
+        return UPDATE_RULES[name]
+    if not plugins.is_spec(name):
+        raise plugins.PluginError(
+            f"unknown update rule {name!r}; choose one of {', '.join(UPDATE_RULES)} or pkg.mod:Name"
+        )
+    rule = plugins.instance(plugins.load_object(name), name)
+    if not callable(getattr(rule, "weight", None)):
+        raise plugins.PluginError(f"update rule {name} has no weight(staleness, exponent, n)")
+    return rule  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -24,8 +85,7 @@ class UpdateRule:
     n_participants: int = 1  # used by "mean" only
 
     def __post_init__(self) -> None:
-        if self.name not in RULES:
-            raise ValueError(f"unknown update rule {self.name!r}; choose one of {', '.join(RULES)}")
+        update_rule(self.name)  # raises PluginError (a ValueError) when unknown
         if self.exponent < 0:
             raise ValueError("staleness exponent must be >= 0")
         if self.n_participants < 1:
@@ -39,13 +99,7 @@ def update_weight(
     rule: str, staleness: int, exponent: float = 1.0, n_participants: int = 1
 ) -> float:
     """The multiplier applied to an update computed ``staleness`` global versions ago."""
-    if rule == "sum":
-        return 1.0
-    if rule == "mean":
-        return 1.0 / n_participants
-    if rule == "staleness":
-        return float((1.0 + max(0, staleness)) ** -exponent)
-    raise ValueError(f"unknown update rule {rule!r}")
+    return float(update_rule(rule).weight(staleness, exponent, n_participants))
 
 
 def apply_update(
@@ -75,9 +129,22 @@ def decay(stat: np.ndarray, beta: float) -> None:
         stat *= np.float32(beta)
 
 
-def bound_l2(values: np.ndarray, max_norm: float) -> tuple[np.ndarray, bool]:
-    """Scale an update down to the server's L2 bound; returns (values, whether it was scaled)."""
-    norm = float(np.linalg.norm(values.astype(np.float64)))
+def bound_l2(
+    values: np.ndarray, max_norm: float, params: np.ndarray | None = None
+) -> tuple[np.ndarray, bool]:
+    """Scale an update down to the server's L2 bound; returns (values, whether it was scaled).
+
+    ``params`` (a boolean mask over ``values``) limits the bound to the parameter entries: the
+    buffers an update carries whole (shared/models.py) are statistics, not a step, and would
+    otherwise dominate the norm and scale the parameters' change to nothing.
+    """
+    counted = values if params is None else values[params]
+    norm = float(np.linalg.norm(counted.astype(np.float64)))
     if norm <= max_norm or norm == 0.0:
         return values, False
-    return (values * np.float32(max_norm / norm)).astype(np.float32), True
+    scale = np.float32(max_norm / norm)
+    if params is None:
+        return (values * scale).astype(np.float32), True
+    out = values.astype(np.float32, copy=True)
+    out[params] *= scale
+    return out, True

@@ -2,13 +2,22 @@
 
 These are the paper's steps 4 and 5: select at most θu·n entries of Δw, either the largest in
 magnitude or random ones among those above a threshold τ, then clip every shared value to [−γ, γ].
+
+Selection rules are a small interface with a registry: ``SELECTION_RULES`` holds the built-in
+ones, and ``--selection pkg.mod:Name`` (or ``FILE.py:Name``) names any object with a
+``select(delta, k, tau, rng) -> indices`` method (a class is instantiated), so a new rule needs
+no edit of the participant, the aggregator or the configuration.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Protocol
 
 import numpy as np
+
+from shared import plugins
 
 
 def budget(n: int, theta_u: float) -> int:
@@ -41,6 +50,53 @@ def select_threshold_random(
     return np.sort(rng.choice(above, size=k, replace=False).astype(np.int64))
 
 
+class SelectionRule(Protocol):
+    """At most k indices of Δw to share; ``help`` is the line ``--help`` shows."""
+
+    help: str
+
+    def select(
+        self, delta: np.ndarray, k: int, tau: float, rng: np.random.Generator
+    ) -> np.ndarray: ...
+
+
+class TopK:
+    help = "the k largest |Δw|"
+
+    def select(self, delta: np.ndarray, k: int, tau: float, rng: np.random.Generator) -> np.ndarray:
+        return select_top_k(delta, k)
+
+
+class ThresholdRandom:
+    help = "k at random among |Δw| > τ"
+
+    def select(self, delta: np.ndarray, k: int, tau: float, rng: np.random.Generator) -> np.ndarray:
+        return select_threshold_random(delta, k, tau, rng)
+
+
+SELECTION_RULES: dict[str, SelectionRule] = {"topk": TopK(), "threshold": ThresholdRandom()}
+
+
+def selection_help() -> str:
+    rules = "; ".join(f"{name}: {rule.help}" for name, rule in SELECTION_RULES.items())
+    return f"which entries of Δw are shared — {rules}; or pkg.mod:Name"
+
+
+@functools.lru_cache(maxsize=16)
+def selection_rule(name: str) -> SelectionRule:
+    """A registered rule by name, or a user's by ``pkg.mod:Name`` / ``FILE.py:Name``."""
+    if name in SELECTION_RULES:
+        return SELECTION_RULES[name]
+    if not plugins.is_spec(name):
+        raise plugins.PluginError(
+            f"unknown selection rule {name!r}; choose {', '.join(SELECTION_RULES)} or pkg.mod:Name"
+        )
+    rule = plugins.instance(plugins.load_object(name), name)
+    if not callable(getattr(rule, "select", None)):
+        raise plugins.PluginError(f"selection rule {name} has no select(delta, k, tau, rng)")
+    return rule  # type: ignore[no-any-return]
+
+
 def select(
     delta: np.ndarray,
     theta_u: float,
@@ -49,11 +105,14 @@ def select(
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     k = budget(delta.size, theta_u)
-    if rule == "topk":
-        return select_top_k(delta, k)
-    if rule == "threshold":
-        return select_threshold_random(delta, k, tau, rng or np.random.default_rng())
-    raise ValueError(f"unknown selection rule {rule!r}; choose topk or threshold")
+    chosen = selection_rule(rule).select(delta, k, tau, rng or np.random.default_rng())
+    if rule in SELECTION_RULES:
+        return chosen
+    # A user's rule: hold it to the contract the wire and the aggregator rely on.
+    out = np.unique(np.asarray(chosen, dtype=np.int64))
+    if out.size > k or (out.size and (out[0] < 0 or out[-1] >= delta.size)):
+        raise plugins.PluginError(f"selection rule {rule} returned more than {k} or bad indices")
+    return out
 
 
 def clip(values: np.ndarray, gamma: float) -> np.ndarray:
@@ -61,6 +120,39 @@ def clip(values: np.ndarray, gamma: float) -> np.ndarray:
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
     return np.clip(values, -gamma, gamma).astype(np.float32, copy=False)
+
+
+def select_state(
+    delta: np.ndarray,
+    n_params: int,
+    theta_u: float,
+    gamma: float,
+    rule: str = "topk",
+    tau: float = 0.0,
+    rng: np.random.Generator | None = None,
+    send_buffers: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, values) of one update over the whole flat state (shared/models.py layout).
+
+    The parameters ``delta[:n_params]`` are selected (θu of them) and clipped to ±γ. The buffers
+    after them (BatchNorm running statistics and counters) are not gradients: their change after
+    an epoch can be far larger than γ, and clipping or ranking them against the parameters
+    loses them (measured in docs/TASKS.md), so they travel whole, with a budget of their own.
+    """
+    indices = select(delta[:n_params], theta_u, rule, tau, rng)
+    values = clip(delta[indices], gamma)
+    if not send_buffers or n_params == delta.size:
+        return indices, values
+    buffers = np.arange(n_params, delta.size, dtype=np.int64)
+    return (
+        np.concatenate([indices, buffers]),
+        np.concatenate([values, delta[n_params:].astype(np.float32)]),
+    )
+
+
+def entry_limit(n: int, n_buffers: int, theta_u: float) -> int:
+    """Most entries one update may carry: θu of the parameters, plus every buffer entry."""
+    return budget(n - n_buffers, theta_u) + n_buffers
 
 
 def most_updated(stat: np.ndarray, theta_d: float) -> np.ndarray:

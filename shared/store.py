@@ -63,8 +63,13 @@ def guarded(what: str) -> Iterator[None]:
         if "FENCED" in str(exc):
             raise FencedError("another aggregator has taken over this run") from exc
         raise StoreError(f"Redis refused {what}: {exc}") from exc
+    except rex.NoPermissionError as exc:
+        raise StoreError(f"Redis refused {what}: NOPERM {exc}") from exc
+    except rex.AuthenticationError as exc:
+        raise StoreError(f"Redis refused the password ({what}): WRONGPASS {exc}") from exc
     except rex.RedisError as exc:
-        raise StoreError(f"Redis unavailable during {what}: {exc!r}") from exc
+        # str(), not repr(): redis-py's message names the host and port it could not reach.
+        raise StoreError(f"Redis unavailable during {what}: {exc}") from exc
 
 
 _COMMIT = """
@@ -107,6 +112,87 @@ return 1
 """
 
 
+# Leases: one key per participant, "owner expiry_ms ttl_ms", times from Redis's own clock so
+# hosts with skewed clocks agree. Only these scripts write them; a participant's Redis user may
+# touch its own lease key only, so they run under its ACL like any other command.
+LEASE_TTL = 15.0  # seconds without a renewal after which another worker may take a participant
+
+_LEASE_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function live_other(v, owner)
+  if not v then return false end
+  local o, e = string.match(v, '^(%S+) (%d+)')
+  return o ~= owner and tonumber(e) > now
+end
+"""
+
+_ACQUIRE = (
+    _LEASE_NOW
+    + """
+local owner, ttl = ARGV[1], tonumber(ARGV[2])
+local busy = {}
+for i, k in ipairs(KEYS) do
+  local v = redis.call('GET', k)
+  if live_other(v, owner) then busy[#busy + 1] = (i - 1) .. ' ' .. v end
+end
+if #busy > 0 then return {0, busy} end
+for _, k in ipairs(KEYS) do redis.call('SET', k, owner .. ' ' .. (now + ttl) .. ' ' .. ttl) end
+return {1, {}}
+"""
+)
+
+_CLAIM = (
+    _LEASE_NOW
+    + """
+local owner, want, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local n = #KEYS / 2  -- KEYS: the n leases, then the n progress hashes
+local mine, fresh, lapsed = {}, {}, {}
+for i = 1, n do
+  local k = KEYS[i]
+  local v = redis.call('GET', k)
+  if redis.call('HEXISTS', KEYS[n + i], 'finished') == 1 then
+    -- finished for good: nothing left to host
+  elseif not v then fresh[#fresh + 1] = i
+  elseif string.match(v, '^(%S+)') == owner then mine[#mine + 1] = i
+  elseif not live_other(v, owner) then lapsed[#lapsed + 1] = i end
+end
+local got = {}
+for _, group in ipairs({mine, fresh, lapsed}) do
+  for _, i in ipairs(group) do
+    if #got < want then got[#got + 1] = i end
+  end
+end
+if #got < want then return {-1, #got} end  -- not enough: take none, say how many
+local out = {}
+for _, i in ipairs(got) do
+  redis.call('SET', KEYS[i], owner .. ' ' .. (now + ttl) .. ' ' .. ttl)
+  out[#out + 1] = i - 1
+end
+return out
+"""
+)
+
+# ARGV[2] = ttl_ms, or -1 to release (expire now, keep the owner for its restart).
+_RENEW = (
+    _LEASE_NOW
+    + """
+local owner, ttl = ARGV[1], tonumber(ARGV[2])
+local lost = {}
+for i, k in ipairs(KEYS) do
+  local v = redis.call('GET', k)
+  if v and string.match(v, '^(%S+)') == owner then
+    if ttl < 0 then redis.call('SET', k, owner .. ' 0 0')
+    else redis.call('SET', k, owner .. ' ' .. (now + ttl) .. ' ' .. ttl) end
+  else
+    lost[#lost + 1] = i - 1
+  end
+end
+return lost
+"""
+)
+
+
 @dataclass
 class AggregatorState:
     w: np.ndarray
@@ -124,6 +210,10 @@ class RunStore:
         self.keys = Keys(run_id)
         self._commit = r.register_script(_COMMIT)
         self._pass_turn = r.register_script(_PASS_TURN)
+        self._acquire = r.register_script(_ACQUIRE)
+        self._claim = r.register_script(_CLAIM)
+        self._renew = r.register_script(_RENEW)
+        self._participants: int | None = None
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -135,9 +225,16 @@ class RunStore:
         """Store the run's configuration unless it exists; returns (stored config, created)."""
         if cfg.created == 0.0:
             cfg = cfg.replace(created=time.time())
+        stored = self.load_config()
+        if stored is not None:  # exists: a least-privileged aggregator may not touch `dssgd:runs`
+            return stored, False
         with guarded("creating the run configuration"):
-            created = bool(self.r.set(self.keys.config, cfg.to_json(), nx=True))
-            self.r.sadd(RUNS, self.run_id)
+            # One transaction: a user who may not register the run (a NOPERM on `dssgd:runs`)
+            # gets EXECABORT and leaves nothing behind, never a config no `dssgd runs` lists.
+            pipe = self.r.pipeline(transaction=True)
+            pipe.set(self.keys.config, cfg.to_json(), nx=True)
+            pipe.sadd(RUNS, self.run_id)
+            created = bool(pipe.execute()[0])
         stored = self.load_config()
         assert stored is not None
         return stored, created
@@ -169,6 +266,20 @@ class RunStore:
             pipe.set(self.keys.version, 0, nx=True)
             created = pipe.execute()
         return bool(created[0])
+
+    def init_model(self, record: str) -> bool:
+        """Store the run's model record (shared/tasks.py) unless it exists."""
+        with guarded("recording the model"):
+            return bool(self.r.set(self.keys.model, record, nx=True))
+
+    def model_record(self) -> str | None:
+        with guarded("reading the model record"):
+            raw = self.r.get(self.keys.model)
+        return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def has_params(self) -> bool:
+        with guarded("reading parameters"):
+            return bool(self.r.exists(self.keys.params))
 
     def read_params(self, with_stat: bool = False) -> tuple[int, np.ndarray, np.ndarray | None]:
         """(version, w, stat) read atomically; arrays are read-only views of the reply."""
@@ -274,31 +385,139 @@ class RunStore:
         with guarded("writing the aggregator heartbeat"):
             self.r.set(self.keys.heartbeat_aggregator, json.dumps(info), px=int(ttl * 1000))
 
-    # --- participants and turns ---------------------------------------------------------------
+    # --- participants: leases, finished markers --------------------------------------------------
 
-    def heartbeat(self, participants: list[int]) -> None:
+    def _n(self) -> int:
+        """Number of participants of the run (from its configuration; cached)."""
+        if self._participants is None:
+            cfg = self.load_config()
+            if cfg is None:
+                raise ConfigError(f"run {self.run_id!r} does not exist (no configuration in Redis)")
+            self._participants = cfg.participants
+        return self._participants
+
+    def acquire(self, owner: str, participants: list[int], ttl: float = LEASE_TTL) -> None:
+        """Take the leases of these participants for `owner`, all or none.
+
+        A lease held by another live owner refuses the whole request (ConfigError naming the
+        holder); an expired one, or one `owner` held before (a restarted worker), is taken.
+        """
         if not participants:
             return
-        now = time.time()
-        with guarded("participant heartbeat"):
-            self.r.hset(self.keys.active, mapping={str(p): f"{now:.3f}" for p in participants})
+        with guarded("taking participant leases"):
+            ok, detail = self._acquire(
+                keys=[self.keys.lease(p) for p in participants], args=[owner, int(ttl * 1000)]
+            )
+        if not int(ok):
+            raise ConfigError(self._busy_message(participants, detail))
+
+    def claim(self, owner: str, want: int, ttl: float = LEASE_TTL) -> list[int]:
+        """Lease `want` participant ids for `owner` from the one registry of the run.
+
+        `owner`'s own earlier ids come first (a restarted worker gets its participants back),
+        then ids nobody ever hosted, then ids whose host stopped renewing (taken over).
+        """
+        n = self._n()
+        with guarded("claiming participant ids"):
+            got = self._claim(
+                keys=[self.keys.lease(p) for p in range(n)]
+                + [self.keys.participant(p) for p in range(n)],
+                args=[owner, want, int(ttl * 1000)],
+            )
+        ids = [int(x) for x in got]
+        if ids[:1] == [-1]:
+            raise ConfigError(
+                f"run {self.run_id!r} already has all {n} participants taken: {ids[1]} free, "
+                f"{want} wanted (every other id is hosted by a live worker, or finished)"
+            )
+        return ids
+
+    def renew(self, owner: str, participants: list[int], ttl: float = LEASE_TTL) -> list[int]:
+        """Extend our leases; returns the participants whose lease another owner has taken."""
+        if not participants:
+            return []
+        with guarded("renewing participant leases"):
+            lost = self._renew(
+                keys=[self.keys.lease(p) for p in participants], args=[owner, int(ttl * 1000)]
+            )
+        return [participants[int(i)] for i in lost]
+
+    def release(self, owner: str, participants: list[int]) -> None:
+        """Let the leases lapse now (the owner is kept, so a restart of `owner` gets them back)."""
+        if not participants:
+            return
+        with guarded("releasing participant leases"):
+            self._renew(keys=[self.keys.lease(p) for p in participants], args=[owner, -1])
+
+    def leases(self) -> dict[int, tuple[str, float, float]]:
+        """participant → (owner, expiry, last renewal) in Redis server time (unix seconds)."""
+        n = self._n()
+        with guarded("reading participant leases"):
+            raw = self.r.mget([self.keys.lease(p) for p in range(n)]) if n else []
+        out = {}
+        for p, v in enumerate(raw):
+            if v:
+                owner, expiry, ttl = v.decode().split()
+                out[p] = (owner, int(expiry) / 1000, (int(expiry) - int(ttl)) / 1000)
+        return out
+
+    def server_time(self) -> float:
+        with guarded("reading the server time"):
+            sec, usec = self.r.time()
+        return sec + usec / 1e6
+
+    def _busy_message(self, participants: list[int], detail: list[bytes]) -> str:
+        now = self.server_time()
+        parts = []
+        for row in detail:
+            i, owner, expiry, _ = row.decode().split()
+            parts.append(
+                f"participant {participants[int(i)]} is hosted by {owner} "
+                f"(lease renewed, {int(expiry) / 1000 - now:.0f} s left)"
+            )
+        return (
+            f"run {self.run_id!r}: {'; '.join(parts)}; a participant runs in one process only: "
+            "stop that worker, or start this one when its lease has lapsed"
+        )
+
+    def heartbeat(self, participants: list[int]) -> None:
+        """Kept for callers of the old API: leases are renewed by the worker's lease thread."""
 
     def leave(self, participant: int, finished: bool) -> None:
-        with guarded("leaving the run"):
-            pipe = self.r.pipeline(transaction=True)
-            pipe.hdel(self.keys.active, str(participant))
-            if finished:
-                pipe.sadd(self.keys.finished, str(participant))
-            pipe.execute()
+        if finished:
+            with guarded("leaving the run"):
+                self.r.hset(self.keys.participant(participant), "finished", f"{time.time():.3f}")
 
     def active(self) -> dict[int, float]:
-        with guarded("reading active participants"):
-            raw = self.r.hgetall(self.keys.active)
-        return {int(k): float(v) for k, v in raw.items()}
+        """participant → time of its host's last lease renewal, for live leases only."""
+        now = self.server_time()
+        done = self.finished()  # a finished participant is no longer active, its host may linger
+        return {
+            p: renewed
+            for p, (_, expiry, renewed) in self.leases().items()
+            if expiry > now and p not in done
+        }
+
+    def turn_wait_state(self, participant: int) -> tuple[int, int | None, int]:
+        """(highest applied seq, turn holder, highest refused seq) of a holder waiting for its
+        apply, in one round trip."""
+        with guarded("reading the turn state"):
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hget(self.keys.dedup, str(participant))
+            pipe.get(self.keys.turn)
+            pipe.hget(self.keys.participant(participant), "refused_seq")
+            window, turn, refused = pipe.execute()
+        holder = int(turn) if turn not in (None, b"") else None
+        return decode_state(window)[0], holder, int(refused or 0)
 
     def finished(self) -> set[int]:
+        n = self._n()
         with guarded("reading finished participants"):
-            return {int(x) for x in self.r.smembers(self.keys.finished)}
+            pipe = self.r.pipeline(transaction=False)
+            for p in range(n):
+                pipe.hexists(self.keys.participant(p), "finished")
+            rows = pipe.execute()
+        return {p for p, done in enumerate(rows) if done}
 
     def turn(self) -> int | None:
         with guarded("reading the turn"):
@@ -312,18 +531,23 @@ class RunStore:
     def trace(self, event: str, participant: int, seq: int) -> None:
         with guarded("writing the trace"):
             pipe = self.r.pipeline(transaction=False)
-            pipe.rpush(self.keys.trace, f"{event} {participant} {seq} {time.time():.6f}")
-            pipe.ltrim(self.keys.trace, -TRACE_CAP, -1)
+            key = self.keys.trace(participant)
+            pipe.rpush(key, f"{event} {participant} {seq} {time.time():.6f}")
+            pipe.ltrim(key, -TRACE_CAP, -1)
             pipe.execute()
 
     def read_trace(self) -> list[tuple[str, int, int, float]]:
+        n = self._n()
         with guarded("reading the trace"):
-            rows = self.r.lrange(self.keys.trace, 0, -1)
+            pipe = self.r.pipeline(transaction=False)
+            for p in range(n):
+                pipe.lrange(self.keys.trace(p), 0, -1)
+            rows = [row for rows in pipe.execute() for row in rows]
         out = []
         for row in rows:
             ev, pid, seq, t = row.decode().split()
             out.append((ev, int(pid), int(seq), float(t)))
-        return out
+        return sorted(out, key=lambda row: row[3])
 
     def record_progress(self, participant: int, **fields: Any) -> None:
         with guarded("recording progress"):
@@ -349,14 +573,6 @@ class RunStore:
     def applied_high(self, participant: int) -> int:
         with guarded("reading the replay window"):
             return decode_state(self.r.hget(self.keys.dedup, str(participant)))[0]
-
-    def claim_participant(self, n: int) -> int:
-        """Hand out the next free participant id to an anonymous worker (atomic INCR)."""
-        with guarded("claiming a participant id"):
-            pid = int(self.r.incr(self.keys.claims)) - 1
-        if pid >= n:
-            raise ConfigError(f"run {self.run_id!r} already has all {n} participants claimed")
-        return pid
 
     # --- stop, metrics -------------------------------------------------------------------------
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -28,8 +31,10 @@ class LocalTrainer:
         lr: float,
         batch_size: int,
         seed: int,
+        loss: LossFn = F.nll_loss,  # the task's loss (shared/tasks.py); NLL for the paper's
     ) -> None:
         self.model = model
+        self.loss = loss
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.lr = lr
@@ -54,7 +59,7 @@ class LocalTrainer:
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             self.model.zero_grad(set_to_none=True)
-            loss = F.nll_loss(self.model(self.x[idx]), self.y[idx])
+            loss = self.loss(self.model(self.x[idx]), self.y[idx])
             loss.backward()
             self._sgd_step()
             total += float(loss.detach()) * len(idx)
@@ -63,13 +68,23 @@ class LocalTrainer:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> EvalResult:
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch: int = 2000,
+    loss_fn: LossFn | None = None,
+) -> EvalResult:
+    """Accuracy and mean loss (NLL unless the task's loss is given) in batches."""
     model.eval()
     correct, loss = 0, 0.0
     for start in range(0, len(x), batch):
         out = model(x[start : start + batch])
         target = y[start : start + batch]
-        loss += float(F.nll_loss(out, target, reduction="sum"))
+        if loss_fn is None:
+            loss += float(F.nll_loss(out, target, reduction="sum"))
+        else:
+            loss += float(loss_fn(out, target)) * len(target)
         correct += int((out.argmax(1) == target).sum())
     n = len(x)
     return EvalResult(accuracy=correct / n, loss=loss / n, examples=n)
@@ -77,3 +92,34 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 20
 
 def labels_tensor(y: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+
+
+def norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
+    """The BatchNorm-style layers that keep running statistics."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+    ]
+
+
+@torch.no_grad()
+def refresh_norm_stats(model: nn.Module, x: torch.Tensor, batch_size: int) -> bool:
+    """Recompute every BatchNorm's running statistics for the model's current parameters.
+
+    The statistics become the plain average over one pass of ``x`` (momentum None), so they
+    describe exactly these parameters on this data. Returns False when the model has none.
+    """
+    layers = norm_layers(model)
+    if not layers:
+        return False
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for start in range(0, len(x), batch_size):
+        model(x[start : start + batch_size])
+    for m, momentum in zip(layers, momenta, strict=True):
+        m.momentum = momentum
+    return True

@@ -4,10 +4,10 @@ A participant sends the aggregator an :class:`Update`: ``k`` (index, value) pair
 ``n`` parameters. The message is built to be small, cheap to code and safe to decode from an
 untrusted peer.
 
-Layout of schema version 1 (all integers little-endian)::
+Layout of schema version 2 (all integers little-endian)::
 
     offset  size  field
-    0       1     version      SCHEMA_VERSION (=1); decoders dispatch on it first
+    0       1     version      SCHEMA_VERSION (=2); decoders dispatch on it first
     1       1     flags        bit 0: an HMAC tag is appended; other bits must be 0
     2       4     participant  uint32, readable without decoding the rest (peek_participant)
     6       ...   payload      one msgpack map, exactly these keys:
@@ -21,7 +21,13 @@ Layout of schema version 1 (all integers little-endian)::
                     "ix" bin   index section
                     "vc" int   value coding: 0 = f32, 1 = f16, 2 = q8
                     "vx" bin   value section
+                    "t"  int   sender's wall clock at encoding, ms since the epoch (v2 only):
+                               the rate limit is charged on it, so a backlog never looks
+                               like a flood
     end-32  32    HMAC-SHA256(key, every preceding byte), only when flags bit 0 is set
+
+Version 1 is the same without "t"; it still decodes (``sent_at`` is then None). Versions are
+dispatched on the first byte, so an unknown one is refused with a clear message.
 
 Index codings (the encoder computes the exact size of each candidate and keeps the smallest):
 
@@ -39,15 +45,18 @@ Index codings (the encoder computes the exact size of each candidate and keeps t
 Value codings (one decoder accepts all; decoded values are always float32):
 
     f32  k * 4 bytes, raw little-endian float32; exact (bit for bit)
-    f16  k * 2 bytes, little-endian float16; see :class:`ValueCoding` for the error bound
+    f16  k * 2 bytes, little-endian float16; see :class:`ValueCoding` for the error bound and
+         how ``encode(..., bound=γ)`` keeps a value within ±γ inside ±γ
     q8   4 bytes float32 scale, then k int8; unbiased stochastic rounding
 
 Decoding is defensive: the size limit is checked before anything else, the MAC (when the caller
 has keys) before msgpack sees a byte, msgpack runs with explicit limits and no extension types,
 the schema is exact, and every claimed count is checked against the bytes actually present before
-an array is allocated. So no decoded array is much larger than the message itself: peak memory
-of a decode, outputs included, stays within about 20x the body size (measured on a 4 MB message
-of 1.5 million entries), and within a few MB when ``expected_n`` pins the model size.
+an array is allocated, and the number of set bits of a bitmap is counted (in place) before the
+positions are materialised. So no decoded array is much larger than the message itself: peak
+memory of a decode, outputs included, stays within about 20x the body size
+(``tests/test_wire.py::test_forged_counts_allocate_little`` measures it), and within a few MB
+when ``expected_n`` pins the model size.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ import enum
 import hashlib
 import hmac
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,7 +90,7 @@ __all__ = [
     "peek_participant",
 ]
 
-SCHEMA_VERSION: int = 1
+SCHEMA_VERSION: int = 2
 MAX_MESSAGE_BYTES: int = 8 * 1024 * 1024
 
 MAX_RUN_ID_CHARS = 64
@@ -114,7 +124,10 @@ class ValueCoding(enum.StrEnum):
     """How the values of an update travel.
 
     * ``F32``: raw float32, exact.
-    * ``F16``: float16, round to nearest. For ``2**-14 <= |v| <= 65504`` (float16's normal
+    * ``F16``: float16, round to nearest, except that with ``encode(..., bound=b)`` a value
+      with ``|v| <= b`` whose nearest float16 lies beyond ``b`` is moved one float16 step toward
+      zero (so clipped values at exactly ±γ stay within ±γ; the error is then below one step,
+      ``2**-10`` relative). For ``2**-14 <= |v| <= 65504`` (float16's normal
       range) the relative error is at most ``2**-11``; below that range the absolute error is at
       most ``2**-25``. A value that rounds beyond float16's range (``|v| >= 65520``) makes
       :func:`encode` raise :class:`WireError` instead of silently becoming infinite.
@@ -153,6 +166,9 @@ class Update:
     # max |value|, filled in by decode (which has the extremes at hand from its finiteness check)
     # so the aggregator's γ check costs no second pass; None when unknown.
     peak: float | None = field(default=None, repr=False)
+    # Sender's wall clock (seconds) when it encoded the message; carried and authenticated from
+    # schema 2 on (encode fills in time.time() when None), None when decoded from version 1.
+    sent_at: float | None = field(default=None, repr=False)
 
     @property
     def count(self) -> int:
@@ -220,6 +236,13 @@ _EF_WEIGHTS = {
 }
 
 
+def _count_set(bits: np.ndarray, k: int, what: str) -> None:
+    """Refuse a forged section before its positions are materialised (8 bytes per set bit)."""
+    found = int(np.count_nonzero(bits))
+    if found != k:
+        raise WireError(f"{what} holds {found} entries but the message declares {k}")
+
+
 def _ef_decode(data: bytes, n: int, k: int, low: int) -> np.ndarray:
     """Inverse of :func:`_ef_encode`; the caller has checked len(data) against (n, k, low).
 
@@ -232,10 +255,10 @@ def _ef_decode(data: bytes, n: int, k: int, low: int) -> np.ndarray:
     if pad and data[-1] & ((1 << pad) - 1):
         raise WireError("index section has non-zero padding bits")
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=total)
+    high = bits[lo_bits:].view(bool)
+    _count_set(high, k, "index section")
     # nonzero() on a bool view is several times faster than on uint8; it yields int64 (intp).
-    out = np.flatnonzero(bits[lo_bits:].view(bool))
-    if out.shape[0] != k:
-        raise WireError(f"index section holds {out.shape[0]} entries but the message declares {k}")
+    out = np.flatnonzero(high)
     out -= np.arange(k, dtype=out.dtype)
     if not low:
         return out
@@ -316,10 +339,8 @@ def _decode_indices(coding: int, data: bytes, n: int, k: int, low: int) -> np.nd
         bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
         if bits[n:].any():
             raise WireError("index bitmap has non-zero padding bits")
-        idx = np.flatnonzero(bits[:n].view(bool)).astype(np.int64, copy=False)
-        if idx.shape[0] != k:
-            raise WireError(f"index bitmap holds {idx.shape[0]} entries; the message declares {k}")
-        return idx
+        _count_set(bits[:n], k, "index bitmap")
+        return np.flatnonzero(bits[:n].view(bool)).astype(np.int64, copy=False)
     m = k if coding == _IX_EF else n - k
     coded = _ef_decode(data, n, m, low)
     # EF yields non-decreasing values by construction; equal neighbours or a last value past n
@@ -340,7 +361,10 @@ def _decode_indices(coding: int, data: bytes, n: int, k: int, low: int) -> np.nd
 
 
 def _encode_values(
-    values: np.ndarray, coding: ValueCoding, rng: np.random.Generator | None
+    values: np.ndarray,
+    coding: ValueCoding,
+    rng: np.random.Generator | None,
+    bound: float | None = None,
 ) -> bytes:
     if coding is ValueCoding.F32:
         return values.astype("<f4", copy=False).tobytes()
@@ -350,6 +374,14 @@ def _encode_values(
         if not bool(np.isfinite(half).all()):
             bad = float(values[~np.isfinite(half)][0])
             raise WireError(f"value {bad!r} is beyond float16 range (|v| < 65520); use f32 or q8")
+        if bound is not None:
+            # Round to nearest may land above a bound that is not a float16 number (half of all
+            # γ): step those entries toward zero, which puts them back within |v| <= bound.
+            # Only values within the bound move: a larger one (a buffer sent whole) keeps its
+            # nearest float16.
+            over = (np.abs(half.astype(np.float64)) > bound) & (np.abs(values) <= bound)
+            if over.any():
+                half[over] = np.nextafter(half[over], np.float16(0))
         return half.tobytes()
     # Q8
     wide = values.astype(np.float64)
@@ -454,15 +486,17 @@ def encode(
     values: ValueCoding | str = ValueCoding.F32,
     key: bytes | None = None,
     rng: np.random.Generator | None = None,
+    bound: float | None = None,
 ) -> bytes:
-    """Encode ``update`` as one message body.
+    """Encode ``update`` as one message body (schema :data:`SCHEMA_VERSION`).
 
     ``values`` picks the value coding (see :class:`ValueCoding`); the index coding is chosen
     automatically as the smallest for this update's density. With ``key`` (the participant's
     secret) an HMAC-SHA256 tag over all preceding bytes is appended. ``rng`` drives Q8's
-    stochastic rounding only. Raises :class:`WireError` if the update is invalid (field ranges,
-    unsorted/duplicate/out-of-range indices, length mismatch, non-finite values), if a value does
-    not fit the chosen coding, or if the message would exceed :data:`MAX_MESSAGE_BYTES`.
+    stochastic rounding only. ``bound`` (the run's γ) keeps values within ±bound inside ±bound
+    through f16. ``update.sent_at`` (default: now) travels as the sender's clock. Raises
+    :class:`WireError` if the update is invalid (ranges, unsorted/duplicate/out-of-range indices,
+    lengths, non-finite values), does not fit the coding, or exceeds :data:`MAX_MESSAGE_BYTES`.
     """
     if not isinstance(update, Update):
         raise WireError(f"expected an Update, got {type(update).__name__}")
@@ -475,6 +509,7 @@ def encode(
     seq = _check_int("seq", update.seq, 1, _MAX_SEQ)
     base = _check_int("base_version", update.base_version, 0, _MAX_SEQ)
     n = _check_int("n", update.n, 1, _MAX_N)
+    sent_ms = _check_int("sent_at (ms)", round((update.sent_at or time.time()) * 1000), 0, _MAX_SEQ)
     idx, val = _checked_arrays(update)
     if key is not None and (not isinstance(key, bytes) or not key):
         raise WireError("key must be non-empty bytes")
@@ -490,7 +525,8 @@ def encode(
         "il": low,
         "ix": ix,
         "vc": _VC_IDS[coding],
-        "vx": _encode_values(val, coding, rng),
+        "vx": _encode_values(val, coding, rng, bound),
+        "t": sent_ms,
     }
     try:
         packed = msgpack.packb(payload, use_bin_type=True)
@@ -569,7 +605,7 @@ def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     return out
 
 
-_SCHEMA_V1: dict[str, type] = {
+_SCHEMA_V1: dict[str, type] = {  # v2 adds "t" (see _SCHEMA_V2)
     "r": str,
     "s": int,
     "b": int,
@@ -583,7 +619,11 @@ _SCHEMA_V1: dict[str, type] = {
 }
 
 
-def _unpack_v1(payload: bytes | memoryview) -> dict[str, Any]:
+_SCHEMA_V2: dict[str, type] = {**_SCHEMA_V1, "t": int}
+_SCHEMAS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+
+
+def _unpack(payload: bytes | memoryview, schema: dict[str, type]) -> dict[str, Any]:
     try:
         obj = msgpack.unpackb(
             payload,
@@ -593,7 +633,7 @@ def _unpack_v1(payload: bytes | memoryview) -> dict[str, Any]:
             max_str_len=4 * MAX_RUN_ID_CHARS,
             max_bin_len=len(payload),
             max_array_len=0,
-            max_map_len=len(_SCHEMA_V1),
+            max_map_len=len(schema),
             max_ext_len=0,
             ext_hook=_reject_ext,
             object_pairs_hook=_unique_map,
@@ -604,13 +644,13 @@ def _unpack_v1(payload: bytes | memoryview) -> dict[str, Any]:
         raise WireError(f"payload is not valid msgpack: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, dict):
         raise WireError(f"payload must be a map, got {type(obj).__name__}")
-    if set(obj) != set(_SCHEMA_V1):
-        missing = sorted(set(_SCHEMA_V1) - set(obj))
-        unknown = sorted(str(x) for x in set(obj) - set(_SCHEMA_V1))
+    if set(obj) != set(schema):
+        missing = sorted(set(schema) - set(obj))
+        unknown = sorted(str(x) for x in set(obj) - set(schema))
         raise WireError(
             f"payload keys differ from the schema: missing {missing}, unknown {unknown}"
         )
-    for name, typ in _SCHEMA_V1.items():
+    for name, typ in schema.items():
         # `type(...) is` so that bool (an int subclass) is refused where an int is expected.
         if type(obj[name]) is not typ:
             got = type(obj[name]).__name__
@@ -618,13 +658,16 @@ def _unpack_v1(payload: bytes | memoryview) -> dict[str, Any]:
     return obj
 
 
-def _decode_v1(
+def _decode_body(
     header: _Header,
     payload: memoryview,
     expected_run: str | None,
     expected_n: int | None,
 ) -> Update:
-    obj = _unpack_v1(payload)
+    obj = _unpack(payload, _SCHEMAS[header.version])
+    sent_at = None
+    if "t" in obj:
+        sent_at = _check_int("sent_at (ms)", obj["t"], 0, _MAX_SEQ) / 1000.0
     run_id = _check_run_id(obj["r"])
     seq = _check_int("seq", obj["s"], 1, _MAX_SEQ)
     base = _check_int("base_version", obj["b"], 0, _MAX_SEQ)
@@ -656,7 +699,7 @@ def _decode_v1(
         raise WireError(f"index section is {len(obj['ix'])} bytes; its coding needs {want_ix}")
     values, peak = _decode_values(vcode, obj["vx"], k)
     indices = _decode_indices(ic, obj["ix"], n, k, low)
-    return Update(run_id, header.participant, seq, base, n, indices, values, peak)
+    return Update(run_id, header.participant, seq, base, n, indices, values, peak, sent_at)
 
 
 # Dispatch on the version byte: (header reader, body decoder). Keep old entries when adding a
@@ -667,7 +710,7 @@ _FORMATS: dict[
         Callable[[bytes], _Header],
         Callable[[_Header, memoryview, str | None, int | None], Update],
     ],
-] = {1: (_header_v1, _decode_v1)}
+] = {1: (_header_v1, _decode_body), 2: (_header_v1, _decode_body)}  # one header, schema per version
 
 
 def peek_participant(body: bytes) -> int:
@@ -725,12 +768,11 @@ def describe(body: bytes) -> dict[str, int | str]:
     """Sizes and codings of a message's sections, for benchmarks and logs.
 
     Neither the MAC nor the index/value sections are checked: use :func:`decode` for that.
-    Reads the version 1 payload layout, the only one so far.
     """
     body = _as_body(body)
     header = _read_header(body)
     end = len(body) - _MAC_BYTES if header.has_mac else len(body)
-    obj = _unpack_v1(memoryview(body)[header.size : end])
+    obj = _unpack(memoryview(body)[header.size : end], _SCHEMAS[header.version])
     return {
         "version": header.version,
         "participant": header.participant,

@@ -139,3 +139,22 @@ def test_ctrl_c_stops_the_forked_services_in_order_and_loses_nothing(
     for pid in pids.values():  # nothing outlives `dssgd run`
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_f16_run_at_lr_001_applies_every_update(run_id: str, tmp_path: Path) -> None:
+    # γ = lr / 4 = 0.0025 is not a float16 number: round to nearest used to land above it and
+    # the aggregator refused every update (issue 20, finding 3).
+    summary = run_json(
+        run_id,
+        tmp_path,
+        "--value-coding",
+        "f16",
+        "--lr",
+        "0.01",
+        "--participants",
+        "3",
+        "--epochs",
+        "2",
+    )
+    assert summary["updates_rejected"] == 0, summary
+    assert summary["updates_applied"] == summary["epochs_total"] == 6

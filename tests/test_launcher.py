@@ -132,3 +132,18 @@ def test_service_command_lines() -> None:
     assert list(progs) == ["aggregator", "worker:worker-0", "worker:worker-1"]
     assert progs["worker:worker-1"][:5] == ["worker", "--run-id", "r1", "--slot", "1/2"]
     assert "amqp://a/%2F" in progs["aggregator"] and "redis://r:1/0" in progs["aggregator"]
+
+
+@pytest.mark.parametrize("code", [2, 77])
+def test_permanent_exits_are_fatal_at_once(tmp_path: Path, code: int) -> None:
+    # Bad input (2) and a refused password or right (77) come back on every restart: no loop.
+    fl = launcher(tmp_path, {"worker:worker-0": ["exit", str(code)]}, max_crashes=5)
+    fl.start()
+    wait_for(fl, "worker:worker-0", FATAL, timeout=3)
+    assert (tmp_path / "logs" / "worker-0.log").read_text().count("child exit") == 1
+
+
+def test_workers_keep_their_identity_across_restarts() -> None:
+    progs = service_argv("r1", 2, Connections(amqp_url="amqp://a/%2F", redis_url="redis://r:1/0"))
+    argv = progs["worker:worker-1"]
+    assert argv[argv.index("--worker-id") + 1] == "r1-worker-1"

@@ -39,7 +39,8 @@ def test_status_metrics_plot_export_eval(
     make_run: Callable[..., RunHandle], tmp_path: Path
 ) -> None:
     h = make_run(participants=4, epochs=6, eval_interval=0.3)
-    h.spawn("aggregator", "--metrics-port", "0", log=tmp_path / "agg.log")
+    # --keep-serving: by default a standalone aggregator exits once the run is over.
+    h.spawn("aggregator", "--metrics-port", "0", "--keep-serving", log=tmp_path / "agg.log")
     workers = [h.spawn("worker", "--slot", f"{i}/2", log=tmp_path / f"w{i}.log") for i in (0, 1)]
     for w in workers:
         assert w.wait(timeout=120) == 0

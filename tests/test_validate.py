@@ -1,5 +1,5 @@
 """Server-side validation of decoded updates (pure, property-based): 100% of invalid refused,
-100% of valid accepted."""
+100% of valid accepted. (Another run or model size never gets here: decode refuses it.)"""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.validate import validate
+from aggregator.validate import check_version, validate
 from shared.config import RunConfig
 from shared.errors import ValidationError
 from shared.selection import budget
@@ -19,6 +19,12 @@ from shared.wire import Update
 N_PARAMS = 5_000
 CFG = RunConfig(run_id="r", participants=4, theta_u=0.1, gamma=0.5, max_staleness=20)
 LIMIT = budget(N_PARAMS, CFG.theta_u)
+
+
+def check(upd: Update, version: int) -> int:
+    """Both server-side checks, as admission and the batch run them; returns the staleness."""
+    validate(upd, CFG, N_PARAMS)
+    return check_version(upd, CFG, version)
 
 
 @st.composite
@@ -38,12 +44,10 @@ def valid_updates(draw: st.DrawFn) -> tuple[Update, int]:
 @given(valid_updates())
 def test_every_valid_update_is_accepted(case: tuple[Update, int]) -> None:
     upd, version = case
-    assert validate(upd, CFG, N_PARAMS, version) == version - upd.base_version
+    assert check(upd, version) == version - upd.base_version
 
 
 MUTATIONS = {
-    "wrong-run": lambda u, v: (replace(u, run_id="other"), v),
-    "wrong-model": lambda u, v: (replace(u, n=N_PARAMS + 1), v),
     "unknown-participant": lambda u, v: (replace(u, participant=CFG.participants + 3), v),
     "too-many-entries": lambda u, v: (
         replace(
@@ -75,7 +79,7 @@ def test_every_invalid_update_is_refused_with_its_reason(
 ) -> None:
     upd, version = MUTATIONS[reason](*case)
     with pytest.raises(ValidationError) as exc:
-        validate(upd, CFG, N_PARAMS, version)
+        check(upd, version)
     assert exc.value.reason == reason
 
 
@@ -88,7 +92,7 @@ def test_gamma_check_uses_the_peak_decode_measured(sign: float) -> None:
     upd = decode(encode(Update(CFG.run_id, 0, 1, 0, N_PARAMS, np.array([3, 9]), values)))
     assert upd.peak == pytest.approx(1.01 * gamma)
     with pytest.raises(ValidationError) as err:
-        validate(upd, CFG, N_PARAMS, 0)
+        check(upd, 0)
     assert err.value.reason == "beyond-gamma"
     ok = decode(encode(Update(CFG.run_id, 0, 1, 0, N_PARAMS, np.array([3]), values[:1])))
-    assert validate(ok, CFG, N_PARAMS, 0) == 0
+    assert check(ok, 0) == 0

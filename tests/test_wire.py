@@ -711,3 +711,58 @@ def test_encode_decode_fast_enough() -> None:
     # Target is < 1 ms; the assertion leaves room for a loaded CI machine.
     assert best < 0.005, f"encode+decode took {best * 1e3:.2f} ms"
     assert len(body) < 60_000
+
+
+# --- schema versions ----------------------------------------------------------------------------
+
+
+def test_schema_2_carries_the_senders_clock() -> None:
+    upd = make_update(500, 20)
+    stamped = Update(*upd._scalars()[:4], upd.n, upd.indices, upd.values, sent_at=1234.567)
+    assert decode(encode(stamped)).sent_at == 1234.567
+    before = time.time()
+    assert before - 1 <= decode(encode(upd)).sent_at <= time.time() + 1  # default: now
+
+
+def test_schema_1_messages_still_decode_without_a_clock() -> None:
+    upd = make_update(500, 20)
+    fields = valid_fields(upd)
+    del fields["t"]
+    body = bytes([1, 0]) + upd.participant.to_bytes(4, "little") + msgpack.packb(fields)
+    old = decode(body)
+    assert old == upd and old.sent_at is None
+    # A version-1 body with the new field, or a version-2 body without it, is refused.
+    assert "max_map_len" in expect_wire_error(bytes([1]) + encode(upd)[1:])
+    assert "missing ['t']" in expect_wire_error(bytes([2]) + body[1:])
+
+
+# --- memory of a forged decode ------------------------------------------------------------------
+
+
+def _peak_bytes(fn: Any) -> int:
+    import tracemalloc  # numpy reports its buffers to tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("coding", [2, 3])  # Elias-Fano, bitmap
+def test_forged_counts_allocate_little(coding: int) -> None:
+    """A 1 MB index section with every bit set but k = 1 declared: refused after counting the
+    bits in place, before 8 M positions (64 MB) are materialised."""
+    n = 8_000_000
+    fields = valid_fields(make_update(n, 1, seed=5))
+    fields.update(ic=coding, il=0, ix=b"\xff" * (n // 8))
+    body = forge(fields)
+    peak = _peak_bytes(lambda: expect_wire_error(body))
+    assert peak < 20 * len(body), f"decode peaked at {peak / len(body):.1f}x the body"
+
+
+def test_negative_control_materialising_first_costs_64x() -> None:
+    bits = np.unpackbits(np.frombuffer(b"\xff" * 1_000_000, dtype=np.uint8)).view(bool)
+    assert _peak_bytes(lambda: np.flatnonzero(bits)) > 60 * 1_000_000

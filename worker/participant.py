@@ -15,19 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch import nn
+from torch.utils.data import Dataset
 
 from shared import wire
 from shared.amqp_names import AmqpNames
 from shared.broker import Publisher
 from shared.config import RunConfig
-from shared.data import Mnist, prepare, shard_indices
-from shared.errors import BrokerError, StopRequested
+from shared.errors import BrokerError, ConfigError, StopRequested
 from shared.lifecycle import Backoff, StopFlag
-from shared.models import build_model, get_flat, set_flat
+from shared.models import get_flat, layout_of, set_flat
 from shared.privacy import PrivacyAccountant, SvtParams, epsilon_for, noise_rng, svt_select
-from shared.selection import budget, clip, most_updated, select
+from shared.selection import budget, most_updated, select_state
 from shared.store import RunStore
-from shared.training import LocalTrainer, labels_tensor
+from shared.tasks import LoadedTask, as_tensors, holdout, load_task
+from shared.training import LocalTrainer, refresh_norm_stats
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,13 @@ class EpochReport:
     seconds_total: float
 
 
+def synthetic_values(rng: np.random.Generator, k: int, gamma: float) -> np.ndarray:
+    """k values m·u, m in -3..3, u the largest power of two with 3u <= γ (u = 1 once γ >= 3):
+    every |value| <= γ, and float32 sums of them are exact while they stay below 2**24·u."""
+    unit = 1.0 if gamma >= 3 else 2.0 ** np.floor(np.log2(gamma / 3))
+    return (rng.integers(-3, 4, size=k) * unit).astype(np.float32)
+
+
 class Participant:
     def __init__(
         self,
@@ -52,10 +61,12 @@ class Participant:
         store: RunStore,
         publisher: Publisher,
         stop: StopFlag,
-        data: Mnist | None,
+        data: Dataset | None,  # this participant's local data (task.local_data); None if synthetic
         synthetic: bool = False,
         record_dir: Path | None = None,
         hmac_key: bytes | None = None,
+        task: LoadedTask | None = None,
+        model: nn.Module | None = None,  # own loop (worker/client.py): the user's own module
     ) -> None:
         self.pid, self.cfg, self.store, self.pub, self.stop = pid, cfg, store, publisher, stop
         self.synthetic = synthetic
@@ -81,28 +92,21 @@ class Participant:
             )
             + 1
         )
-        self.model = build_model(cfg.model, cfg.seed)
-        self.n = sum(p.numel() for p in self.model.parameters())
-        if not synthetic:
-            assert data is not None
-            idx = shard_indices(
-                data.train_y, pid, cfg.participants, cfg.shard_size, cfg.seed, cfg.label_skew
-            )
-            self.trainer = LocalTrainer(
-                self.model,
-                prepare(data.train_x[idx], cfg.model),
-                labels_tensor(data.train_y[idx]),
-                cfg.lr,
-                cfg.batch_size,
-                seed=cfg.seed * 100_003 + pid + self.epochs,
-            )
-            if cfg.dpsgd:
-                self._use_dpsgd(progress)
+        self.task = task or load_task(cfg.task)
+        self._build(model, data)
+        if cfg.dpsgd and self.trainer is not None:
+            self._use_dpsgd(progress)
         self.local = get_flat(self.model)
         self.budget_exhausted = ""
         self.svt: SvtParams | None = None
         self.accountant: PrivacyAccountant | None = None
         if cfg.dp_eps_per_value is not None:
+            if self.layout.n_buffers:
+                # Buffers are statistics of the local data sent whole: no DP bound covers them.
+                raise ConfigError(
+                    f"task {cfg.task}: DP needs a model without buffers, and "
+                    f"{self.layout.slots[-1].name!r} is one (BatchNorm statistics leak data)"
+                )
             c = budget(self.n, cfg.theta_u)
             self.svt = SvtParams(
                 epsilon=epsilon_for(cfg.dp_eps_per_value, c),
@@ -131,16 +135,22 @@ class Participant:
         from shared.accounting import DpSgdAccountant, noise_multiplier
         from shared.dpsgd import DpSgdTrainer
 
-        cfg = self.cfg
-        assert cfg.dp_epsilon is not None
-        x, y = self.trainer.x, self.trainer.y
+        cfg, trainer = self.cfg, self.trainer
+        assert cfg.dp_epsilon is not None and trainer is not None
+        if self.layout.n_buffers:
+            # Buffers are statistics of the local data sent whole: no DP bound covers them.
+            raise ConfigError(
+                f"task {cfg.task}: DP-SGD needs a model without buffers, and "
+                f"{self.layout.slots[-1].name!r} is one (BatchNorm statistics leak data)"
+            )
+        x, y = trainer.x, trainer.y
         q = min(1.0, cfg.batch_size / len(x))
         steps = -(-len(x) // cfg.batch_size)
         sigma = cfg.dp_noise_multiplier or noise_multiplier(
             cfg.dp_epsilon, cfg.dp_delta, q, steps * cfg.epochs
         )
         self.trainer = DpSgdTrainer(  # type: ignore[assignment]
-            self.model, x, y, cfg.lr, cfg.batch_size, cfg.dp_clip, sigma
+            self.model, x, y, cfg.lr, cfg.batch_size, cfg.dp_clip, sigma, loss=self.task.loss
         )
         self.dpsgd: DpSgdAccountant | None = DpSgdAccountant(
             sigma, q, cfg.dp_delta, cfg.dp_epsilon, int(progress.get("dp_steps", 0))
@@ -151,7 +161,7 @@ class Participant:
 
     def _dpsgd_exhausted(self) -> bool:
         acc = getattr(self, "dpsgd", None)
-        if acc is None or acc.can_run(self.trainer.steps_per_epoch):
+        if acc is None or self.trainer is None or acc.can_run(self.trainer.steps_per_epoch):
             return False
         if not self.budget_exhausted:
             nxt = acc.epsilon_after(acc.steps + self.trainer.steps_per_epoch)
@@ -162,6 +172,35 @@ class Participant:
             )
             log.warning("%s", self.budget_exhausted)
         return True
+
+    def _record_dpsgd(self) -> None:
+        """The steps just taken are spent whether or not the update is published: record them."""
+        acc = getattr(self, "dpsgd", None)
+        if acc is not None and self.trainer is not None:
+            acc.steps += self.trainer.steps_per_epoch
+            self.store.record_progress(self.pid, **{f"dp_{k}": v for k, v in acc.to_dict().items()})
+
+    def _build(self, model: nn.Module | None, data: Dataset | None) -> None:
+        """The model (the task's, or the own-loop user's) and the local trainer."""
+        cfg, pid, synthetic = self.cfg, self.pid, self.synthetic
+        self.model = model if model is not None else self.task.build_model(cfg.seed)
+        self.layout = layout_of(self.model)
+        self.n = self.layout.n  # parameters, then buffers (shared/models.py)
+        self.trainer: LocalTrainer | None = None
+        self.heldout: Dataset | None = None  # federated evaluation when there is no test set
+        if not synthetic and data is not None:
+            if not self.task.has_test_data:
+                data, self.heldout = holdout(data, cfg.seed, pid)
+            x, y = as_tensors(data)
+            self.trainer = LocalTrainer(
+                self.model,
+                x,
+                y,
+                cfg.lr,
+                cfg.batch_size,
+                seed=cfg.seed * 100_003 + pid + self.epochs,
+                loss=self.task.loss,
+            )
 
     @property
     def done(self) -> bool:
@@ -180,11 +219,32 @@ class Participant:
     # --- the epoch ------------------------------------------------------------------------------
 
     def run_epoch(self) -> EpochReport:
+        """download → (evaluate) → train → select → publish, confirmed."""
         t0 = time.perf_counter()
+        version, base, bytes_down = self.download()
+        t1 = time.perf_counter()
+        if self.synthetic:
+            indices, values, loss = self._synthetic_update()
+        else:
+            set_flat(self.model, base)
+            self._evaluate_download(version)
+            t_sgd = time.perf_counter()
+            assert self.trainer is not None
+            loss = self.trainer.epoch()
+            self.t_train += time.perf_counter() - t_sgd
+            self._record_dpsgd()
+            indices, values = self.select(base)
+        return self.publish(
+            version, indices, values, loss, bytes_down, t0, time.perf_counter() - t1
+        )
+
+    def download(self) -> tuple[int, np.ndarray, int]:
+        """θd of the global state into the local copy: (version, base state, bytes read)."""
         if self.cfg.ordered:
             self.store.trace("d", self.pid, self.seq)
         version, w, stat = self.store.read_params(with_stat=self.cfg.theta_d < 1.0)
         bytes_down = w.nbytes
+        own_buffers = self.local[self.layout.n_params :].copy()
         if self.cfg.theta_d >= 1.0:
             self.local[:] = w
         else:
@@ -196,26 +256,41 @@ class Participant:
                 chosen = most_updated(stat, self.cfg.theta_d)
             self.local[chosen] = w[chosen]
             bytes_down = chosen.size * 4
-        base = self.local.copy()
-        t1 = time.perf_counter()
-        if self.synthetic:
-            indices, values, loss = self._synthetic_update()
-        else:
-            set_flat(self.model, base)
-            t_sgd = time.perf_counter()
-            loss = self.trainer.epoch()
-            self.t_train += time.perf_counter() - t_sgd
-            self._record_dpsgd()
-            get_flat(self.model, out=self.local)
-            delta = self.local - base
-            if self.svt is not None:
-                indices, values = self._private_selection(delta)
-            else:
-                indices = select(
-                    delta, self.cfg.theta_u, self.cfg.selection, self.cfg.effective_tau, self.rng
-                )
-                values = clip(delta[indices], self.cfg.effective_gamma)
-        t2 = time.perf_counter()
+        if self.cfg.buffers == "local":
+            self.local[self.layout.n_params :] = own_buffers  # they never leave, nor come in
+        return version, self.local.copy(), bytes_down
+
+    def select(self, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Δw of the trained model against ``base``, selected, clipped (buffers whole)."""
+        get_flat(self.model, out=self.local)
+        delta = self.local - base
+        if self.svt is not None:
+            return self._private_selection(delta)
+        indices, values = select_state(
+            delta,
+            self.layout.n_params,
+            self.cfg.theta_u,
+            self.cfg.effective_gamma,
+            self.cfg.selection,
+            self.cfg.effective_tau,
+            self.rng,
+            send_buffers=self.cfg.buffers == "whole",
+        )
+        if self.layout.n_buffers and self.cfg.buffers == "whole":
+            values[-self.layout.n_buffers :] = self._buffer_delta(base, indices, values)
+        return indices, values
+
+    def publish(
+        self,
+        version: int,
+        indices: np.ndarray,
+        values: np.ndarray,
+        loss: float,
+        bytes_down: int,
+        t0: float,
+        seconds_train: float,
+    ) -> EpochReport:
+        """Encode, burn the sequence number, publish until confirmed, record progress."""
         update = wire.Update(
             run_id=self.cfg.run_id,
             participant=self.pid,
@@ -225,7 +300,13 @@ class Participant:
             indices=indices,
             values=values,
         )
-        body = wire.encode(update, values=self.cfg.value_coding, rng=self.rng, key=self.hmac_key)
+        body = wire.encode(
+            update,
+            values=self.cfg.value_coding,
+            rng=self.rng,
+            key=self.hmac_key,
+            bound=self.cfg.effective_gamma,  # a lossy coding must not push ±γ beyond γ
+        )
         # Burn the sequence number before it can reach the broker: a restart after a crash
         # between publish and confirm must never reuse it for different content.
         self.store.record_progress(self.pid, seq_sent=self.seq)
@@ -251,7 +332,7 @@ class Participant:
             len(body),
             bytes_down,
             loss,
-            t2 - t1,
+            seconds_train,
             time.perf_counter() - t0,
         )
         self.store.record_progress(
@@ -270,12 +351,37 @@ class Participant:
         )
         return report
 
-    def _record_dpsgd(self) -> None:
-        """The steps just taken are spent whether or not the update is published: record them."""
-        acc = getattr(self, "dpsgd", None)
-        if acc is not None:
-            acc.steps += self.trainer.steps_per_epoch
-            self.store.record_progress(self.pid, **{f"dp_{k}": v for k, v in acc.to_dict().items()})
+    def _buffer_delta(
+        self, base: np.ndarray, indices: np.ndarray, values: np.ndarray
+    ) -> np.ndarray:
+        """Buffers for the state this update moves the global model to, as a change from base.
+
+        BatchNorm statistics only mean something next to the parameters they were measured
+        with. The locally trained model's are measured with all of its changes, but only θu of
+        them, clipped, reach the global model; so they are measured again, in one pass over the
+        local data, for base + the shared change (docs/TASKS.md, measured).
+        """
+        k = self.layout.n_params
+        shared = indices < k
+        projected = base.copy()
+        projected[indices[shared]] += values[shared]
+        set_flat(self.model, projected)
+        x = self.trainer.x if self.trainer is not None else None  # own loop: no data here
+        if x is None or not refresh_norm_stats(self.model, x, self.cfg.batch_size):
+            return (self.local - base)[k:]  # other buffers: their change after the epoch
+        return get_flat(self.model)[k:] - base[k:]
+
+    def _evaluate_download(self, version: int) -> None:
+        """Federated evaluation: the downloaded global model on this participant's held-out part."""
+        if self.heldout is None:
+            return
+        m = self.task.metrics(self.model, self.heldout)
+        self.store.record_progress(
+            self.pid,
+            fed_version=version,
+            fed_examples=len(self.heldout),  # type: ignore[arg-type]
+            **{f"fed_{k}": f"{v:.6g}" for k, v in m.items()},
+        )
 
     def _private_selection(self, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The sparse vector technique; the ε is spent and recorded before anything is sent."""
@@ -293,11 +399,11 @@ class Participant:
             self.record.flush()
 
     def _synthetic_update(self) -> tuple[np.ndarray, np.ndarray, float]:
-        """Small integer values: sums are exact, so the global state is an exact oracle."""
+        """Small multiples of a power of two within ±γ: sums are exact, so the global state is an
+        exact oracle (with a zero start and the sum rule)."""
         k = int(self.rng.integers(1, budget(self.n, self.cfg.theta_u) + 1))
         indices = np.sort(self.rng.choice(self.n, size=k, replace=False)).astype(np.int64)
-        limit = max(1, min(3, int(self.cfg.effective_gamma)))
-        values = self.rng.integers(-limit, limit + 1, size=k).astype(np.float32)
+        values = synthetic_values(self.rng, k, self.cfg.effective_gamma)
         return indices, values, 0.0
 
     def _publish(self, body: bytes) -> None:

@@ -12,20 +12,22 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from shared.amqp_names import AmqpNames
 from shared.broker import Publisher
 from shared.config import Connections, RunConfig
-from shared.data import load_mnist
-from shared.errors import BrokerError, ConfigError, StopRequested, StoreError
+from shared.errors import BrokerError, ConfigError, StopRequested, StoreError, is_permanent
 from shared.lifecycle import EXIT_OK, Backoff, StopFlag
-from shared.store import RunStore
+from shared.store import LEASE_TTL, RunStore
 from shared.store import connect as redis_connect
+from shared.tasks import LoadedTask, check_coding, check_model, check_size, context_for, load_task
 from worker.participant import Participant
 
 log = logging.getLogger(__name__)
@@ -44,12 +46,86 @@ class WorkerSettings:
     hmac_key: bytes | None = field(default=None, repr=False)  # from `dssgd provision`
     amqp_user: str | None = None  # broker user; sent as user_id, which the broker verifies
     name: str = field(default_factory=lambda: f"worker@{socket.gethostname()}:{os.getpid()}")
+    # Who holds this process's participant leases. A stable id (`--worker-id`, supervisor's
+    # process name, the compose container's hostname) gets its participants back on a restart.
+    worker_id: str = field(default_factory=lambda: default_worker_id())
+    task: str | None = None  # --task: this worker's copy of the task (default: the run's)
+    data_dir: Path | None = None  # --data DIR: handed to the task's local_data(ctx)
 
     def __post_init__(self) -> None:
         if any(p < 0 for p in self.participants):
             raise ConfigError("participant ids must be >= 0")
         if self.claim < 1:
             raise ConfigError("--claim must be >= 1")
+
+
+def default_worker_id() -> str:
+    """Stable across restarts where the process manager names the process, else host:pid."""
+    explicit = os.environ.get("DSSGD_WORKER_ID")
+    if explicit:
+        return "".join(explicit.split())
+    host = socket.gethostname()
+    supervised = os.environ.get("SUPERVISOR_PROCESS_NAME")
+    if supervised:
+        return f"{supervised}@{host}"
+    return f"worker@{host}:{os.getpid()}"
+
+
+def compact_ids(pids: list[int], limit: int = 200) -> str:
+    """ "0-2,5,7-9": a process's participants, short enough for AMQP's 255-byte app_id."""
+    groups: list[list[int]] = []
+    for p in sorted(set(pids)):
+        if groups and groups[-1][1] == p - 1:
+            groups[-1][1] = p
+        else:
+            groups.append([p, p])
+    parts = [str(a) if a == b else f"{a}-{b}" for a, b in groups]
+    if len(",".join(parts)) <= limit:
+        return ",".join(parts)
+    kept: list[str] = []
+    size = count = 0
+    for part, (a, b) in zip(parts, groups, strict=True):
+        if size + len(part) + 1 > limit - 16:
+            break
+        kept.append(part)
+        size, count = size + len(part) + 1, count + b - a + 1
+    return ",".join(kept) + f",+{len(set(pids)) - count} more"
+
+
+class LeaseKeeper:
+    """Renews this process's participant leases from its own thread (an epoch may be long)."""
+
+    def __init__(self, url: str, run_id: str, owner: str, pids: list[int], stop: StopFlag) -> None:
+        self.store = RunStore(redis_connect(url), run_id)
+        self.owner, self.pids, self.stop = owner, pids, stop
+        self.lost: list[int] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(LEASE_TTL / 5):
+            try:
+                lost = self.store.renew(self.owner, self.pids)
+            except StoreError as exc:
+                log.warning("cannot renew participant leases (%s); retrying", exc)
+                continue
+            if lost:
+                self.lost = lost
+                log.error(
+                    "participants %s were taken over by another worker while this one could not "
+                    "renew their leases; stopping so that no participant runs twice",
+                    lost,
+                )
+                self.stop.set(f"lost the lease of participants {lost}")
+                return
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(StoreError):
+            if not self.lost:
+                self.store.release(self.owner, self.pids)
 
 
 class Worker:
@@ -63,23 +139,43 @@ class Worker:
         r = redis_connect(self.s.connections.redis_url)
         store = RunStore(r, self.s.run_id)
         backoff = Backoff(initial=0.2, cap=5.0)
+        if store_missing_config(store):
+            log.info(
+                "waiting up to 120 s for run %s to be created (by `dssgd provision` or "
+                "`dssgd aggregator` with run options)",
+                self.s.run_id,
+            )
         while True:
             try:
                 cfg = store.wait_config(self.stop)
+                task = self._task(store, cfg)  # before claiming ids: a refused worker takes none
                 pids = self._participants(store, cfg)
                 break
+            except StopRequested:
+                return EXIT_OK
             except StoreError as exc:
+                if _permanent(exc):
+                    raise
                 log.warning("Redis not reachable (%s); retrying", exc)
                 if not backoff.sleep(self.stop):
                     return EXIT_OK
         bad = [p for p in pids if p >= cfg.participants]
         if bad:
             raise ConfigError(f"participant ids {bad} are outside 0..{cfg.participants - 1}")
-        data = None if self.s.synthetic else load_mnist(cfg.data)
+        keeper = LeaseKeeper(
+            self.s.connections.redis_url, cfg.run_id, self.s.worker_id, pids, self.stop
+        )
+        try:
+            return self._host(cfg, store, pids, task)
+        finally:
+            keeper.close()
+
+    def _host(self, cfg: RunConfig, store: RunStore, pids: list[int], task: LoadedTask) -> int:
         publisher = Publisher(
             self.s.connections.amqp_url,
             AmqpNames(cfg.run_id),
-            app_id=",".join(map(str, pids)),
+            # AMQP's app_id is a short string (255 bytes): the ids compacted, never the full list.
+            app_id=compact_ids(pids),
             user_id=self.s.amqp_user,
         )
         parts: dict[int, Participant] = {}
@@ -92,16 +188,18 @@ class Worker:
                         store,
                         publisher,
                         self.stop,
-                        data,
+                        None if self.s.synthetic else self._local_data(task, cfg, pid),
                         self.s.synthetic,
                         self.s.record_dir,
                         self.s.hmac_key,
+                        task,
                     )
                 )
             log.info(
-                "%s hosting participants %s of run %s (%s order)",
+                "%s (%s) hosting participants %s of run %s (%s order)",
                 self.s.name,
-                pids,
+                self.s.worker_id,
+                pids if len(pids) <= 20 else compact_ids(pids),
                 cfg.run_id,
                 cfg.order,
             )
@@ -122,13 +220,45 @@ class Worker:
         )
         return EXIT_OK
 
+    def _task(self, store: RunStore, cfg: RunConfig) -> LoadedTask:
+        """The task, refused when its model is not the run's (the aggregator records that)."""
+        task = load_task(self.s.task or cfg.task)
+        check_coding(task, cfg)
+        deadline = time.monotonic() + 120.0
+        while (record := self._with_retry(store.model_record)) is None:
+            if self._with_retry(store.has_params):
+                # A run seeded without a record (by an earlier version, or a test harness):
+                # its parameters exist, so only their number can be checked.
+                check_size(task, self._with_retry(store.read_params)[1].size, cfg.run_id)
+                return task
+            if time.monotonic() > deadline:
+                raise ConfigError(f"run {cfg.run_id!r} has no model record: is its aggregator up?")
+            if self.stop.wait(0.2):
+                raise StopRequested("stopped while waiting for the run's model")
+        check_model(task, record, cfg.run_id)
+        return task
+
+    def _local_data(self, task: LoadedTask, cfg: RunConfig, pid: int) -> Dataset:
+        ctx = context_for(cfg, pid, self.s.data_dir)
+        ds = task.local_data(ctx)
+        where = f"from {ctx.data_dir}" if ctx.data_dir else "(simulated split)"
+        log.info("participant %d: %d local examples %s", pid, len(ds), where)  # type: ignore[arg-type]
+        return ds
+
     def _participants(self, store: RunStore, cfg: RunConfig) -> list[int]:
+        """Which participants this process hosts, leased in the run's one identity registry."""
         if self.s.participants:
-            return list(self.s.participants)
-        if self.s.slot is not None:
+            pids = list(self.s.participants)
+        elif self.s.slot is not None:
             i, w = self.s.slot
-            return [p for p in range(cfg.participants) if p % w == i]
-        return [store.claim_participant(cfg.participants) for _ in range(self.s.claim)]
+            pids = [p for p in range(cfg.participants) if p % w == i]
+        else:
+            return store.claim(self.s.worker_id, self.s.claim)
+        bad = [p for p in pids if p >= cfg.participants]
+        if bad:
+            raise ConfigError(f"participant ids {bad} are outside 0..{cfg.participants - 1}")
+        store.acquire(self.s.worker_id, pids)
+        return pids
 
     def _with_retry(self, fn):  # type: ignore[no-untyped-def]
         backoff = Backoff(initial=0.2, cap=5.0)
@@ -202,7 +332,7 @@ class Worker:
             if cfg.ordered:
                 # We hold the turn until the aggregator applies this update and passes it on;
                 # looking at the turn before that would start a second epoch on stale state.
-                self._wait_applied(store, pid, report.seq)
+                self._wait_applied(store, pid, report.seq, live)
 
     def _wait_turn(self, store: RunStore, live: list[int]) -> int | None:
         """Block (≤ 1 s) until one of our participants holds the turn."""
@@ -213,10 +343,36 @@ class Worker:
         holder = self._with_retry(store.turn)
         return holder if holder in live else None
 
-    def _wait_applied(self, store: RunStore, pid: int, seq: int, timeout: float = 30.0) -> None:
-        """Hold the turn until our last update is applied, so no one downloads before it lands."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self.stop.is_set():
-            if self._with_retry(lambda: store.applied_high(pid)) >= seq:
+    def _wait_applied(self, store: RunStore, pid: int, seq: int, live: list[int]) -> None:
+        """Hold the turn until our update is applied or refused, or the turn is no longer ours.
+
+        However long the aggregator is away: giving up early would let this holder train again
+        from the same parameters while its update is still queued. The lease thread keeps
+        renewing meanwhile (a silent holder loses the turn after ``turn_timeout``), and a
+        refused update ends the wait at once (the aggregator records ``refused_seq`` after
+        passing the turn).
+        """
+        started = last_beat = time.monotonic()
+        while not self.stop.is_set():
+            applied, holder, refused = self._with_retry(lambda: store.turn_wait_state(pid))
+            if applied >= seq or refused >= seq or holder != pid:
                 return
-            self.stop.wait(0.01)
+            now = time.monotonic()
+            if now - last_beat >= 1.0:
+                if self._should_stop(store):  # a run stopped while the aggregator is away
+                    return
+                last_beat = now
+            # Poll fast while the apply is imminent, gently once the aggregator seems away.
+            self.stop.wait(0.01 if now - started < 2.0 else 0.1)
+
+
+def store_missing_config(store: RunStore) -> bool:
+    try:
+        return store.load_config() is None
+    except StoreError:
+        return False
+
+
+def _permanent(exc: StoreError) -> bool:
+    """Authentication and authorization refusals do not heal by retrying."""
+    return is_permanent(exc)

@@ -1,0 +1,209 @@
+"""Operator-side pieces of the command line: TOML run files, provisioning options, deprovision,
+pre-flight checks of the services with errors a person can act on.
+
+Kept apart from ``dssgd/cli.py`` so the parser there only gains one line per feature.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tomllib
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from shared.errors import BrokerError, ConfigError, DssgdError, StoreError
+
+log = logging.getLogger("dssgd")
+
+# `dssgd run` options that are not part of the stored run configuration, but may come from TOML
+# like every other option (flags win).
+RUN_COMMAND_OPTIONS = ("workers", "target_accuracy", "time_limit", "launcher", "runs_dir")
+EXIT_DENIED = 77  # EX_NOPERM: authentication or authorization refused; retrying cannot help
+
+
+class AccessDenied(DssgdError):
+    """A service refused our credentials or rights: permanent, the operator must act."""
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Settings of a run file: top level or under [run]; any other section is a mistake."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    sections = sorted(k for k, v in data.items() if isinstance(v, dict) and k != "run")
+    if sections:
+        raise ConfigError(
+            f"config file {p}: unknown section(s) {', '.join(f'[{s}]' for s in sections)}; "
+            "settings go at top level or under [run]"
+        )
+    table = {k: v for k, v in data.items() if k != "run"}
+    run = data.get("run", {})
+    both = sorted(set(table) & set(run))
+    if both:
+        raise ConfigError(f"config file {p}: {', '.join(both)} given twice (top level and [run])")
+    return {k.replace("-", "_"): v for k, v in {**table, **run}.items()}
+
+
+def split_run_command_options(values: dict[str, Any], args: argparse.Namespace) -> None:
+    """Move `dssgd run`'s own options (workers, time_limit, ...) from a TOML table onto args,
+    unless a flag already set them."""
+    for name in RUN_COMMAND_OPTIONS:
+        if name in values:
+            value = values.pop(name)
+            if hasattr(args, name) and getattr(args, name) is None:
+                setattr(args, name, value)
+
+
+def add_provision_options(p: argparse.ArgumentParser) -> None:
+    """`dssgd provision` also creates the run, so it takes the run options (but --participants,
+    which it has already)."""
+    from dssgd.cli import PRESETS, RUN_OPTIONS
+
+    g = p.add_argument_group("the run it creates (stored in Redis with admin rights)")
+    g.add_argument("--config", metavar="FILE", help="TOML file with any run settings")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="named set of hyper-parameters")
+    for flag, field_name, tp, help_text in RUN_OPTIONS:
+        if field_name == "participants":
+            continue
+        metavar = field_name.upper().replace("_", "-") if tp is not str else None
+        g.add_argument(flag, dest=field_name, type=tp, metavar=metavar, help=help_text)
+
+
+def add_management_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--management-url",
+        help="RabbitMQ management API, to remove the run's users "
+        "(default http://<amqp host>:15672)",
+    )
+
+
+def add_admin_parsers(sub: Any) -> None:
+    from dssgd.cli import add_connection_options
+
+    p = sub.add_parser(
+        "deprovision",
+        help="remove a run's users (RabbitMQ and Redis ACL) and credential files",
+        description="Remove every RabbitMQ user and Redis ACL user `dssgd provision` made for "
+        "RUN, and its credential files; also for a run that never started. `dssgd delete` "
+        "does this and removes the run's keys and queues too.",
+    )
+    p.add_argument("run_id", metavar="RUN")
+    p.add_argument("--runs-dir", default=os.environ.get("DSSGD_RUNS_DIR", "runs"))
+    add_management_option(p)
+    add_connection_options(p)
+
+
+def remove_users(run_id: str, amqp_url: str, redis_url: str, management_url: str | None) -> int:
+    from shared.provision import deprovision
+
+    return deprovision(run_id, None, amqp_url, redis_url, management_url)
+
+
+def cmd_deprovision(args: argparse.Namespace) -> int:
+    from dssgd.cli import connections
+
+    conns = connections(args)
+    removed = remove_users(args.run_id, conns.amqp_url, conns.redis_url, args.management_url)
+    cred_dir = Path(args.runs_dir) / args.run_id / "credentials"
+    files = list(cred_dir.glob("*.json")) if cred_dir.is_dir() else []
+    for f in files:
+        f.unlink()
+    if removed == 0 and not files:
+        raise ConfigError(f"run {args.run_id!r} has no users to remove")
+    print(f"deprovisioned run {args.run_id}: {removed} users, {len(files)} credential files")
+    return 0
+
+
+def where(url: str, default_port: int) -> str:
+    parts = urllib.parse.urlparse(url)
+    return f"{parts.hostname or '127.0.0.1'}:{parts.port or default_port}"
+
+
+def user_of(url: str) -> str:
+    return urllib.parse.unquote(urllib.parse.urlparse(url).username or "default")
+
+
+def check_redis(url: str) -> None:
+    """One PING with the given URL; a refusal or an unreachable server becomes one clear line."""
+    import redis
+    import redis.exceptions as rex
+
+    at = where(url, 6379)
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=5).ping()
+    except rex.AuthenticationError:
+        raise AccessDenied(
+            f"Redis at {at} refused user {user_of(url)!r}: wrong password or unknown user "
+            "(check --redis-url or the credentials file)"
+        ) from None
+    except rex.NoPermissionError as exc:
+        raise AccessDenied(f"Redis at {at}: user {user_of(url)!r} lacks a right ({exc})") from None
+    except rex.ConnectionError:
+        raise StoreError(
+            f"Redis at {at} is unreachable (is it running, is the host right?); "
+            "`bash deploy/dev.sh services` starts it locally"
+        ) from None
+    except rex.RedisError as exc:
+        raise StoreError(f"Redis at {at}: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"bad Redis URL: {exc}") from None
+
+
+def check_amqp(url: str, name: str) -> None:
+    """Open and close one AMQP connection; a refusal or an unreachable broker is one line."""
+    import pika
+    import pika.exceptions as pex
+
+    at = where(url, 5672)
+    logging.getLogger("pika").setLevel(logging.CRITICAL)  # we say it once, below
+    try:
+        params = pika.URLParameters(url)
+        params.connection_attempts, params.socket_timeout = 1, 5
+        params.blocked_connection_timeout = 10
+        params.client_properties = {"connection_name": name}
+        pika.BlockingConnection(params).close()
+    except (pex.ProbableAuthenticationError, pex.AuthenticationError):
+        raise AccessDenied(
+            f"RabbitMQ at {at} refused user {user_of(url)!r}: wrong password or unknown user "
+            "(check --amqp-url or the credentials file)"
+        ) from None
+    except pex.ProbableAccessDeniedError:
+        raise AccessDenied(
+            f"RabbitMQ at {at}: user {user_of(url)!r} may not use this virtual host"
+        ) from None
+    except (pex.AMQPError, OSError):
+        raise BrokerError(
+            f"RabbitMQ at {at} is unreachable (is it running, is the host right?); "
+            "`bash deploy/dev.sh services` starts it locally"
+        ) from None
+    except ValueError as exc:
+        raise ConfigError(f"bad RabbitMQ URL: {exc}") from None
+    finally:
+        logging.getLogger("pika").setLevel(logging.WARNING)
+
+
+def explicit_run_fields(args: argparse.Namespace) -> set[str]:
+    """Run settings the user gave for this command: flags, TOML file, environment."""
+    from dssgd.cli import RUN_OPTIONS
+    from shared.config import RunConfig, env_overrides
+
+    given = {f for _, f, _, _ in RUN_OPTIONS if getattr(args, f, None) is not None}
+    if getattr(args, "config", None):
+        given |= set(read_toml(args.config)) - set(RUN_COMMAND_OPTIONS)
+    given |= set(env_overrides(RunConfig))
+    if getattr(args, "preset", None):
+        from shared.config import PRESETS
+
+        given |= set(PRESETS.get(args.preset, {}))
+    return given - {"run_id", "created"}
