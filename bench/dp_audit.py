@@ -57,7 +57,8 @@ def audits(samples: int) -> None:
     sigma = noise_multiplier(eps, DELTA, 1.0, 1)
     d = (torch.ones(2), torch.zeros(2))
     d2 = (torch.tensor([1.0, 1.0, 100.0]), torch.tensor([0.0, 0.0, -1.0]))
-    events = {f"g < {t}": (lambda o, t=t: o < t) for t in (-1.0, -2.0, -3.0, -5.0)}
+    events = {f"g > {t}": (lambda o, t=t: o > t) for t in (1.0, 2.0, 3.0, 5.0, 10.0)}
+    events |= {f"g < {-t}": (lambda o, t=t: o < -t) for t in (1.0, 2.0, 3.0, 5.0)}
     n = max(2000, samples // 5)  # one DP-SGD step is ~100× slower than one SVT call
     for name, unclipped in (("DP-SGD step (shipped)", False), ("DP-SGD unclipped (control)", True)):
         r = audit(_one_step(1.0, sigma, unclipped), d2, d, events, n, n // 4, delta=DELTA,

@@ -173,18 +173,23 @@ def _mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((out - target) ** 2).sum()
 
 
-def _one_step(clip_norm: float, sigma: float, noiseless_clip: bool) -> Callable[[object], float]:
+def _one_step(clip_norm: float, sigma: float, unclipped: bool) -> Callable[[object], float]:
+    """One real DP-SGD step on a dataset, as a mechanism: its noisy gradient of the one weight.
+
+    Trainers are built once per dataset (the weight stays 0: noisy_gradient does not step)."""
     gen = torch.Generator().manual_seed(7)
+    trainers: dict[int, DpSgdTrainer] = {}
 
     def mech(data: object) -> float:
-        x, y = data  # type: ignore[misc]
-        m = _Scalar()
-        t = DpSgdTrainer(m, x, y, 1.0, 2, clip_norm, sigma, loss=_mse, generator=gen)
-        if noiseless_clip:  # the negative control: noise for C, but no per-example clipping
-            t.clip = 1e9
-            t.sigma = sigma * clip_norm / 1e9
-        g = t.noisy_gradient(torch.arange(len(x)))
-        return float(g["w"])
+        if id(data) not in trainers:
+            x, y = data  # type: ignore[misc]
+            t = DpSgdTrainer(_Scalar(), x, y, 1.0, 2, clip_norm, sigma, loss=_mse, generator=gen)
+            if unclipped:  # the negative control: noise for C, but no per-example clipping
+                t.clip = 1e9
+                t.sigma = sigma * clip_norm / 1e9
+            trainers[id(data)] = t
+        t = trainers[id(data)]
+        return float(t.noisy_gradient(torch.arange(len(t.x)))["w"])
 
     return mech
 
@@ -198,10 +203,11 @@ def test_dpsgd_step_within_claim_and_unclipped_step_flagged() -> None:
     sigma = noise_multiplier(eps, DELTA, 1.0, 1)
     d = (torch.ones(2), torch.zeros(2))
     d2 = (torch.tensor([1.0, 1.0, 100.0]), torch.tensor([0.0, 0.0, -1.0]))
-    events = {f"g < {t}": (lambda o, t=t: o < t) for t in (-1.0, -2.0, -3.0, -5.0)}
-    ok = audit(_one_step(1.0, sigma, False), d2, d, events, 3000, pilot=600, delta=DELTA)
+    events = {f"g > {t}": (lambda o, t=t: o > t) for t in (1.0, 2.0, 3.0, 5.0, 10.0)}
+    events |= {f"g < {-t}": (lambda o, t=t: o < -t) for t in (1.0, 2.0, 3.0, 5.0)}
+    ok = audit(_one_step(1.0, sigma, False), d2, d, events, 1200, pilot=300, delta=DELTA)
     assert ok.epsilon_lb <= eps, ok
-    bad = audit(_one_step(1.0, sigma, True), d2, d, events, 3000, pilot=600, delta=DELTA)
+    bad = audit(_one_step(1.0, sigma, True), d2, d, events, 1200, pilot=300, delta=DELTA)
     assert bad.epsilon_lb > 2 * eps, bad
 
 
