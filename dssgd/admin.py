@@ -1,7 +1,7 @@
 """Operator-side pieces of the command line: TOML run files, provisioning options, deprovision,
 pre-flight checks of the services with errors a person can act on.
 
-Kept apart from ``dssgd/cli.py`` so the parser there only gains one line per feature.
+Kept apart from ``dssgd/parser.py`` so the parser there only gains one line per feature.
 """
 
 from __future__ import annotations
@@ -9,18 +9,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import tomllib
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from dssgd.options import RUN_OPTIONS, add_connection_options, connections
+from dssgd.shared.config import PRESETS
 from dssgd.shared.errors import BrokerError, ConfigError, DssgdError, StoreError
 
 log = logging.getLogger("dssgd")
 
-# `dssgd run` options that are not part of the stored run configuration, but may come from TOML
-# like every other option (flags win).
-RUN_COMMAND_OPTIONS = ("workers", "target_accuracy", "time_limit", "launcher", "runs_dir")
 EXIT_DENIED = 77  # EX_NOPERM: authentication or authorization refused; retrying cannot help
 
 
@@ -28,48 +26,9 @@ class AccessDenied(DssgdError):
     """A service refused our credentials or rights: permanent, the operator must act."""
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """Settings of a run file: top level or under [run]; any other section is a mistake."""
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {p} does not exist") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {p} is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
-    sections = sorted(k for k, v in data.items() if isinstance(v, dict) and k != "run")
-    if sections:
-        raise ConfigError(
-            f"config file {p}: unknown section(s) {', '.join(f'[{s}]' for s in sections)}; "
-            "settings go at top level or under [run]"
-        )
-    table = {k: v for k, v in data.items() if k != "run"}
-    run = data.get("run", {})
-    both = sorted(set(table) & set(run))
-    if both:
-        raise ConfigError(f"config file {p}: {', '.join(both)} given twice (top level and [run])")
-    return {k.replace("-", "_"): v for k, v in {**table, **run}.items()}
-
-
-def split_run_command_options(values: dict[str, Any], args: argparse.Namespace) -> None:
-    """Move `dssgd run`'s own options (workers, time_limit, ...) from a TOML table onto args,
-    unless a flag already set them."""
-    for name in RUN_COMMAND_OPTIONS:
-        if name in values:
-            value = values.pop(name)
-            if hasattr(args, name) and getattr(args, name) is None:
-                setattr(args, name, value)
-
-
 def add_provision_options(p: argparse.ArgumentParser) -> None:
     """`dssgd provision` also creates the run, so it takes the run options (but --participants,
     which it has already)."""
-    from dssgd.cli import PRESETS, RUN_OPTIONS
-
     g = p.add_argument_group("the run it creates (stored in Redis with admin rights)")
     g.add_argument("--config", metavar="FILE", help="TOML file with any run settings")
     g.add_argument("--preset", choices=sorted(PRESETS), help="named set of hyper-parameters")
@@ -89,8 +48,6 @@ def add_management_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_admin_parsers(sub: Any) -> None:
-    from dssgd.cli import add_connection_options
-
     p = sub.add_parser(
         "deprovision",
         help="remove a run's users (RabbitMQ and Redis ACL) and credential files",
@@ -111,8 +68,6 @@ def remove_users(run_id: str, amqp_url: str, redis_url: str, management_url: str
 
 
 def cmd_deprovision(args: argparse.Namespace) -> int:
-    from dssgd.cli import connections
-
     conns = connections(args)
     removed = remove_users(args.run_id, conns.amqp_url, conns.redis_url, args.management_url)
     cred_dir = Path(args.runs_dir) / args.run_id / "credentials"
@@ -191,19 +146,3 @@ def check_amqp(url: str, name: str) -> None:
         raise ConfigError(f"bad RabbitMQ URL: {exc}") from None
     finally:
         logging.getLogger("pika").setLevel(logging.WARNING)
-
-
-def explicit_run_fields(args: argparse.Namespace) -> set[str]:
-    """Run settings the user gave for this command: flags, TOML file, environment."""
-    from dssgd.cli import RUN_OPTIONS
-    from dssgd.shared.config import RunConfig, env_overrides
-
-    given = {f for _, f, _, _ in RUN_OPTIONS if getattr(args, f, None) is not None}
-    if getattr(args, "config", None):
-        given |= set(read_toml(args.config)) - set(RUN_COMMAND_OPTIONS)
-    given |= set(env_overrides(RunConfig))
-    if getattr(args, "preset", None):
-        from dssgd.shared.config import PRESETS
-
-        given |= set(PRESETS.get(args.preset, {}))
-    return given - {"run_id", "created"}

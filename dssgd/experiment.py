@@ -194,7 +194,34 @@ def write_results(
     dp_points: list[dict[str, Any]],
     wall: float,
 ) -> None:
-    img = out / "img"
+    _write_plots(out / "img", name, preset, cen, alone, points, dp_points)
+    section = _results_section(name, preset, cen, alone, points, dp_points, wall)
+    (out / f"results-{name}.json").write_text(
+        json.dumps(
+            {
+                "preset": name,
+                "centralized": cen.points,
+                "standalone": alone.points,
+                "points": points,
+                "dp_points": dp_points,
+                "wall_seconds": wall,
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    _replace_section(out / "RESULTS.md", name, section)
+
+
+def _write_plots(
+    img: Path,
+    name: str,
+    preset: Preset,
+    cen: Curve,
+    alone: Curve,
+    points: list[dict[str, Any]],
+    dp_points: list[dict[str, Any]],
+) -> None:
     series = {
         "centralized": [(float(e), a) for e, a in cen.points],
         "standalone": [(float(e), a) for e, a in alone.points],
@@ -224,7 +251,18 @@ def write_results(
             f"DSSGD with DP, N={preset.participants}",
             logx=True,
         )
-    by_label = {p["label"]: p for p in points}
+
+
+def _results_section(
+    name: str,
+    preset: Preset,
+    cen: Curve,
+    alone: Curve,
+    points: list[dict[str, Any]],
+    dp_points: list[dict[str, Any]],
+    wall: float,
+) -> str:
+    """The preset's Markdown section of RESULTS.md: set-up, the two tables, the checks."""
     lines = [
         f"## Preset `{name}` (N = {preset.participants}, {preset.epochs} epochs per participant)",
         "",
@@ -244,19 +282,8 @@ def write_results(
     for p in points:
         paper = "≈ 0.99 expected" if "θu=0.1" in p["label"] and "round" in p["label"] else ""
         lines.append(f"| {p['label']} | {p['accuracy']:.4f} | {paper} |")
-    lines += [
-        "",
-        "| DP point (round robin) | ours | paper | ε per participant, whole run: basic / PLD |",
-        "|---|---|---|---|",
-    ]
-    for p in dp_points:
-        ref = PAPER_DP.get(p["theta"], {}).get(p["eps"])
-        basic, tight = honest_epsilon(p["theta"], p["eps"], preset.epochs)
-        lines.append(
-            f"| θu = {p['theta']}, ε/c = {p['eps']} | {p['accuracy']:.4f} | "
-            f"{ref if ref is not None else '-'} | {basic:,.0f} / {tight:,.4g} |"
-        )
-    rr01 = by_label.get("DSSGD round-robin θu=0.1")
+    lines += _dp_table(preset, dp_points)
+    rr01 = {p["label"]: p for p in points}.get("DSSGD round-robin θu=0.1")
     if rr01:
         lines += [
             "",
@@ -271,22 +298,27 @@ def write_results(
         f"![accuracy against ε/c](img/results-{name}-dp.png)",
         "",
     ]
-    section = "\n".join(lines)
-    (out / f"results-{name}.json").write_text(
-        json.dumps(
-            {
-                "preset": name,
-                "centralized": cen.points,
-                "standalone": alone.points,
-                "points": points,
-                "dp_points": dp_points,
-                "wall_seconds": wall,
-            },
-            indent=1,
-            default=str,
+    return "\n".join(lines)
+
+
+def _dp_table(preset: Preset, dp_points: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "| DP point (round robin) | ours | paper | ε per participant, whole run: basic / PLD |",
+        "|---|---|---|---|",
+    ]
+    for p in dp_points:
+        ref = PAPER_DP.get(p["theta"], {}).get(p["eps"])
+        basic, tight = honest_epsilon(p["theta"], p["eps"], preset.epochs)
+        lines.append(
+            f"| θu = {p['theta']}, ε/c = {p['eps']} | {p['accuracy']:.4f} | "
+            f"{ref if ref is not None else '-'} | {basic:,.0f} / {tight:,.4g} |"
         )
-    )
-    results = out / "RESULTS.md"
+    return lines
+
+
+def _replace_section(results: Path, name: str, section: str) -> None:
+    """Put the preset's section between its markers, keeping the other presets' sections."""
     text = results.read_text() if results.exists() else ""
     marker_start, marker_end = f"<!-- preset:{name} -->", f"<!-- /preset:{name} -->"
     block = f"{marker_start}\n{section}\n{marker_end}"

@@ -103,8 +103,8 @@ def _child_main(
         # The inherited sys.stdout/sys.stderr may be wrappers (a test runner's capture, say).
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-        if entry is None:
-            from dssgd.cli import main as entry
+        if entry is None:  # the service commands, without the CLI (it imports us)
+            from dssgd.services import service_main as entry
         code = entry(argv)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1

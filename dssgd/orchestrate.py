@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dssgd.cli import connections, run_config_from_args
-from dssgd.launcher import make_launcher
+from dssgd.launcher import Launcher, make_launcher
+from dssgd.options import connections, explicit_run_fields, run_config_from_args
 from dssgd.shared.amqp_names import AmqpNames
 from dssgd.shared.broker import connect as amqp_connect
 from dssgd.shared.broker import declare_topology
@@ -236,8 +236,6 @@ def _refuse_live(store: RunStore) -> None:
 def _resume_config(stored: RunConfig, args: argparse.Namespace, wanted: RunConfig) -> RunConfig:
     """--resume continues with the stored configuration; a different value given now could not
     take effect, so it is refused rather than ignored."""
-    from dssgd.admin import explicit_run_fields
-
     given = explicit_run_fields(args)
     diff = [
         f"{f} (stored {getattr(stored, f)!r}, given {getattr(wanted, f)!r})"
@@ -256,39 +254,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
     run_id = args.run_id or default_run_id()
     cfg = run_config_from_args(args, run_id)
-    _resolve_run_command_defaults(args)
-    if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
-        raise ConfigError("--target-accuracy must be in (0, 1]")
-    if args.time_limit <= 0:
-        raise ConfigError("--time-limit must be > 0")
-    workers = args.workers or min(cfg.participants, max(1, os.cpu_count() or 1))
-    if workers < 1:
-        raise ConfigError("--workers must be >= 1")
-    workers = min(workers, cfg.participants)
+    workers = _check_run_args(args, cfg)
     conns = connections(args)
     from dssgd.shared.tasks import preflight
 
     preflight(cfg)  # a bad task or missing data fails here, in one line (and warms MNIST's cache)
-
     store = RunStore(redis_connect(conns.redis_url), run_id)
-    names = AmqpNames(run_id)
-    _check_services(store, conns.amqp_url, names, cfg.queue_max_length)
-    existing = store.load_config()
-    if existing is not None and not args.resume:
-        raise ConfigError(
-            f"run {run_id!r} already exists; pass --resume to continue it or "
-            "choose another --run-id (dssgd runs lists them)"
-        )
+    _check_services(store, conns.amqp_url, AmqpNames(run_id), cfg.queue_max_length)
     run_dir = Path(args.runs_dir) / run_id
-    if existing is not None:
-        _refuse_live(store)
-        cfg = _resume_config(existing, args, cfg)
-        store.clear_stop()
-        workers = min(args.workers or workers, cfg.participants)
-    _prepare_run_dir(run_dir)
-    if existing is None:
-        cfg, _ = store.create_config(cfg)
-    (run_dir / "config.json").write_text(json.dumps(json.loads(cfg.to_json()), indent=2) + "\n")
+    cfg, workers = _open_run(store, args, cfg, workers, run_dir)
     sup = make_launcher(args.launcher, run_dir, run_id, workers, conns)
     stop = StopFlag()
     install_signal_handlers(stop)
@@ -302,52 +276,122 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     tty = sys.stderr.isatty()
     reason = ""
-    last_line = 0.0
     try:
         sup.start()  # inside: services started before a failure are stopped below
-        while True:
-            if stop.wait(0.5):
-                reason = "interrupted"
-                break
-            p = _snapshot(store, cfg, t_start)
-            if p.finished >= cfg.participants:
-                reason = (
-                    f"every participant finished its {cfg.epochs} epochs"
-                    if cfg.dp_budget is None
-                    else f"every participant stopped ({cfg.epochs} epochs or its privacy budget)"
-                )
-            elif (
-                args.target_accuracy is not None
-                and p.accuracy is not None
-                and p.accuracy >= args.target_accuracy
-            ):
-                reason = f"target accuracy {args.target_accuracy} reached"
-            elif p.elapsed >= args.time_limit:
-                reason = f"time limit of {args.time_limit:.0f} s reached"
-            if tty or time.monotonic() - last_line >= 5 or reason:
-                _show(p, args.time_limit, tty)
-                last_line = time.monotonic()
-            if reason:
-                break
-            bad = [k for k, v in sup.states().items() if v in ("FATAL", "BACKOFF")]
-            if bad:
-                reason = f"processes failed: {', '.join(bad)} (see {run_dir / 'logs'})"
-                for name in bad:
-                    log.error("%s: %s", name, _last_line(run_dir / "logs", name))
-                break
+        reason = _watch(sup, store, cfg, args, run_dir, stop, t_start, tty)
     finally:
         if tty:
             sys.stderr.write("\n")
-        try:
-            store.request_stop(reason or "stopped")
-            sup.stop_workers()
-            if not _wait_drained(store, cfg):
-                log.warning("some confirmed updates were not applied before the aggregator stopped")
-        finally:
-            # Even if Redis went away just now, no service may outlive `dssgd run`.
-            sup.stop_aggregator()
-            sup.shutdown()
-    result = summary(store, cfg, time.monotonic() - t_start, reason)
+        _wind_down(sup, store, cfg, reason)
+    _report(store, cfg, args, run_dir, time.monotonic() - t_start, reason)
+    return EXIT_OK
+
+
+def _check_run_args(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """Validate the `dssgd run` options; the number of worker processes to start."""
+    _resolve_run_command_defaults(args)
+    if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
+        raise ConfigError("--target-accuracy must be in (0, 1]")
+    if args.time_limit <= 0:
+        raise ConfigError("--time-limit must be > 0")
+    workers = args.workers or min(cfg.participants, max(1, os.cpu_count() or 1))
+    if workers < 1:
+        raise ConfigError("--workers must be >= 1")
+    return min(workers, cfg.participants)
+
+
+def _open_run(
+    store: RunStore, args: argparse.Namespace, cfg: RunConfig, workers: int, run_dir: Path
+) -> tuple[RunConfig, int]:
+    """Create the run (or, with --resume, take the stored one) and its folder."""
+    existing = store.load_config()
+    if existing is not None and not args.resume:
+        raise ConfigError(
+            f"run {store.run_id!r} already exists; pass --resume to continue it or "
+            "choose another --run-id (dssgd runs lists them)"
+        )
+    if existing is not None:
+        _refuse_live(store)
+        cfg = _resume_config(existing, args, cfg)
+        store.clear_stop()
+        workers = min(args.workers or workers, cfg.participants)
+    _prepare_run_dir(run_dir)
+    if existing is None:
+        cfg, _ = store.create_config(cfg)
+    (run_dir / "config.json").write_text(json.dumps(json.loads(cfg.to_json()), indent=2) + "\n")
+    return cfg, workers
+
+
+def _stop_reason(p: Progress, cfg: RunConfig, args: argparse.Namespace) -> str:
+    """Why the run should stop now, given the latest progress snapshot; "" to go on."""
+    if p.finished >= cfg.participants:
+        return (
+            f"every participant finished its {cfg.epochs} epochs"
+            if cfg.dp_budget is None
+            else f"every participant stopped ({cfg.epochs} epochs or its privacy budget)"
+        )
+    if (
+        args.target_accuracy is not None
+        and p.accuracy is not None
+        and p.accuracy >= args.target_accuracy
+    ):
+        return f"target accuracy {args.target_accuracy} reached"
+    if p.elapsed >= args.time_limit:
+        return f"time limit of {args.time_limit:.0f} s reached"
+    return ""
+
+
+def _watch(
+    sup: Launcher,
+    store: RunStore,
+    cfg: RunConfig,
+    args: argparse.Namespace,
+    run_dir: Path,
+    stop: StopFlag,
+    t_start: float,
+    tty: bool,
+) -> str:
+    """Show progress until a stop condition, a signal or a failed process; return the reason."""
+    last_line = 0.0
+    while True:
+        if stop.wait(0.5):
+            return "interrupted"
+        p = _snapshot(store, cfg, t_start)
+        reason = _stop_reason(p, cfg, args)
+        if tty or time.monotonic() - last_line >= 5 or reason:
+            _show(p, args.time_limit, tty)
+            last_line = time.monotonic()
+        if reason:
+            return reason
+        bad = [k for k, v in sup.states().items() if v in ("FATAL", "BACKOFF")]
+        if bad:
+            for name in bad:
+                log.error("%s: %s", name, _last_line(run_dir / "logs", name))
+            return f"processes failed: {', '.join(bad)} (see {run_dir / 'logs'})"
+
+
+def _wind_down(sup: Launcher, store: RunStore, cfg: RunConfig, reason: str) -> None:
+    """Workers first, then the aggregator once every confirmed update is applied."""
+    try:
+        store.request_stop(reason or "stopped")
+        sup.stop_workers()
+        if not _wait_drained(store, cfg):
+            log.warning("some confirmed updates were not applied before the aggregator stopped")
+    finally:
+        # Even if Redis went away just now, no service may outlive `dssgd run`.
+        sup.stop_aggregator()
+        sup.shutdown()
+
+
+def _report(
+    store: RunStore,
+    cfg: RunConfig,
+    args: argparse.Namespace,
+    run_dir: Path,
+    elapsed: float,
+    reason: str,
+) -> None:
+    result = summary(store, cfg, elapsed, reason)
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     from dssgd.results import write_plot
 
@@ -359,4 +403,3 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print_table(result)
-    return EXIT_OK

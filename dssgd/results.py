@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dssgd.cli import connections
+from dssgd.options import connections
 from dssgd.plot import plot_run
 from dssgd.shared.config import RunConfig
 from dssgd.shared.errors import ConfigError

@@ -12,7 +12,15 @@ from pathlib import Path
 
 from dssgd.admin import check_amqp, check_redis
 from dssgd.aggregator.service import Aggregator, AggregatorSettings
-from dssgd.cli import connections, parse_participants, parse_slot, run_config_from_args
+from dssgd.entry import run_command
+from dssgd.options import (
+    RUN_OPTIONS,
+    connections,
+    explicit_run_fields,
+    parse_participants,
+    parse_slot,
+    run_config_from_args,
+)
 from dssgd.shared.broker import connect as amqp_connect
 from dssgd.shared.config import Connections, RunConfig
 from dssgd.shared.errors import ConfigError, DssgdError
@@ -25,9 +33,20 @@ from dssgd.worker.service import Worker, WorkerSettings
 log = logging.getLogger("dssgd")
 
 
-def _any_run_option(args: argparse.Namespace) -> bool:
-    from dssgd.cli import RUN_OPTIONS
+def service_main(argv: list[str]) -> int:
+    """`dssgd aggregator|worker ARGS` in a forked child, parsed and guarded like the CLI does."""
+    return run_command(argv, _dispatch_service)
 
+
+def _dispatch_service(args: argparse.Namespace) -> int | None:
+    if args.command == "aggregator":
+        return cmd_aggregator(args)
+    if args.command == "worker":
+        return cmd_worker(args)
+    return None
+
+
+def _any_run_option(args: argparse.Namespace) -> bool:
     return bool(args.config or args.preset) or any(
         getattr(args, f, None) is not None for _, f, _, _ in RUN_OPTIONS
     )
@@ -104,8 +123,6 @@ def _clear_heartbeat(store: RunStore, name: str) -> None:
 
 
 def _refuse_different(stored: RunConfig, args: argparse.Namespace, wanted: RunConfig) -> None:
-    from dssgd.admin import explicit_run_fields
-
     diff = [
         f"{f} (stored {getattr(stored, f)!r}, given {getattr(wanted, f)!r})"
         for f in sorted(explicit_run_fields(args))

@@ -7,10 +7,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
-from dssgd.cli import connections
+from dssgd.options import connections
 from dssgd.shared.amqp_names import AmqpNames
 from dssgd.shared.broker import connect as amqp_connect
 from dssgd.shared.broker import delete_topology, queue_depth
@@ -63,6 +64,50 @@ def _latest_run(r: Any) -> str:
     return run
 
 
+def _participant_row(
+    pid: int,
+    p: dict[str, str],
+    version: int,
+    now: float,
+    active: Container[int],
+    finished: Container[int],
+) -> dict[str, Any]:
+    """One participant's line of `dssgd status`, from its progress hash (empty: never seen)."""
+    last = float(p.get("last_seen", 0) or 0)
+    base = int(p.get("base_version", 0) or 0)
+    return {
+        "participant": pid,
+        "epochs": int(p.get("epochs", 0)),
+        "seq": int(p.get("seq", 0)),
+        "state": "finished"
+        if pid in finished
+        else "active"
+        if pid in active
+        else "waiting"
+        if not p
+        else "gone",
+        "last_seen_s": round(now - last, 1) if last else None,
+        "staleness": version - base if p else None,
+        "bytes_up": int(p.get("bytes_up", 0)),
+        "loss": float(p["loss"]) if "loss" in p else None,
+        "epsilon": float(p["dp_total"]) if "dp_total" in p else None,
+        # which valid bound "epsilon" is (pld, advanced, basic) and its δ
+        "epsilon_bound": p.get("dp_bound"),
+        "epsilon_delta": float(p["dp_total_delta"]) if "dp_total_delta" in p else None,
+        "stopped": p.get("stopped"),
+    }
+
+
+def _update_rate(metrics: list[dict[str, Any]]) -> float | None:
+    """Updates applied per second over the last few metric points."""
+    if len(metrics) < 2:
+        return None
+    a, b = metrics[max(0, len(metrics) - 6)], metrics[-1]
+    if b["time"] > a["time"]:
+        return (b["applied"] - a["applied"]) / (b["time"] - a["time"])
+    return None
+
+
 def collect(store: RunStore, amqp_url: str) -> dict[str, Any]:
     cfg = store.load_config()
     if cfg is None:
@@ -74,47 +119,18 @@ def collect(store: RunStore, amqp_url: str) -> dict[str, Any]:
     progress = store.all_progress(cfg.participants)
     active = store.active()
     finished = store.finished()
-    participants = []
-    for pid in range(cfg.participants):
-        p = progress.get(pid, {})
-        last = float(p.get("last_seen", 0) or 0)
-        base = int(p.get("base_version", 0) or 0)
-        participants.append(
-            {
-                "participant": pid,
-                "epochs": int(p.get("epochs", 0)),
-                "seq": int(p.get("seq", 0)),
-                "state": "finished"
-                if pid in finished
-                else "active"
-                if pid in active
-                else "waiting"
-                if not p
-                else "gone",
-                "last_seen_s": round(now - last, 1) if last else None,
-                "staleness": version - base if p else None,
-                "bytes_up": int(p.get("bytes_up", 0)),
-                "loss": float(p["loss"]) if "loss" in p else None,
-                "epsilon": float(p["dp_total"]) if "dp_total" in p else None,
-                # which valid bound "epsilon" is (pld, advanced, basic) and its δ
-                "epsilon_bound": p.get("dp_bound"),
-                "epsilon_delta": float(p["dp_total_delta"]) if "dp_total_delta" in p else None,
-                "stopped": p.get("stopped"),
-            }
-        )
+    participants = [
+        _participant_row(pid, progress.get(pid, {}), version, now, active, finished)
+        for pid in range(cfg.participants)
+    ]
     agg = store.r.get(store.keys.heartbeat_aggregator)
     last_metric = metrics[-1] if metrics else None
-    rate = None
-    if len(metrics) >= 2:
-        a, b = metrics[max(0, len(metrics) - 6)], metrics[-1]
-        if b["time"] > a["time"]:
-            rate = (b["applied"] - a["applied"]) / (b["time"] - a["time"])
     return {
         "run_id": cfg.run_id,
         "config": json.loads(cfg.to_json()),
         "version": version,
         "counters": counters,
-        "updates_per_second": rate,
+        "updates_per_second": _update_rate(metrics),
         "queues": queue_depth(amqp_url, AmqpNames(cfg.run_id)),
         "aggregator": json.loads(agg) if agg else None,
         "accuracy": last_metric["accuracy"] if last_metric else None,
