@@ -41,7 +41,25 @@ class AggregatorMetrics:
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self.registry = CollectorRegistry(auto_describe=True)
-        reg, run = self.registry, ("run",)
+        self._declare_update_metrics(self.registry)
+        self._declare_state_metrics(self.registry)
+        # Children created now so a scrape before the first batch shows zeros rather than missing
+        # series (rate() over a series that appears mid-way loses its first increment). Accuracy,
+        # loss and ε are left absent until measured: a 0 there would read as a real value.
+        self._applied_c = self._applied.labels(run_id)
+        self._duplicates_c = self._duplicates.labels(run_id)
+        self._apply_seconds_c = self._apply_seconds.labels(run_id)
+        self._staleness_c = self._staleness.labels(run_id)
+        self._bytes_in_c = self._bytes_in.labels(run_id)
+        self._version_c = self._version.labels(run_id)
+        self._batch_size_c = self._batch_size.labels(run_id)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _declare_update_metrics(self, reg: CollectorRegistry) -> None:
+        """What happens to the updates received (declared in exposition order)."""
+        run = ("run",)
         self._applied = Counter(
             "dssgd_updates_applied", "Updates applied to the global model", run, registry=reg
         )
@@ -71,6 +89,10 @@ class AggregatorMetrics:
         self._bytes_in = Counter(
             "dssgd_bytes_in", "Bytes of update messages received", run, registry=reg
         )
+
+    def _declare_state_metrics(self, reg: CollectorRegistry) -> None:
+        """The global model's version and quality, ε spent, and the last batch's size."""
+        run = ("run",)
         self._version = Gauge(
             "dssgd_global_version", "Global model version (updates applied)", run, registry=reg
         )
@@ -97,19 +119,6 @@ class AggregatorMetrics:
             run,
             registry=reg,
         )
-        # Children created now so a scrape before the first batch shows zeros rather than missing
-        # series (rate() over a series that appears mid-way loses its first increment). Accuracy,
-        # loss and ε are left absent until measured: a 0 there would read as a real value.
-        self._applied_c = self._applied.labels(run_id)
-        self._duplicates_c = self._duplicates.labels(run_id)
-        self._apply_seconds_c = self._apply_seconds.labels(run_id)
-        self._staleness_c = self._staleness.labels(run_id)
-        self._bytes_in_c = self._bytes_in.labels(run_id)
-        self._version_c = self._version.labels(run_id)
-        self._batch_size_c = self._batch_size.labels(run_id)
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
 
     # --- recording ---------------------------------------------------------------------------
 

@@ -102,72 +102,100 @@ class RunConfig:
                 f"run id {self.run_id!r} must be 1-48 letters, digits, '-' or '_' (not first)"
             )
         problems += self._normalise_task()
-        if not 1 <= self.participants <= 100_000:
-            problems.append(f"participants must be 1..100000, got {self.participants}")
-        if not 1 <= self.shard_size <= 50_000:
-            problems.append(f"shard size must be 1..50000, got {self.shard_size}")
-        if self.label_skew is not None and not self.label_skew > 0:
-            problems.append("label skew (Dirichlet α) must be > 0")
-        for name in ("theta_u", "theta_d"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and 0 < v <= 1):
-                problems.append(f"{name} must be in (0, 1], got {v}")
-        if self.buffers not in BUFFERS:
-            problems.append(f"buffers must be one of {', '.join(BUFFERS)}, got {self.buffers!r}")
-        if self.download not in DOWNLOADS:
-            problems.append(f"download must be one of {', '.join(DOWNLOADS)}")
-        if self.selection not in SELECTIONS and not is_spec(self.selection):
-            problems.append(f"selection must be one of {', '.join(SELECTIONS)} or pkg.mod:Name")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            problems.append(f"learning rate must be > 0, got {self.lr}")
-        if not 1 <= self.batch_size <= 50_000:
-            problems.append(f"batch size must be >= 1, got {self.batch_size}")
-        if self.gamma is not None and not (math.isfinite(self.gamma) and self.gamma > 0):
-            problems.append(f"gamma must be > 0, got {self.gamma}")
-        if self.tau is not None and not (math.isfinite(self.tau) and self.tau >= 0):
-            problems.append(f"tau must be >= 0, got {self.tau}")
-        if self.order not in ORDERS:
-            problems.append(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
-        if self.rule not in RULES and not is_spec(self.rule):
-            problems.append(
-                f"rule must be one of {', '.join(RULES)} or pkg.mod:Name, got {self.rule!r}"
-            )
-        if not (math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0):
-            problems.append("staleness exponent must be >= 0")
-        if not 0 < self.stat_decay <= 1:
-            problems.append("stat decay β must be in (0, 1]")
-        if self.value_coding not in VALUE_CODINGS:
-            problems.append(f"value coding must be one of {', '.join(VALUE_CODINGS)}")
+        problems += self._data_problems()
+        problems += self._training_problems()
+        problems += self._aggregation_problems()
         problems.extend(_coding_problems(self))
-        if self.epochs < 0:
-            problems.append("epochs must be >= 0")
-        if not (math.isfinite(self.eval_interval) and self.eval_interval > 0):
-            problems.append("eval interval must be > 0 seconds")
-        if self.max_staleness is not None and self.max_staleness < 0:
-            problems.append("max staleness must be >= 0")
-        if self.max_l2 is not None and not (math.isfinite(self.max_l2) and self.max_l2 > 0):
-            problems.append("max L2 norm must be > 0")
-        if self.rate_limit is not None and not (
-            math.isfinite(self.rate_limit) and self.rate_limit > 0
-        ):
-            problems.append("rate limit must be > 0 updates per second")
-        if self.dp_eps_per_value is not None and not (
-            math.isfinite(self.dp_eps_per_value) and self.dp_eps_per_value > 0
-        ):
-            problems.append("DP ε per value must be > 0")
-        if self.dp_budget is not None and not (
-            math.isfinite(self.dp_budget) and self.dp_budget > 0
-        ):
-            problems.append("DP budget must be > 0")
-        if self.dp_budget is not None and self.dp_eps_per_value is None:
-            problems.append("a DP budget needs --dp-eps-per-value")
-        if not 0 < self.dp_delta < 1:
-            problems.append("DP δ' must be in (0, 1)")
+        problems += self._run_problems()
+        problems += self._svt_problems()
         problems += self._dpsgd_problems()
         if not 1 <= self.queue_max_length <= 10_000_000:
             problems.append("queue max length must be 1..10000000")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _data_problems(self) -> list[str]:
+        """Participants, shards, thresholds and the exchange modes."""
+        out = []
+        if not 1 <= self.participants <= 100_000:
+            out.append(f"participants must be 1..100000, got {self.participants}")
+        if not 1 <= self.shard_size <= 50_000:
+            out.append(f"shard size must be 1..50000, got {self.shard_size}")
+        if self.label_skew is not None and not self.label_skew > 0:
+            out.append("label skew (Dirichlet α) must be > 0")
+        for name in ("theta_u", "theta_d"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and 0 < v <= 1):
+                out.append(f"{name} must be in (0, 1], got {v}")
+        if self.buffers not in BUFFERS:
+            out.append(f"buffers must be one of {', '.join(BUFFERS)}, got {self.buffers!r}")
+        if self.download not in DOWNLOADS:
+            out.append(f"download must be one of {', '.join(DOWNLOADS)}")
+        if self.selection not in SELECTIONS and not is_spec(self.selection):
+            out.append(f"selection must be one of {', '.join(SELECTIONS)} or pkg.mod:Name")
+        return out
+
+    def _training_problems(self) -> list[str]:
+        """The local step: learning rate, batch, γ and τ."""
+        out = []
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            out.append(f"learning rate must be > 0, got {self.lr}")
+        if not 1 <= self.batch_size <= 50_000:
+            out.append(f"batch size must be >= 1, got {self.batch_size}")
+        if self.gamma is not None and not (math.isfinite(self.gamma) and self.gamma > 0):
+            out.append(f"gamma must be > 0, got {self.gamma}")
+        if self.tau is not None and not (math.isfinite(self.tau) and self.tau >= 0):
+            out.append(f"tau must be >= 0, got {self.tau}")
+        return out
+
+    def _aggregation_problems(self) -> list[str]:
+        """How the aggregator orders, weighs and encodes updates."""
+        out = []
+        if self.order not in ORDERS:
+            out.append(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.rule not in RULES and not is_spec(self.rule):
+            out.append(f"rule must be one of {', '.join(RULES)} or pkg.mod:Name, got {self.rule!r}")
+        if not (math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0):
+            out.append("staleness exponent must be >= 0")
+        if not 0 < self.stat_decay <= 1:
+            out.append("stat decay β must be in (0, 1]")
+        if self.value_coding not in VALUE_CODINGS:
+            out.append(f"value coding must be one of {', '.join(VALUE_CODINGS)}")
+        return out
+
+    def _run_problems(self) -> list[str]:
+        """Run length, evaluation and the aggregator's admission limits."""
+        out = []
+        if self.epochs < 0:
+            out.append("epochs must be >= 0")
+        if not (math.isfinite(self.eval_interval) and self.eval_interval > 0):
+            out.append("eval interval must be > 0 seconds")
+        if self.max_staleness is not None and self.max_staleness < 0:
+            out.append("max staleness must be >= 0")
+        if self.max_l2 is not None and not (math.isfinite(self.max_l2) and self.max_l2 > 0):
+            out.append("max L2 norm must be > 0")
+        if self.rate_limit is not None and not (
+            math.isfinite(self.rate_limit) and self.rate_limit > 0
+        ):
+            out.append("rate limit must be > 0 updates per second")
+        return out
+
+    def _svt_problems(self) -> list[str]:
+        """The paper's sparse-vector DP settings and the reported δ'."""
+        out = []
+        if self.dp_eps_per_value is not None and not (
+            math.isfinite(self.dp_eps_per_value) and self.dp_eps_per_value > 0
+        ):
+            out.append("DP ε per value must be > 0")
+        if self.dp_budget is not None and not (
+            math.isfinite(self.dp_budget) and self.dp_budget > 0
+        ):
+            out.append("DP budget must be > 0")
+        if self.dp_budget is not None and self.dp_eps_per_value is None:
+            out.append("a DP budget needs --dp-eps-per-value")
+        if not 0 < self.dp_delta < 1:
+            out.append("DP δ' must be in (0, 1)")
+        return out
 
     def _normalise_task(self) -> list[str]:
         """Fill `task` from the `model` alias (or the reverse); the problems found, if any."""

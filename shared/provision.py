@@ -232,6 +232,73 @@ def _create_run(store: RunStore, amqp_url: str, cfg: RunConfig) -> None:
     store.create_config(cfg)
 
 
+@dataclass(frozen=True)
+class _Endpoints:
+    """Where the run's users connect; credential files carry URLs built from these."""
+
+    vhost: str
+    host: str
+    port: int
+    rhost: str
+    rport: int
+    rdb: str
+
+    @classmethod
+    def parse(cls, amqp_url: str, redis_url: str) -> _Endpoints:
+        parts = urllib.parse.urlparse(amqp_url)
+        vhost = urllib.parse.unquote(parts.path[1:]) if parts.path not in ("", "/") else "/"
+        rparts = urllib.parse.urlparse(redis_url)
+        return cls(
+            vhost=vhost,
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or 5672,
+            rhost=rparts.hostname or "127.0.0.1",
+            rport=rparts.port or 6379,
+            rdb=rparts.path or "/0",
+        )
+
+    def amqp_url(self, user: str, secret: str) -> str:
+        return f"amqp://{_q(user)}:{_q(secret)}@{self.host}:{self.port}/{_q(self.vhost)}"
+
+    def redis_url(self, user: str, secret: str) -> str:
+        return f"redis://{_q(user)}:{_q(secret)}@{self.rhost}:{self.rport}{self.rdb}"
+
+
+def _create_participant(
+    run_id: str, p: int, at: _Endpoints, out_dir: Path, mgmt: Management, r: redis.Redis
+) -> str:
+    """One participant's broker user, Redis ACL user and credential file; its HMAC key."""
+    names = AmqpNames(run_id)
+    user = participant_user(run_id, p)
+    secret = secrets.token_urlsafe(24)
+    key = secrets.token_hex(32)
+    mgmt.call("PUT", f"/api/users/{_q(user)}", {"password": secret, "tags": ""})
+    # Write only to the run's update exchange; no configure, no read.
+    mgmt.call(
+        "PUT",
+        f"/api/permissions/{_q(at.vhost)}/{_q(user)}",
+        {"configure": "^$", "write": f"^{_re(names.exchange)}$", "read": "^$"},
+    )
+    # ...and on that exchange only its own routing key.
+    mgmt.call(
+        "PUT",
+        f"/api/topic-permissions/{_q(at.vhost)}/{_q(user)}",
+        {"exchange": names.exchange, "write": f"^upd\\.{p}$", "read": "^$"},
+    )
+    # Redis: read the run, write only its own keys. %R~ / %RW~ need Redis >= 7.
+    r.execute_command("ACL", "SETUSER", user, *participant_acl(run_id, p, secret))
+    creds = {
+        "run_id": run_id,
+        "participant": p,
+        "amqp_user": user,
+        "amqp_url": at.amqp_url(user, secret),
+        "redis_url": at.redis_url(user, secret),
+        "hmac_key": key,
+    }
+    _write_secret(out_dir / f"p{p}.json", creds)
+    return key
+
+
 def _create_users(
     run_id: str,
     participants: int,
@@ -241,64 +308,30 @@ def _create_users(
     mgmt: Management,
     r: redis.Redis,
 ) -> dict[str, Any]:
-    parts = urllib.parse.urlparse(amqp_url)
-    vhost = urllib.parse.unquote(parts.path[1:]) if parts.path not in ("", "/") else "/"
-    names = AmqpNames(run_id)
-    host = parts.hostname or "127.0.0.1"
-    port = parts.port or 5672
-    rparts = urllib.parse.urlparse(redis_url)
-    rhost, rport, rdb = rparts.hostname or "127.0.0.1", rparts.port or 6379, rparts.path or "/0"
-
+    at = _Endpoints.parse(amqp_url, redis_url)
     agg_name = aggregator_user(run_id)
     agg_secret = secrets.token_urlsafe(24)
     run_names = f"^dssgd\\.{_re(run_id)}\\..*"
     mgmt.call("PUT", f"/api/users/{_q(agg_name)}", {"password": agg_secret, "tags": ""})
     mgmt.call(
         "PUT",
-        f"/api/permissions/{_q(vhost)}/{_q(agg_name)}",
+        f"/api/permissions/{_q(at.vhost)}/{_q(agg_name)}",
         {"configure": run_names, "write": run_names, "read": run_names},
     )
     hmac_keys: dict[str, str] = {}
     try:
         for p in range(participants):
-            user = participant_user(run_id, p)
-            secret = secrets.token_urlsafe(24)
-            key = secrets.token_hex(32)
-            hmac_keys[str(p)] = key
-            mgmt.call("PUT", f"/api/users/{_q(user)}", {"password": secret, "tags": ""})
-            # Write only to the run's update exchange; no configure, no read.
-            mgmt.call(
-                "PUT",
-                f"/api/permissions/{_q(vhost)}/{_q(user)}",
-                {"configure": "^$", "write": f"^{_re(names.exchange)}$", "read": "^$"},
-            )
-            # ...and on that exchange only its own routing key.
-            mgmt.call(
-                "PUT",
-                f"/api/topic-permissions/{_q(vhost)}/{_q(user)}",
-                {"exchange": names.exchange, "write": f"^upd\\.{p}$", "read": "^$"},
-            )
-            # Redis: read the run, write only its own keys. %R~ / %RW~ need Redis >= 7.
-            r.execute_command("ACL", "SETUSER", user, *participant_acl(run_id, p, secret))
-            creds = {
-                "run_id": run_id,
-                "participant": p,
-                "amqp_user": user,
-                "amqp_url": f"amqp://{_q(user)}:{_q(secret)}@{host}:{port}/{_q(vhost)}",
-                "redis_url": f"redis://{_q(user)}:{_q(secret)}@{rhost}:{rport}{rdb}",
-                "hmac_key": key,
-            }
-            _write_secret(out_dir / f"p{p}.json", creds)
+            hmac_keys[str(p)] = _create_participant(run_id, p, at, out_dir, mgmt, r)
         r.execute_command("ACL", "SETUSER", agg_name, *aggregator_acl(run_id, agg_secret))
     except redis.RedisError as exc:
-        raise StoreError(f"cannot create Redis ACL users at {rhost}:{rport}: {exc}") from exc
+        raise StoreError(f"cannot create Redis ACL users at {at.rhost}:{at.rport}: {exc}") from exc
     _write_secret(
         out_dir / "aggregator.json",
         {
             "run_id": run_id,
             "amqp_user": agg_name,
-            "amqp_url": f"amqp://{_q(agg_name)}:{_q(agg_secret)}@{host}:{port}/{_q(vhost)}",
-            "redis_url": f"redis://{_q(agg_name)}:{_q(agg_secret)}@{rhost}:{rport}{rdb}",
+            "amqp_url": at.amqp_url(agg_name, agg_secret),
+            "redis_url": at.redis_url(agg_name, agg_secret),
             "hmac_keys": hmac_keys,
             "participants": participants,
         },

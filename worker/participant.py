@@ -76,6 +76,20 @@ class Participant:
             record_dir.mkdir(parents=True, exist_ok=True)
             self.record = (record_dir / f"confirmed-{pid}.jsonl").open("a")
         progress = store.progress(pid)
+        self._restore_progress(progress)
+        self.task = task or load_task(cfg.task)
+        self._build(model, data)
+        if cfg.dpsgd and self.trainer is not None:
+            self._use_dpsgd(progress)
+        self.local = get_flat(self.model)
+        self.budget_exhausted = ""
+        self.svt: SvtParams | None = None
+        self.accountant: PrivacyAccountant | None = None
+        if cfg.dp_eps_per_value is not None:
+            self._use_svt(progress)
+
+    def _restore_progress(self, progress: dict[str, str]) -> None:
+        """Counters from the last recorded epoch, and the next sequence number that is safe."""
         self.epochs = int(progress.get("epochs", 0))
         self.bytes_up = int(progress.get("bytes_up", 0))
         self.bytes_down = int(progress.get("bytes_down", 0))
@@ -87,46 +101,42 @@ class Participant:
             max(
                 int(progress.get("seq", 0)),
                 int(progress.get("seq_sent", 0)),
-                store.applied_high(pid),
+                self.store.applied_high(self.pid),
             )
             + 1
         )
-        self.task = task or load_task(cfg.task)
-        self._build(model, data)
-        if cfg.dpsgd and self.trainer is not None:
-            self._use_dpsgd(progress)
-        self.local = get_flat(self.model)
-        self.budget_exhausted = ""
-        self.svt: SvtParams | None = None
-        self.accountant: PrivacyAccountant | None = None
-        if cfg.dp_eps_per_value is not None:
-            if self.layout.n_buffers:
-                # Buffers are statistics of the local data sent whole: no DP bound covers them.
-                raise ConfigError(
-                    f"task {cfg.task}: DP needs a model without buffers, and "
-                    f"{self.layout.slots[-1].name!r} is one (BatchNorm statistics leak data)"
-                )
-            c = budget(self.n, cfg.theta_u)
-            self.svt = SvtParams(
-                epsilon=epsilon_for(cfg.dp_eps_per_value, c),
+
+    def _use_svt(self, progress: dict[str, str]) -> None:
+        """The paper's sparse vector technique, its accountant restored from progress."""
+        cfg = self.cfg
+        assert cfg.dp_eps_per_value is not None
+        if self.layout.n_buffers:
+            # Buffers are statistics of the local data sent whole: no DP bound covers them.
+            raise ConfigError(
+                f"task {cfg.task}: DP needs a model without buffers, and "
+                f"{self.layout.slots[-1].name!r} is one (BatchNorm statistics leak data)"
+            )
+        c = budget(self.n, cfg.theta_u)
+        self.svt = SvtParams(
+            epsilon=epsilon_for(cfg.dp_eps_per_value, c),
+            c=c,
+            gamma=cfg.effective_gamma,
+            tau=cfg.effective_tau,
+        )
+        # Noise from a cryptographically seeded generator, never from the run's seed.
+        self.noise = noise_rng()
+        self.accountant = (
+            PrivacyAccountant.from_dict(
+                {k[4:]: v for k, v in progress.items() if k.startswith("dp_")}
+            )
+            if any(k.startswith("dp_") for k in progress)
+            else PrivacyAccountant(
+                eps_per_epoch=self.svt.epsilon,
+                delta_prime=cfg.dp_delta,
+                budget=cfg.dp_budget,
                 c=c,
-                gamma=cfg.effective_gamma,
-                tau=cfg.effective_tau,
             )
-            # Noise from a cryptographically seeded generator, never from the run's seed.
-            self.noise = noise_rng()
-            self.accountant = (
-                PrivacyAccountant.from_dict(
-                    {k[4:]: v for k, v in progress.items() if k.startswith("dp_")}
-                )
-                if any(k.startswith("dp_") for k in progress)
-                else PrivacyAccountant(
-                    eps_per_epoch=self.svt.epsilon,
-                    delta_prime=cfg.dp_delta,
-                    budget=cfg.dp_budget,
-                    c=c,
-                )
-            )
+        )
 
     def _use_dpsgd(self, progress: dict[str, str]) -> None:
         """Replace the local epoch by DP-SGD, with σ derived from the run's ε, δ and length."""
@@ -290,33 +300,8 @@ class Participant:
         seconds_train: float,
     ) -> EpochReport:
         """Encode, burn the sequence number, publish until confirmed, record progress."""
-        update = wire.Update(
-            run_id=self.cfg.run_id,
-            participant=self.pid,
-            seq=self.seq,
-            base_version=version,
-            n=self.n,
-            indices=indices,
-            values=values,
-        )
-        body = wire.encode(
-            update,
-            values=self.cfg.value_coding,
-            rng=self.rng,
-            key=self.hmac_key,
-            bound=self.cfg.effective_gamma,  # a lossy coding must not push ±γ beyond γ
-        )
-        # Burn the sequence number before it can reach the broker: a restart after a crash
-        # between publish and confirm must never reuse it for different content.
-        self.store.record_progress(self.pid, seq_sent=self.seq)
-        self._log_record(
-            {
-                "seq": self.seq,
-                "state": "sent",
-                "indices": indices.tolist(),
-                "values": values.tolist(),
-            }
-        )
+        body = self._encode(version, indices, values)
+        self._burn_seq(indices, values)
         self._publish(body)
         confirmed_seq, self.seq = self.seq, self.seq + 1
         self._log_record({"seq": confirmed_seq, "state": "confirmed"})
@@ -334,21 +319,57 @@ class Participant:
             seconds_train,
             time.perf_counter() - t0,
         )
+        self._record_epoch(report)
+        return report
+
+    def _encode(self, version: int, indices: np.ndarray, values: np.ndarray) -> bytes:
+        """The update under the current sequence number, in the run's value coding."""
+        update = wire.Update(
+            run_id=self.cfg.run_id,
+            participant=self.pid,
+            seq=self.seq,
+            base_version=version,
+            n=self.n,
+            indices=indices,
+            values=values,
+        )
+        return wire.encode(
+            update,
+            values=self.cfg.value_coding,
+            rng=self.rng,
+            key=self.hmac_key,
+            bound=self.cfg.effective_gamma,  # a lossy coding must not push ±γ beyond γ
+        )
+
+    def _burn_seq(self, indices: np.ndarray, values: np.ndarray) -> None:
+        # Burn the sequence number before it can reach the broker: a restart after a crash
+        # between publish and confirm must never reuse it for different content.
+        self.store.record_progress(self.pid, seq_sent=self.seq)
+        self._log_record(
+            {
+                "seq": self.seq,
+                "state": "sent",
+                "indices": indices.tolist(),
+                "values": values.tolist(),
+            }
+        )
+
+    def _record_epoch(self, report: EpochReport) -> None:
+        """The confirmed epoch's counters, so a restart resumes after it."""
         self.store.record_progress(
             self.pid,
             epochs=self.epochs,
-            seq=confirmed_seq,
+            seq=report.seq,
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
             # A loss computed on the local data is outside every DP mechanism: not published.
-            loss="nan" if self.cfg.dp_on else f"{loss:.5f}",
+            loss="nan" if self.cfg.dp_on else f"{report.loss:.5f}",
             last_seen=f"{time.time():.3f}",
-            base_version=version,
-            entries=indices.size,
+            base_version=report.base_version,
+            entries=report.entries,
             t_train=f"{self.t_train:.4f}",
             t_epoch=f"{self.t_epoch:.4f}",
         )
-        return report
 
     def _buffer_delta(
         self, base: np.ndarray, indices: np.ndarray, values: np.ndarray
