@@ -19,7 +19,7 @@ from tests.conftest import ROOT
 
 
 def entry(argv: list[str]) -> int:
-    """Stands in for `dssgd.cli.main` in the children."""
+    """Stands in for `dssgd.services.service_main` in the children."""
     what = argv[0]
     print(f"child {what} {os.getpid()}", flush=True)
     if what == "exit":
