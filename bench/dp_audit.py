@@ -3,7 +3,8 @@
     python -m bench.dp_audit                 # ≈ 2–4 min on one core
     python -m bench.dp_audit --samples 20000 # the CI test's size, for comparison
 
-1. The distinguishing test of tests/test_dp_selftest.py and tests/test_dp_sgd.py with more samples:
+1. The distinguishing test of tests/unit/test_dp_selftest.py and
+   tests/integration/test_dp_sgd.py with more samples:
    the empirical ε lower bound (Clopper–Pearson, 99 %) of the shipped SVT and DP-SGD step and of
    their negative controls (the pre-fix SVT, DP-SGD without clipping), beside the claimed ε.
 2. Accounting: for the default task (MLP, n = 109,386) the total ε of the SVT under basic,

@@ -13,7 +13,7 @@ holds with probability ≥ 1 − α. A mechanism whose bound exceeds its claimed
 
 The event is chosen from candidates on a first, separate batch of samples (the largest
 estimated ratio, either direction), then evaluated on fresh samples, so the choice does not bias
-the bound. Used by tests/test_dp_selftest.py (fast, in CI) and bench/dp_audit.py (longer).
+the bound. Used by tests/unit/test_dp_selftest.py (fast, in CI) and bench/dp_audit.py (longer).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ the schema is exact, and every claimed count is checked against the bytes actual
 an array is allocated, and the number of set bits of a bitmap is counted (in place) before the
 positions are materialised. So no decoded array is much larger than the message itself: peak
 memory of a decode, outputs included, stays within about 20x the body size
-(``tests/test_wire.py::test_forged_counts_allocate_little`` measures it), and within a few MB
+(``tests/unit/test_wire.py::test_forged_counts_allocate_little`` measures it), and within a few MB
 when ``expected_n`` pins the model size.
 """
 

@@ -17,7 +17,7 @@ from dssgd.shared.config import Connections
 from dssgd.shared.store import RunStore
 from dssgd.shared.store import connect as redis_connect
 
-from tests.conftest import ROOT
+from testing.runs import ROOT
 
 pytest.importorskip("sklearn")
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Folder → import name, as pyproject.toml's package-dir maps them.
 PACKAGES = {"dssgd": "dssgd", "shared": "dssgd.shared", "worker": "dssgd.worker",
             "aggregator": "dssgd.aggregator"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from collections.abc import Callable
@@ -12,69 +11,20 @@ import numpy as np
 import pika
 import pytest
 from dssgd.shared import wire
-from dssgd.shared.amqp_names import REASON_HEADER, AmqpNames
+from dssgd.shared.amqp_names import AmqpNames
 from dssgd.shared.broker import Publisher
 from dssgd.shared.broker import connect as amqp_connect
 
-from tests.conftest import RunHandle
+from testing.oracle import (
+    assert_exact,
+    drain_dead_letters,
+    integer_update,
+    oracle_run,
+    read_oracle,
+)
+from testing.runs import RunHandle
 
 pytestmark = pytest.mark.integration
-
-
-def integer_update(
-    h: RunHandle, pid: int, seq: int, rng: np.random.Generator, k: int = 50, base: int = 0
-) -> wire.Update:
-    n = h.init.size
-    idx = np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
-    vals = rng.integers(-3, 4, size=k).astype(np.float32)
-    return wire.Update(h.cfg.run_id, pid, seq, base, n, idx, vals)
-
-
-def expected_state(h: RunHandle, updates: list[wire.Update]) -> tuple[np.ndarray, np.ndarray]:
-    w = h.init.astype(np.float64)
-    stat = np.zeros(h.init.size, np.float64)
-    for u in updates:
-        w[u.indices] += u.values
-        stat[u.indices] += 1
-    return w.astype(np.float32), stat.astype(np.float32)
-
-
-def assert_exact(h: RunHandle, updates: list[wire.Update]) -> None:
-    w_exp, stat_exp = expected_state(h, updates)
-    _, w, stat = h.store.read_params(with_stat=True)
-    assert stat is not None
-    assert w.tobytes() == w_exp.tobytes(), "global parameters differ from the exact sum"
-    assert stat.tobytes() == stat_exp.tobytes(), "stat differs from the update counts"
-
-
-def read_oracle(
-    folder: Path, pid: int, h: RunHandle
-) -> tuple[dict[int, wire.Update], list[wire.Update]]:
-    """(every update sent by seq, the confirmed ones) from a synthetic participant's record."""
-    sent: dict[int, wire.Update] = {}
-    confirmed: list[wire.Update] = []
-    for line in (folder / f"confirmed-{pid}.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["state"] == "sent":
-            sent[rec["seq"]] = wire.Update(
-                h.cfg.run_id,
-                pid,
-                rec["seq"],
-                0,
-                h.init.size,
-                np.array(rec["indices"], np.int64),
-                np.array(rec["values"], np.float32),
-            )
-        else:
-            confirmed.append(sent[rec["seq"]])
-    return sent, confirmed
-
-
-def oracle_run(make_run: Callable[..., RunHandle], participants: int = 3) -> RunHandle:
-    # Integer values within a generous γ and the paper's raw sum: every sum is exact in float32.
-    return make_run(
-        zero_init=True, participants=participants, theta_u=0.01, gamma=100.0, rule="sum"
-    )
 
 
 def test_apply_is_exact_byte_for_byte(make_run: Callable[..., RunHandle], tmp_path: Path) -> None:
@@ -111,23 +61,6 @@ def test_duplicates_and_redeliveries_change_nothing(make_run: Callable[..., RunH
     h.wait(lambda: h.store.counters().get("duplicates", 0) == 30, what="duplicates counted")
     assert h.version() == 20
     assert_exact(h, updates)
-
-
-def _drain_dead_letters(
-    h: RunHandle, expected: int, timeout: float = 20
-) -> list[tuple[str, bytes]]:
-    conn = amqp_connect(h.conns.amqp_url, "dssgd-tests-dlq")
-    ch = conn.channel()
-    out: list[tuple[str, bytes]] = []
-    deadline = time.monotonic() + timeout
-    while len(out) < expected and time.monotonic() < deadline:
-        method, props, body = ch.basic_get(h.names.dead_queue, auto_ack=True)
-        if method is None:
-            time.sleep(0.1)
-            continue
-        out.append(((props.headers or {}).get(REASON_HEADER, ""), body))
-    conn.close()
-    return out
 
 
 def test_invalid_messages_are_dead_lettered_with_a_reason(
@@ -171,7 +104,7 @@ def test_invalid_messages_are_dead_lettered_with_a_reason(
     finally:
         pub.close()
     h.wait(lambda: h.version() == 1, what="the valid update after the invalid ones")
-    dead = _drain_dead_letters(h, len(bad))
+    dead = drain_dead_letters(h, len(bad))
     assert sorted(reason for reason, _ in dead) == sorted(bad.values())
     assert {body for _, body in dead} == set(bad)
     assert_exact(h, [good])

@@ -18,7 +18,7 @@ from dssgd.shared.config import Connections
 from dssgd.shared.errors import ConfigError
 from dssgd.worker.service import compact_ids
 
-from tests.conftest import ROOT, RunHandle
+from testing.runs import ROOT, RunHandle
 
 pytestmark = pytest.mark.integration
 RUN = [sys.executable, "-m", "dssgd", "run"]

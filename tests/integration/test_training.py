@@ -14,7 +14,7 @@ from dssgd.shared.data import prepare
 from dssgd.shared.models import build_model, get_flat
 from dssgd.shared.training import LocalTrainer, labels_tensor
 
-from tests.conftest import ROOT
+from testing.runs import ROOT
 
 
 def _data(model: str, n: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +60,7 @@ def test_training_does_not_import_torch_dynamo() -> None:
         import sys
         sys.path.insert(0, {str(ROOT)!r})
         import torch
-        from tests.test_training import _data
+        from tests.integration.test_training import _data
         from dssgd.shared.models import build_model
         from dssgd.shared.training import LocalTrainer
         x, y = _data("mlp")

@@ -11,7 +11,7 @@ from dssgd.shared.provision import Management
 
 from dssgd.admin import EXIT_DENIED
 from dssgd.cli import build_parser
-from tests.conftest import ROOT, RunHandle
+from testing.runs import ROOT, RunHandle
 
 DOCS = ["docs/ARCHITECTURE.md", "docs/OPERATIONS.md", "docs/RELIABILITY.md"]
 

@@ -18,7 +18,7 @@ from dssgd.shared.store import RunStore
 from dssgd.shared.store import connect as redis_connect
 from dssgd.shared.tasks import load_task
 
-from tests.conftest import ROOT
+from testing.runs import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,14 +18,14 @@ from dssgd.shared.amqp_names import REASON_HEADER, AmqpNames
 from dssgd.shared.broker import Publisher
 from dssgd.shared.broker import connect as amqp_connect
 
-from tests.conftest import RunHandle
-from tests.test_aggregator_integration import (
-    _drain_dead_letters,
+from testing.oracle import (
     assert_exact,
+    drain_dead_letters,
     integer_update,
     oracle_run,
     read_oracle,
 )
+from testing.runs import RunHandle
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,7 @@ def test_bloated_messages_are_dead_lettered_and_every_update_beside_them_applied
         pub.close()
         big_app.close()
     h.wait(lambda: h.version() == len(updates), timeout=60, what="all 100 updates applied")
-    dead = _drain_dead_letters(h, len(hostile))
+    dead = drain_dead_letters(h, len(hostile))
     assert sorted(r for r, _ in dead) == sorted(
         ["undecodable", "undecodable", "wrong-routing-key", "undecodable"]
     )

@@ -11,7 +11,7 @@ import pytest
 from dssgd.shared.config import Connections
 
 from dssgd.supervisor import render_config
-from tests.conftest import ROOT
+from testing.runs import ROOT
 
 
 def _compose_cmd() -> list[str] | None:

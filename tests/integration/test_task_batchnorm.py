@@ -21,7 +21,7 @@ from dssgd.shared.tasks import TaskContext, as_tensors, load_task
 from dssgd.shared.training import LocalTrainer
 from torch.utils.data import ConcatDataset
 
-from tests.conftest import ROOT
+from testing.runs import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

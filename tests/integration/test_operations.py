@@ -18,7 +18,7 @@ from dssgd.shared.data import load_mnist, shard_indices
 from dssgd.shared.models import build_model
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, RunHandle
+from testing.runs import ROOT, RunHandle
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -17,7 +17,7 @@ from dssgd.shared.config import Connections
 from dssgd.shared.keys import RUNS
 from dssgd.shared.store import connect as redis_connect
 
-from tests.conftest import ROOT, RunHandle
+from testing.runs import ROOT, RunHandle
 
 pytestmark = pytest.mark.integration
 

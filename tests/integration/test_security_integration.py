@@ -15,8 +15,8 @@ from dssgd.shared.broker import Publisher
 from dssgd.shared.errors import BrokerError
 from dssgd.shared.provision import deprovision, participant_user, provision, read_credentials
 
-from tests.conftest import RunHandle
-from tests.test_aggregator_integration import _drain_dead_letters, assert_exact, integer_update
+from testing.oracle import assert_exact, drain_dead_letters, integer_update
+from testing.runs import RunHandle
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +73,7 @@ def test_impersonation_is_refused_four_ways(secured: tuple[RunHandle, Path]) -> 
         pub.publish(AmqpNames.routing_key(0), forged, user_id=None)
     finally:
         pub.close()
-    dead = _drain_dead_letters(h, 1)
+    dead = drain_dead_letters(h, 1)
     assert [reason for reason, _ in dead] == ["impersonation"]
     refused += 1
     assert refused == 4
@@ -146,7 +146,7 @@ def test_replays_are_never_applied(secured: tuple[RunHandle, Path], conns: objec
     finally:
         pub.close()
     h.wait(lambda: h.version() == 1001, timeout=60, what="the genuine updates")
-    dead = _drain_dead_letters(h, 1)
+    dead = drain_dead_letters(h, 1)
     assert [reason for reason, _ in dead] == ["replay"]
     assert h.store.counters().get("duplicates", 0) == 1
     assert h.version() == 1001
@@ -173,7 +173,7 @@ def test_replay_into_another_run_is_refused(
         guest.publish("upd.0", body)  # the same genuine bytes, into the other run
     finally:
         guest.close()
-    dead = _drain_dead_letters(other, 1)
+    dead = drain_dead_letters(other, 1)
     assert len(dead) == 1 and dead[0][0] in ("undecodable", "wrong-run")
     assert other.version() == 0
 
@@ -236,6 +236,6 @@ def test_unauthenticated_updates_are_dead_lettered(secured: tuple[RunHandle, Pat
         pub.publish("upd.0", wire.encode(integer_update(h, 0, 2, rng), key=b"w" * 32))  # wrong key
     finally:
         pub.close()
-    dead = _drain_dead_letters(h, 2)
+    dead = drain_dead_letters(h, 2)
     assert [reason for reason, _ in dead] == ["unauthenticated", "unauthenticated"]
     assert h.version() == 0

@@ -20,7 +20,7 @@ from dssgd.shared.config import Connections
 from dssgd.shared.keys import RUNS, Keys
 from dssgd.shared.provision import Management, aggregator_acl, is_run_user, participant_acl
 
-from tests.conftest import ROOT
+from testing.runs import ROOT
 
 pytestmark = pytest.mark.integration
 

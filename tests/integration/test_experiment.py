@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from testing.runs import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

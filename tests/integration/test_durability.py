@@ -18,8 +18,8 @@ from dssgd.shared.amqp_names import AmqpNames
 from dssgd.shared.broker import Publisher
 from dssgd.shared.config import Connections
 
-from tests.conftest import RunHandle
-from tests.test_aggregator_integration import assert_exact, integer_update
+from testing.oracle import assert_exact, integer_update
+from testing.runs import RunHandle
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

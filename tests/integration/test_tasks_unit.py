@@ -258,7 +258,7 @@ def test_a_bad_task_on_the_command_line_is_one_line(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from testing.runs import ROOT
 
     res = subprocess.run(
         [sys.executable, "-m", "dssgd", "run", "--task", f"{tmp_path}/missing.py:TASK"],

@@ -15,7 +15,7 @@ import pytest
 from dssgd.shared.config import Connections
 
 from dssgd.launcher import EXITED, FATAL, RUNNING, STOPPED, ForkLauncher, service_argv
-from tests.conftest import ROOT
+from testing.runs import ROOT
 
 
 def entry(argv: list[str]) -> int:
@@ -101,7 +101,7 @@ def test_children_die_with_their_parent(tmp_path: Path) -> None:
         sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
         from dssgd.launcher import ForkLauncher
-        from tests.test_launcher import entry
+        from tests.integration.test_launcher import entry
         fl = ForkLauncher(Path({str(tmp_path)!r}), {{"worker:worker-0": ["sleep"]}},
                           entry=entry, warm_up=lambda: None)
         fl.start()

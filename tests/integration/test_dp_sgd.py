@@ -31,7 +31,7 @@ from dssgd.shared.selection import budget
 from scipy.special import gammaln, logsumexp
 from torch import nn
 
-from tests.conftest import RunHandle
+from testing.runs import RunHandle
 
 DELTA = 1e-5
 

@@ -1,0 +1,1 @@
+"""Test scaffolding shared by tests/ and bench/ (never imported by production code)."""
