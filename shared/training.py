@@ -46,7 +46,7 @@ class LocalTrainer:
         # Plain SGD, p ← p − lr·∇p: what torch.optim.SGD (no momentum, no weight decay) computes
         # on CPU, bit for bit (tests/integration/test_training.py). torch.optim is not used
         # because every optimizer step passes through torch._disable_dynamo, whose first call
-        # imports torch._dynamo: about 1.4 s in every process that trains, on top of importing torch.
+        # imports torch._dynamo: about 1.4 s in every process that trains, besides importing torch.
         for p in self.params:
             if p.grad is not None:
                 p.add_(p.grad, alpha=-self.lr)
