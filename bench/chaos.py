@@ -575,7 +575,10 @@ class Run:
         return p
 
     def start_aggregator(self, evaluate: bool = False) -> None:
-        args = [] if evaluate else ["--no-eval"]
+        # The bench decides when the aggregator stops (SIGTERM, exit code checked); without
+        # --keep-serving it would also end by itself once the run is over, and a SIGTERM landing
+        # in its interpreter's shutdown then reads as -15.
+        args = ["--keep-serving"] + ([] if evaluate else ["--no-eval"])
         self.aggregator = self._spawn("aggregator", args, "aggregator.log")
 
     def kill_aggregator(self) -> None:
@@ -586,7 +589,10 @@ class Run:
     def start_worker(self, group: tuple[int, ...]) -> None:
         name = "-".join(map(str, group))
         self.workers[group] = self._spawn(
+            # A stable identity, as supervisor and the fork launcher give: the restarted worker
+            # takes its own leases back at once instead of waiting for them to lapse.
             "worker", ["--synthetic", "--participants", ",".join(map(str, group)),
+                       "--worker-id", f"chaos-{self.run_id}-{name}",
                        "--record-dir", str(self.records), "--pace", str(self.pace)],
             f"worker-{name}.log")
 
