@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import logging
 import sys
+from collections.abc import Mapping
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,19 @@ def instance(obj: Any, spec: str) -> Any:
         return obj()
     except Exception as exc:
         raise PluginError(f"{spec}: {obj.__name__}() failed: {type(exc).__name__}: {exc}") from exc
+
+
+def registered_or_loaded(
+    name: str, registry: Mapping[str, Any], kind: str, method: str, choices: str
+) -> Any:
+    """``registry[name]``, or the object ``pkg.mod:Name`` / ``FILE.py:Name`` names, which must
+    have a callable ``method`` (the plug-in points' one resolution rule). ``choices`` is how the
+    refusal lists the registered names; ``method`` is named with its arguments in the refusal."""
+    if name in registry:
+        return registry[name]
+    if not is_spec(name):
+        raise PluginError(f"unknown {kind} {name!r}; {choices} or pkg.mod:Name")
+    obj = instance(load_object(name), name)
+    if not callable(getattr(obj, method.partition("(")[0], None)):
+        raise PluginError(f"{kind} {name} has no {method}")
+    return obj

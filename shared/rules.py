@@ -65,16 +65,13 @@ def rules_help() -> str:
 @functools.lru_cache(maxsize=16)
 def update_rule(name: str) -> WeightRule:
     """A registered rule by name, or a user's by ``pkg.mod:Name`` / ``FILE.py:Name``."""
-    if name in UPDATE_RULES:
-        return UPDATE_RULES[name]
-    if not plugins.is_spec(name):
-        raise plugins.PluginError(
-            f"unknown update rule {name!r}; choose one of {', '.join(UPDATE_RULES)} or pkg.mod:Name"
-        )
-    rule = plugins.instance(plugins.load_object(name), name)
-    if not callable(getattr(rule, "weight", None)):
-        raise plugins.PluginError(f"update rule {name} has no weight(staleness, exponent, n)")
-    return rule  # type: ignore[no-any-return]
+    return plugins.registered_or_loaded(  # type: ignore[no-any-return]
+        name,
+        UPDATE_RULES,
+        "update rule",
+        "weight(staleness, exponent, n)",
+        f"choose one of {', '.join(UPDATE_RULES)}",
+    )
 
 
 @dataclass(frozen=True)

@@ -84,16 +84,13 @@ def selection_help() -> str:
 @functools.lru_cache(maxsize=16)
 def selection_rule(name: str) -> SelectionRule:
     """A registered rule by name, or a user's by ``pkg.mod:Name`` / ``FILE.py:Name``."""
-    if name in SELECTION_RULES:
-        return SELECTION_RULES[name]
-    if not plugins.is_spec(name):
-        raise plugins.PluginError(
-            f"unknown selection rule {name!r}; choose {', '.join(SELECTION_RULES)} or pkg.mod:Name"
-        )
-    rule = plugins.instance(plugins.load_object(name), name)
-    if not callable(getattr(rule, "select", None)):
-        raise plugins.PluginError(f"selection rule {name} has no select(delta, k, tau, rng)")
-    return rule  # type: ignore[no-any-return]
+    return plugins.registered_or_loaded(  # type: ignore[no-any-return]
+        name,
+        SELECTION_RULES,
+        "selection rule",
+        "select(delta, k, tau, rng)",
+        f"choose {', '.join(SELECTION_RULES)}",
+    )
 
 
 def select(
