@@ -479,9 +479,6 @@ class RunStore:
             "stop that worker, or start this one when its lease has lapsed"
         )
 
-    def heartbeat(self, participants: list[int]) -> None:
-        """Kept for callers of the old API: leases are renewed by the worker's lease thread."""
-
     def leave(self, participant: int, finished: bool) -> None:
         if finished:
             with guarded("leaving the run"):

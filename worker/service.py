@@ -308,7 +308,6 @@ class Worker:
             live = [p for p in order if p not in left]
             if not live:
                 return
-            self._with_retry(lambda live=live: store.heartbeat(live))
             if cfg.ordered:
                 t_wait = time.perf_counter()
                 pid = self._wait_turn(store, live)
@@ -358,16 +357,16 @@ class Worker:
         refused update ends the wait at once (the aggregator records ``refused_seq`` after
         passing the turn).
         """
-        started = last_beat = time.monotonic()
+        started = last_check = time.monotonic()
         while not self.stop.is_set():
             applied, holder, refused = self._with_retry(lambda: store.turn_wait_state(pid))
             if applied >= seq or refused >= seq or holder != pid:
                 return
             now = time.monotonic()
-            if now - last_beat >= 1.0:
+            if now - last_check >= 1.0:
                 if self._should_stop(store):  # a run stopped while the aggregator is away
                     return
-                last_beat = now
+                last_check = now
             # Poll fast while the apply is imminent, gently once the aggregator seems away.
             self.stop.wait(0.01 if now - started < 2.0 else 0.1)
 
