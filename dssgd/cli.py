@@ -28,6 +28,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from dssgd import services
 
         return getattr(services, f"cmd_{args.command}")(args)
+    if args.command == "share-server":
+        from dssgd.secure_cmd import cmd_share_server
+
+        return cmd_share_server(args)
     if args.command == "experiment":
         from dssgd.experiment import cmd_experiment
 

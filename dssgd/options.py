@@ -75,6 +75,15 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
         "differential privacy with the sparse vector "
         "technique: ε per shared value (the paper's ε/c); off by default",
     ),
+    (
+        "--secure",
+        "secure",
+        str,
+        "two-server: two non-colluding share servers hold additive secret shares of every "
+        "update; neither sees a value (docs/SECURE.md)",
+    ),
+    ("--snapshot-every", "snapshot_every", int, "--secure: snapshot both servers every K messages"),
+    ("--snapshot-ring", "snapshot_ring", int, "--secure: snapshots kept per server (lag bound)"),
     ("--dp-budget", "dp_budget", float, "total ε a participant may spend before it stops"),
     ("--dp-delta", "dp_delta", float, "δ of the reported (ε, δ) bound (default 1e-5)"),
     ("--dp-mechanism", "dp_mechanism", str, "svt (the paper's, default) or dpsgd (record-level)"),

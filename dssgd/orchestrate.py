@@ -78,6 +78,10 @@ def _show(p: Progress, limit: float, tty: bool) -> None:
 
 def _wait_drained(store: RunStore, cfg: RunConfig, timeout: float = 60.0) -> bool:
     """True once every confirmed update of every participant has been applied."""
+    if cfg.secure:
+        from dssgd.secure_cmd import secure_drained
+
+        return secure_drained(store, cfg, timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         progress = store.all_progress(cfg.participants)
@@ -95,7 +99,12 @@ def final_evaluation(store: RunStore, cfg: RunConfig) -> tuple[float, float, int
 
     from dssgd.shared.tasks import evaluate_state
 
-    _, w, _ = store.read_params()
+    if cfg.secure:
+        from dssgd.secure_cmd import secure_params
+
+        w = secure_params(store, cfg)
+    else:
+        _, w, _ = store.read_params()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     m = evaluate_state(cfg, w) or federated_metrics(store)
     return m.get("accuracy", float("nan")), m.get("loss", float("nan")), int(w.size)
@@ -110,7 +119,12 @@ def federated_metrics(store: RunStore) -> dict[str, float]:
 
 def summary(store: RunStore, cfg: RunConfig, wall: float, reason: str) -> dict[str, Any]:
     acc, loss, n = final_evaluation(store, cfg)
-    counters = store.counters()
+    if cfg.secure:
+        from dssgd.secure_cmd import secure_counters
+
+        counters = secure_counters(store)
+    else:
+        counters = store.counters()
     progress = store.all_progress(cfg.participants)
     epochs = [int(p.get("epochs", 0)) for p in progress.values()] or [0]
     up = sum(int(p.get("bytes_up", 0)) for p in progress.values())
@@ -263,7 +277,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_services(store, conns.amqp_url, AmqpNames(run_id), cfg.queue_max_length)
     run_dir = Path(args.runs_dir) / run_id
     cfg, workers = _open_run(store, args, cfg, workers, run_dir)
-    sup = make_launcher(args.launcher, run_dir, run_id, workers, conns)
+    if cfg.secure:  # two share servers instead of the aggregator (docs/SECURE.md)
+        from dssgd.secure_cmd import secure_launcher
+
+        sup = secure_launcher(args.launcher, run_dir, run_id, workers, conns)
+    else:
+        sup = make_launcher(args.launcher, run_dir, run_id, workers, conns)
     stop = StopFlag()
     install_signal_handlers(stop)
     log.info(

@@ -267,6 +267,12 @@ def _delete_parser(sub: Any) -> None:
     add_connection_options(p)
 
 
+def _share_server_parser(sub: Any) -> None:
+    from dssgd.secure_cmd import add_share_server_parser  # --secure two-server
+
+    add_share_server_parser(sub)
+
+
 _SUB_PARSERS = (
     _run_parser,
     _aggregator_parser,
@@ -279,6 +285,7 @@ _SUB_PARSERS = (
     _experiment_parser,
     _runs_parser,
     _delete_parser,
+    _share_server_parser,
 )
 
 

@@ -43,6 +43,10 @@ def _dispatch_service(args: argparse.Namespace) -> int | None:
         return cmd_aggregator(args)
     if args.command == "worker":
         return cmd_worker(args)
+    if args.command == "share-server":  # --secure two-server (dssgd/secure_cmd.py)
+        from dssgd.secure_cmd import cmd_share_server
+
+        return cmd_share_server(args)
     return None
 
 

@@ -33,6 +33,14 @@ class AmqpNames:
     def dead_queue(self) -> str:
         return f"dssgd.{self.run_id}.dead-letter"
 
+    @property
+    def secure_exchange(self) -> str:  # --secure two-server: where participants publish
+        return f"dssgd.{self.run_id}.secure"
+
+    @property
+    def secure_stream(self) -> str:  # the stream both share servers read, in one total order
+        return f"dssgd.{self.run_id}.secure-log"
+
     @staticmethod
     def routing_key(participant: int) -> str:
         return f"upd.{participant}"

@@ -93,6 +93,13 @@ class RunConfig:
     dp_epsilon: float | None = None  # DP-SGD: total ε per participant for the whole run (at δ)
     dp_clip: float = 1.0  # DP-SGD: per-example gradient L2 clip norm C
     dp_noise_multiplier: float | None = None  # DP-SGD σ; None = derived from ε, δ and the run
+    # Secure aggregation (docs/SECURE.md): "" = the plaintext aggregator; "two-server" = two
+    # non-colluding share servers hold additive shares of every update (shared/secure.py).
+    secure: str = ""
+    # Both share servers snapshot their state after every K-th stream message (the read API's
+    # common points); a ring of this many snapshots bounds how far apart they may drift.
+    snapshot_every: int = 8
+    snapshot_ring: int = 16
     created: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +116,7 @@ class RunConfig:
         problems += self._run_problems()
         problems += self._svt_problems()
         problems += self._dpsgd_problems()
+        problems += self._secure_problems()
         if not 1 <= self.queue_max_length <= 10_000_000:
             problems.append("queue max length must be 1..10000000")
         if problems:
@@ -250,6 +258,26 @@ class RunConfig:
                 out.append("DP-SGD derives its noise from the run's length: set --epochs > 0")
         elif self.dp_epsilon is not None or self.dp_noise_multiplier is not None:
             out.append("--dp-epsilon and --dp-noise-multiplier need --dp-mechanism dpsgd")
+        return out
+
+    def _secure_problems(self) -> list[str]:
+        """What two share servers cannot do: they never see a value (docs/SECURE.md)."""
+        if self.secure not in ("", "two-server"):
+            return [f"secure must be two-server (or empty), got {self.secure!r}"]
+        out = []
+        if not (1 <= self.snapshot_every <= 100_000 and 2 <= self.snapshot_ring <= 1000):
+            out.append("snapshot every must be 1..100000 and the snapshot ring 2..1000")
+        if not self.secure:
+            return out
+        if self.ordered:
+            out.append("--secure two-server runs asynchronously only (--order async)")
+        if self.max_l2 is not None:
+            out.append("--max-l2 needs the values, which a share server never sees")
+        if self.rate_limit is not None:
+            out.append("--rate-limit reads the server's clock, so two share servers could "
+                       "disagree; not available with --secure")  # fmt: skip
+        if self.value_coding != "f32":
+            out.append("--secure sends fixed-point shares; --value-coding must stay f32")
         return out
 
     @property

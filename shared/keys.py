@@ -83,5 +83,61 @@ class Keys:
     def heartbeat_aggregator(self) -> str:  # TTL key for health checks
         return self._k("hb:aggregator")
 
+    def share_server(self, role: str) -> str:  # hash: public (X25519, hex), read_url, name
+        return self._k(f"share:{role}")
+
     def all_patterns(self) -> list[str]:
         return [f"{PREFIX}:{{{self.run_id}}}:*"]
+
+
+@dataclass(frozen=True)
+class ShareKeys:
+    """Keys of one share server (role a or b) in its own Redis (docs/SECURE.md)."""
+
+    run_id: str
+    role: str
+
+    def _k(self, suffix: str) -> str:
+        return f"{PREFIX}:{{{self.run_id}}}:share-{self.role}:{suffix}"
+
+    @property
+    def state(self) -> str:  # uint64 blob: this server's share of Σ W·q(v) (shared/secure.py)
+        return self._k("state")
+
+    @property
+    def stat(self) -> str:  # float32 blob, plaintext counters (indices are public)
+        return self._k("stat")
+
+    @property
+    def version(self) -> str:  # updates applied (non-empty ones), as the plaintext version
+        return self._k("version")
+
+    @property
+    def offset(self) -> str:  # last stream offset whose message is in `state` (-1: none)
+        return self._k("offset")
+
+    @property
+    def dedup(self) -> str:  # hash: participant → "high:mask" replay window
+        return self._k("dedup")
+
+    @property
+    def counters(self) -> str:  # hash: applied, duplicates, rejected:<reason>, unopened, ...
+        return self._k("counters")
+
+    @property
+    def fence(self) -> str:  # integer epoch of the server process allowed to write
+        return self._k("fence")
+
+    @property
+    def snapshots(self) -> str:  # hash: ring slot → stream offset of the snapshot it holds
+        return self._k("snaps")
+
+    def snapshot(self, slot: int) -> str:  # hash: offset, version, state, stat
+        return self._k(f"snap:{slot}")
+
+    @property
+    def private_key(self) -> str:  # this server's X25519 private key, when not in a key file
+        return self._k("private-key")
+
+    def all_patterns(self) -> list[str]:
+        return [f"{PREFIX}:{{{self.run_id}}}:share-{self.role}:*"]

@@ -77,13 +77,17 @@ from dssgd.shared.errors import AuthenticationError, WireError
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "SCHEMA_VERSION",
+    "SECURE_KIND",
     "AuthenticationError",
+    "SecureUpdate",
     "Update",
     "ValueCoding",
     "WireError",  # re-exported so callers can write `except wire.WireError`
     "decode",
+    "decode_secure",
     "describe",
     "encode",
+    "encode_secure",
     "encoded_index_bits",
     "log2_binomial",
     "peek_participant",
@@ -795,3 +799,127 @@ def encoded_index_bits(body: bytes) -> int:
 def log2_binomial(n: int, k: int) -> float:
     """log2 C(n, k): the information floor in bits for coding k of n indices."""
     return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Secret-shared updates (--secure two-server; shared/secure.py, docs/SECURE.md)
+#
+# Kind SECURE_KIND (first byte 16), same 6-byte header and optional HMAC as schema 2; the map
+# holds "r", "s", "b", "n", "k", "ic", "il", "ix" and "t" exactly as schema 2, and instead of
+# "vc"/"vx" two sealed boxes: "sa" for server A (its share of the values, 48 + 16 + 8k bytes)
+# and "sb" for server B (a 32-byte PRG seed, 48 + 16 + 32 bytes). The lengths are public and
+# exact, so both servers reach the same verdict on a message before opening their box.
+
+SECURE_KIND: int = 16
+_SCHEMA_SECURE: dict[str, type] = {
+    **{k: v for k, v in _SCHEMA_V2.items() if k not in ("vc", "vx")},
+    "sa": bytes,
+    "sb": bytes,
+}
+
+
+@dataclass(frozen=True, eq=False)
+class SecureUpdate:
+    """A sparse update whose values travel as two sealed shares (indices stay in the clear)."""
+
+    run_id: str
+    participant: int
+    seq: int
+    base_version: int
+    n: int
+    indices: np.ndarray
+    box_a: bytes
+    box_b: bytes
+    sent_at: float | None = field(default=None, repr=False)
+
+    @property
+    def count(self) -> int:
+        return int(self.indices.shape[0])
+
+    def box(self, role: str) -> bytes:
+        return self.box_a if role == "a" else self.box_b
+
+
+def encode_secure(update: SecureUpdate, *, key: bytes | None = None) -> bytes:
+    """One message body of kind :data:`SECURE_KIND` (checks as :func:`encode` does)."""
+    from dssgd.shared.secure import BOX_B_BYTES, box_a_bytes
+
+    run_id = _check_run_id(update.run_id)
+    participant = _check_int("participant", update.participant, 0, _MAX_PARTICIPANT)
+    seq = _check_int("seq", update.seq, 1, _MAX_SEQ)
+    base = _check_int("base_version", update.base_version, 0, _MAX_SEQ)
+    n = _check_int("n", update.n, 1, _MAX_N)
+    sent_ms = _check_int("sent_at (ms)", round((update.sent_at or time.time()) * 1000), 0, _MAX_SEQ)
+    placeholder = Update(run_id, participant, seq, base, n, update.indices,
+                         np.zeros(update.indices.shape[0], np.float32))  # fmt: skip
+    idx, _ = _checked_arrays(placeholder)
+    k = idx.shape[0]
+    if len(update.box_a) != box_a_bytes(k) or len(update.box_b) != BOX_B_BYTES:
+        raise WireError("sealed shares do not have the sizes their entry count implies")
+    ic, low, ix = _encode_indices(idx, n)
+    payload = {"r": run_id, "s": seq, "b": base, "n": n, "k": k, "ic": ic, "il": low, "ix": ix,
+               "sa": bytes(update.box_a), "sb": bytes(update.box_b), "t": sent_ms}  # fmt: skip
+    body = bytes((SECURE_KIND, _FLAG_MAC if key is not None else 0))
+    body += participant.to_bytes(4, "little") + msgpack.packb(payload, use_bin_type=True)
+    if key is not None:
+        body += hmac.digest(key, body, "sha256")
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise WireError(f"message would be {len(body)} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    return body
+
+
+def decode_secure(
+    body: bytes,
+    *,
+    key_for: Callable[[int], bytes | None] | None = None,
+    expected_run: str | None = None,
+    expected_n: int | None = None,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+) -> SecureUpdate:
+    """Decode a :data:`SECURE_KIND` message (public parts only; the boxes stay sealed)."""
+    from dssgd.shared.secure import BOX_B_BYTES, box_a_bytes
+
+    size = len(body) if _is_bytes(body) else 0
+    if size > max_bytes:
+        raise WireError(f"message of {size} bytes exceeds the {max_bytes}-byte limit")
+    body = _as_body(body)
+    if not body or body[0] != SECURE_KIND:
+        raise WireError(f"not a secret-shared update (kind {body[:1].hex() or 'empty'})")
+    header = _header_v1(body)
+    end = len(body) - _MAC_BYTES if header.has_mac else len(body)
+    if key_for is not None:
+        key = key_for(header.participant)
+        if key is None:
+            raise AuthenticationError(f"unknown participant {header.participant}")
+        if not header.has_mac or end < header.size:
+            raise AuthenticationError(
+                f"unauthenticated message from participant {header.participant}"
+            )
+        if not hmac.compare_digest(hmac.digest(key, body[:end], "sha256"), body[end:]):
+            raise AuthenticationError(f"bad mac on message from participant {header.participant}")
+    obj = _unpack(memoryview(body)[header.size : end], _SCHEMA_SECURE)
+    run_id = _check_run_id(obj["r"])
+    n = _check_int("n", obj["n"], 1, _MAX_N)
+    if expected_run is not None and run_id != expected_run:
+        raise WireError(f"message is for run {run_id!r}, not {expected_run!r}")
+    if expected_n is not None and n != expected_n:
+        raise WireError(f"message is for a model of {n} parameters, not {expected_n}")
+    k = _check_int("k", obj["k"], 0, n + 1)
+    if len(obj["sa"]) != box_a_bytes(k) or len(obj["sb"]) != BOX_B_BYTES:
+        raise WireError("sealed shares do not have the sizes their entry count implies")
+    ic, low = obj["ic"], obj["il"]
+    if ic not in (_IX_EF, _IX_COMP_EF) and low != 0:
+        raise WireError(f"low-bit width {low} given for index coding {ic}")
+    if len(obj["ix"]) != _index_section_bytes(ic, n, k, low):
+        raise WireError("index section length does not match its coding")
+    return SecureUpdate(
+        run_id,
+        header.participant,
+        _check_int("seq", obj["s"], 1, _MAX_SEQ),
+        _check_int("base_version", obj["b"], 0, _MAX_SEQ),
+        n,
+        _decode_indices(ic, obj["ix"], n, k, low),
+        obj["sa"],
+        obj["sb"],
+        _check_int("sent_at (ms)", obj["t"], 0, _MAX_SEQ) / 1000.0,
+    )

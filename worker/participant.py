@@ -82,6 +82,11 @@ class Participant:
         if cfg.dpsgd and self.trainer is not None:
             self._use_dpsgd(progress)
         self.local = get_flat(self.model)
+        self.secure = None  # --secure two-server: shares out, both servers' state in
+        if cfg.secure:
+            from dssgd.worker.secure_send import SecureChannel
+
+            self.secure = SecureChannel(cfg, store, self.task.initial_state(cfg.seed))
         self.budget_exhausted = ""
         self.svt: SvtParams | None = None
         self.accountant: PrivacyAccountant | None = None
@@ -251,7 +256,8 @@ class Participant:
         """θd of the global state into the local copy: (version, base state, bytes read)."""
         if self.cfg.ordered:
             self.store.trace("d", self.pid, self.seq)
-        version, w, stat = self.store.read_params(with_stat=self.cfg.theta_d < 1.0)
+        source = self.secure or self.store
+        version, w, stat = source.read_params(with_stat=self.cfg.theta_d < 1.0)
         bytes_down = w.nbytes
         own_buffers = self.local[self.layout.n_params :].copy()
         if self.cfg.theta_d >= 1.0:
@@ -324,6 +330,10 @@ class Participant:
 
     def _encode(self, version: int, indices: np.ndarray, values: np.ndarray) -> bytes:
         """The update under the current sequence number, in the run's value coding."""
+        if self.secure is not None:
+            return self.secure.encode(
+                self.pid, self.seq, version, self.n, indices, values, self.hmac_key
+            )
         update = wire.Update(
             run_id=self.cfg.run_id,
             participant=self.pid,
@@ -432,7 +442,12 @@ class Participant:
         key = AmqpNames.routing_key(self.pid)
         while True:
             try:
-                self.pub.publish(key, body, headers={"participant": self.pid, "seq": self.seq})
+                self.pub.publish(
+                    key,
+                    body,
+                    headers={"participant": self.pid, "seq": self.seq},
+                    exchange=self.secure.exchange if self.secure is not None else None,
+                )
                 return
             except BrokerError as exc:
                 log.warning(
