@@ -48,6 +48,7 @@ def add_share_server_parser(sub: Any) -> None:
     p.add_argument("--read-url", help="the read-only URL participants use (default: the above)")
     p.add_argument("--peer-offset-url", help="read-only URL of the peer's Redis (lag bound)")
     p.add_argument("--key-file", type=Path, help="X25519 private key (created if missing)")
+    p.add_argument("--max-batch", type=int, default=500, help="messages per Redis commit at most")
     p.add_argument("--slow", type=float, default=0.0, help=argparse.SUPPRESS)  # tests only
     add_connection_options(p)
 
@@ -69,6 +70,7 @@ def cmd_share_server(args: argparse.Namespace) -> int:
         peer_offset_url=args.peer_offset_url,
         key_file=args.key_file,
         slow=args.slow,
+        max_batch=args.max_batch,
     )
     stop = StopFlag()
     install_signal_handlers(stop)
