@@ -79,7 +79,7 @@ def _show(p: Progress, limit: float, tty: bool) -> None:
 def _wait_drained(store: RunStore, cfg: RunConfig, timeout: float = 60.0) -> bool:
     """True once every confirmed update of every participant has been applied."""
     if cfg.secure:
-        from dssgd.secure_cmd import secure_drained
+        from dssgd.secure_run import secure_drained
 
         return secure_drained(store, cfg, timeout)
     deadline = time.monotonic() + timeout
@@ -100,7 +100,7 @@ def final_evaluation(store: RunStore, cfg: RunConfig) -> tuple[float, float, int
     from dssgd.shared.tasks import evaluate_state
 
     if cfg.secure:
-        from dssgd.secure_cmd import secure_params
+        from dssgd.secure_run import secure_params
 
         w = secure_params(store, cfg)
     else:
@@ -120,7 +120,7 @@ def federated_metrics(store: RunStore) -> dict[str, float]:
 def summary(store: RunStore, cfg: RunConfig, wall: float, reason: str) -> dict[str, Any]:
     acc, loss, n = final_evaluation(store, cfg)
     if cfg.secure:
-        from dssgd.secure_cmd import secure_counters
+        from dssgd.secure_run import secure_counters
 
         counters = secure_counters(store)
     else:
@@ -278,7 +278,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.runs_dir) / run_id
     cfg, workers = _open_run(store, args, cfg, workers, run_dir)
     if cfg.secure:  # two share servers instead of the aggregator (docs/SECURE.md)
-        from dssgd.secure_cmd import secure_launcher
+        from dssgd.secure_run import secure_launcher
 
         sup = secure_launcher(args.launcher, run_dir, run_id, workers, conns)
     else:
