@@ -152,11 +152,13 @@ class SecureRig:
         t.start()
         self.threads[role] = (t, stop)
 
-    def start_process(self, role: str, crash: str = "") -> None:
+    def start_process(self, role: str, crash: str = "", max_batch: int = 4) -> None:
         """The server in a child forked from this (warm) process, so a SIGKILL of it leaves the
         test alive; ``crash`` is the fault injection point (share_server.CRASH_ENV)."""
         ctx = multiprocessing.get_context("fork")
-        p = ctx.Process(target=_serve, args=(self.settings(role, max_batch=4), crash), daemon=True)
+        p = ctx.Process(
+            target=_serve, args=(self.settings(role, max_batch=max_batch), crash), daemon=True
+        )
         p.start()
         self.procs[role] = p
 
