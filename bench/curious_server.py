@@ -140,8 +140,8 @@ def judge(label: str, data: np.ndarray, target: np.ndarray, rows: list, signed: 
             agree = float(np.mean(np.sign(x[nz]) == np.sign(target[nz])))
             row["sign_agreement"] = agree
             ok_r = ok_r and 0.49 <= agree <= 0.51
-        row["ok"] = ok_r
-        ok = ok and ok_r
+        row["ok"] = bool(ok_r)
+        ok = ok and bool(ok_r)
         rows.append(row)
     return ok
 
