@@ -50,6 +50,12 @@ def _bodies(rig: SecureRig, count: int, rng: np.random.Generator) -> tuple[list,
     return out, plain, spent / count
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a live process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _wait_both(rig: SecureRig, last: int, timeout: float = 600) -> float:
     t0 = time.monotonic()
     while rig.offsets() != (last, last):
@@ -89,6 +95,7 @@ def throughput(args: argparse.Namespace) -> dict:
                 first = min(rig.offsets()) + 1
             t1 = _wait_both(rig, len(msgs) - 1)
             done = len(msgs) - (first if phase == "backlog" else 0)
+            cpu = {role: _cpu_seconds(p.pid) for role, p in rig.procs.items()}
             ratio = [len(m[2]) / p for m, p in zip(msgs, plain, strict=True)]
             results[phase] = {
                 "messages": len(msgs),
@@ -99,6 +106,9 @@ def throughput(args: argparse.Namespace) -> dict:
                 "bytes_plain": statistics.mean(plain),
                 "size_ratio": statistics.mean(ratio),
                 "ms_share_and_seal": 1000 * gen,
+                # CPU of each server process, start-up included, per message: the rate one
+                # server would reach with a core of its own (the machine was shared).
+                "server_cpu_ms_per_msg": {r: 1000 * c / len(msgs) for r, c in cpu.items()},
             }
             print(phase, json.dumps(results[phase]), flush=True)
         finally:
