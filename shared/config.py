@@ -98,7 +98,7 @@ class RunConfig:
     secure: str = ""
     # Both share servers snapshot their state after every K-th stream message (the read API's
     # common points); a ring of this many snapshots bounds how far apart they may drift.
-    snapshot_every: int = 8
+    snapshot_every: int = 4
     snapshot_ring: int = 16
     created: float = field(default=0.0, compare=False)
 

@@ -91,8 +91,16 @@ def _view(offset: int, version: bytes, state: bytes, stat: bytes | None) -> Serv
 class ConsistentReader:
     """Both servers' shares at one stream offset, reconstructed (the read API)."""
 
-    def __init__(self, a: ShareView, b: ShareView, w0: np.ndarray, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        a: ShareView,
+        b: ShareView,
+        w0: np.ndarray,
+        timeout: float = 30.0,
+        level_wait: float = 0.05,  # how long a read waits for the servers to be level
+    ) -> None:
         self.a, self.b, self.w0, self.timeout = a, b, w0.astype(np.float32), timeout
+        self.level_wait = level_wait
         self.offset = -1  # of the last read
         self.fallbacks = 0  # reads served from a snapshot (the servers were apart)
 
@@ -111,12 +119,19 @@ class ConsistentReader:
             time.sleep(0.01)
 
     def _try(self, with_stat: bool) -> tuple[ServerView, ServerView] | None:
-        oa, snaps_a = self.a.peek()
-        ob, snaps_b = self.b.peek()
-        if oa == ob:
-            va, vb = self.a.current(oa, with_stat), self.b.current(ob, with_stat)
-            if va is not None and vb is not None:
-                return va, vb
+        # The servers are level most of the time between messages: give them a few ms to be
+        # (a current read is fresher than the newest common snapshot, up to K − 1 messages).
+        level_until = time.monotonic() + self.level_wait
+        while True:
+            oa, snaps_a = self.a.peek()
+            ob, snaps_b = self.b.peek()
+            if oa == ob:
+                va, vb = self.a.current(oa, with_stat), self.b.current(ob, with_stat)
+                if va is not None and vb is not None:
+                    return va, vb
+            if time.monotonic() >= level_until:
+                break
+            time.sleep(0.002)
         for off in sorted(set(snaps_a) & set(snaps_b), reverse=True)[:2]:
             va = self.a.snapshot(snaps_a[off], off, with_stat)
             vb = self.b.snapshot(snaps_b[off], off, with_stat)
