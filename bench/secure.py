@@ -137,13 +137,15 @@ def _dssgd_run(secure_mode: bool, seed: int, theta_u: float, args: argparse.Name
 def accuracy(args: argparse.Namespace) -> dict:
     results: dict = {}
     for theta_u in args.theta_u:
-        for mode in ("plain", "secure"):
+        for mode in args.modes:
             accs = []
             for seed in args.seeds:
                 r = _dssgd_run(mode == "secure", seed, theta_u, args)
                 accs.append(r["accuracy"])
                 print(f"θu {theta_u} {mode} seed {seed}: {json.dumps(r)}", flush=True)
             results[f"{theta_u}:{mode}"] = {"accuracies": accs, "mean": statistics.mean(accs)}
+        if len(args.modes) < 2:
+            continue
         gap = results[f"{theta_u}:secure"]["mean"] - results[f"{theta_u}:plain"]["mean"]
         results[f"{theta_u}:gap_points"] = 100 * gap
         print(f"θu {theta_u}: secure − plain = {100 * gap:+.2f} points", flush=True)
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     acc.add_argument("--theta-u", type=float, nargs="+", default=[0.1, 0.01])
     acc.add_argument("--epochs", type=int, default=10)
     acc.add_argument("--participants", type=int, default=10)
+    acc.add_argument("--modes", nargs="+", default=["plain", "secure"], choices=["plain", "secure"])
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     result = throughput(args) if args.what == "throughput" else accuracy(args)
