@@ -258,7 +258,8 @@ class Participant:
             self.store.trace("d", self.pid, self.seq)
         source = self.secure or self.store
         version, w, stat = source.read_params(with_stat=self.cfg.theta_d < 1.0)
-        bytes_down = w.nbytes
+        # Secure: both servers' shares (8 bytes an entry each) and stat, as read.
+        bytes_down = w.nbytes if self.secure is None else self.secure.reader.bytes_read
         own_buffers = self.local[self.layout.n_params :].copy()
         if self.cfg.theta_d >= 1.0:
             self.local[:] = w

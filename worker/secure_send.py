@@ -103,6 +103,7 @@ class ConsistentReader:
         self.level_wait = level_wait
         self.offset = -1  # of the last read
         self.fallbacks = 0  # reads served from a snapshot (the servers were apart)
+        self.bytes_read = 0  # share and stat bytes of the last read, as received
 
     def read_views(self, with_stat: bool = True) -> tuple[ServerView, ServerView]:
         """(A's view, B's view) at one common offset; raises StoreError if none within timeout."""
@@ -147,6 +148,7 @@ class ConsistentReader:
             # The same offset must mean the same public state on both: a server bug, say so.
             raise StoreError(f"share servers disagree at offset {va.offset} (version or stat)")
         self.offset = va.offset
+        self.bytes_read = sum(v.state.nbytes + v.stat.nbytes for v in (va, vb))  # type: ignore[union-attr]
         w = secure.decode_state(self.w0, secure.reconstruct(va.state, vb.state))
         return va.version, w, va.stat if with_stat else None
 
