@@ -102,6 +102,8 @@ def apply_stream(
     """Apply (offset, verdict) items in stream order to ``s`` in place; snapshots at every
     offset o with (o + 1) % snapshot_every == 0 (the same offsets on both servers)."""
     out = ShareOutcome()
+    last = items[-1][0] if items else -1
+    every, ring = cfg.snapshot_every, cfg.snapshot_ring
     for offset, item in items:
         if offset <= s.offset:
             continue  # already in the committed state (a resumed consumer's first chunk)
@@ -111,11 +113,12 @@ def apply_stream(
         else:
             _apply_one(s, item, cfg, rule, opener, out)
         s.offset = offset
-        if (offset + 1) % cfg.snapshot_every == 0:
+        # Only the batch's last `ring` snapshot points are copied: older ones would be
+        # overwritten in the ring by the same commit (a backlog batch passes many of them).
+        if (offset + 1) % every == 0 and (last + 1) // every - (offset + 1) // every < ring:
             out.snapshots.append(
                 ShareSnapshot(offset, s.version, s.state.tobytes(), s.stat.tobytes())
             )
-            del out.snapshots[: -cfg.snapshot_ring]  # older ones would be overwritten anyway
     return out
 
 
