@@ -32,12 +32,10 @@ DEFAULT_POINTS: tuple[Point, ...] = (
     Point(_T, 1.0, gamma=0.001),
     Point(_T, 1.0, dp="svt", eps=100.0),
     Point(_T, 1.0, dp="svt", eps=1.0),
-    Point(_T, 0.1, dp="svt", eps=1.0),
     Point(_T, 1.0, dp="dpsgd", eps=8.0),
     Point(_T, 1.0, dp="dpsgd", eps=1.0),
     Point(_I, 1.0),
     Point(_I, 0.1),
-    Point(_I, 0.01),
     Point(_I, 1.0, dp="svt", eps=1.0),
     Point(_I, 1.0, dp="dpsgd", eps=8.0),
 )
@@ -137,12 +135,22 @@ def _membership(
     attack: dict[str, membership.Membership | str] = {}
     null: dict[str, membership.Membership] = {}
     k = min(len(scn.members), len(scn.non_members) // 2)
+    ym, yu = scn.members.y.numpy(), scn.non_members.y.numpy()
+    per_class = not scn.members.y.is_floating_point() and len(np.unique(yu)) <= 1000
     for name, (m, u) in _scores(scn, view).items():
         if isinstance(m, str) or isinstance(u, str):
             attack[name] = m if isinstance(m, str) else str(u)
             continue
+        m_null, u_null = u[:k], u[k:]
+        if per_class:
+            m, u, m_null, u_null = (
+                membership.calibrate(m, ym, u, yu),
+                membership.calibrate(u, yu, u, yu),
+                membership.calibrate(m_null, yu[:k], u_null, yu[k:]),
+                membership.calibrate(u_null, yu[k:], u_null, yu[k:]),
+            )
         attack[name] = membership.evaluate(name, m, u, s.bootstrap, s.seed)
-        null[name] = membership.evaluate(name, u[:k], u[k:], s.bootstrap, s.seed)
+        null[name] = membership.evaluate(name, m_null, u_null, s.bootstrap, s.seed)
     return attack, null
 
 
