@@ -98,8 +98,9 @@ def local_epoch(
         steps = -(-len(data) // s.batch_size)
         assert point.eps is not None
         sigma = noise_multiplier(point.eps, s.dp_delta, q, steps * s.run_epochs)
+        gen = None if s.noise_seed is None else torch.Generator().manual_seed(s.noise_seed)
         DpSgdTrainer(
-            model, data.x, data.y, s.lr, s.batch_size, s.dp_clip, sigma, loss=scn.task.loss
+            model, data.x, data.y, s.lr, s.batch_size, s.dp_clip, sigma, scn.task.loss, gen
         ).epoch()
         return get_flat(model) - base, sigma
     LocalTrainer(model, data.x, data.y, s.lr, s.batch_size, s.seed, loss=scn.task.loss).epoch()
@@ -117,7 +118,8 @@ def share(scn: Scenario, point: Point, delta: np.ndarray, base: np.ndarray) -> S
         assert point.eps is not None
         c = budget(delta.size, point.theta_u)
         params = SvtParams(epsilon=epsilon_for(point.eps, c), c=c, gamma=gamma, tau=tau)
-        indices, values = svt_select(delta, params, noise_rng())
+        noise = noise_rng() if s.noise_seed is None else np.random.default_rng(s.noise_seed)
+        indices, values = svt_select(delta, params, noise)
     else:
         indices, values = select_state(
             delta, n_params, point.theta_u, gamma, point.selection, tau, rng

@@ -46,6 +46,9 @@ class Setting:
     dp_clip: float = 1.0
     value_coding: str = "f32"
     bootstrap: int = 200  # resamples behind every confidence interval
+    # DP noise: None draws it from the OS CSPRNG as the worker does; a seed makes a test's
+    # draw reproducible (never for a figure that is reported).
+    noise_seed: int | None = None
 
     def check(self) -> None:
         problems = []
