@@ -8,6 +8,7 @@ CSPRNG, as the worker does). Skipped when MNIST is not installed.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import pytest
 from dssgd.shared.errors import DataError
@@ -33,7 +34,7 @@ def _scenario() -> Scenario:
 
 
 @pytest.fixture(scope="module")
-def scn() -> Scenario:
+def scn() -> Iterator[Scenario]:
     import torch
 
     threads = torch.get_num_threads()
