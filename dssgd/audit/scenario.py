@@ -155,6 +155,22 @@ def _non_members(task: LoadedTask, s: Setting, first_unused: int) -> tuple[Recor
     return pool, notes
 
 
+def _skewed(
+    task: LoadedTask, s: Setting, members: Records, pool: Records, notes: list[str]
+) -> Records:
+    """The label attack's participant: ``classes:k`` of the task's data, k below all classes."""
+    if members.y.is_floating_point():
+        return members  # regression targets: the label attack says it does not apply
+    classes = len(torch.unique(torch.cat([members.y, pool.y])))
+    k = min(s.label_classes, classes - 1)
+    if k >= 1:
+        try:
+            return _records(task, _ctx(s, 0, f"classes:{k}"))
+        except ConfigError as exc:  # the task's own partitioning refused it
+            notes.append(f"label attack on the IID participant: {exc}")
+    return members
+
+
 def _train(scn: Scenario, data: Records, epochs: int) -> np.ndarray:
     s = scn.setting
     model = scn.model()
@@ -169,9 +185,9 @@ def load(s: Setting) -> Scenario:
     s.check()
     task = load_task(s.task)
     members = _records(task, _ctx(s, 0))
-    skewed = _records(task, _ctx(s, 0, f"classes:{s.label_classes}"))
     helpers = list(range(1, min(s.participants, 1 + s.pretrain_participants)))
     non_members, notes = _non_members(task, s, 1 + len(helpers))
+    skewed = _skewed(task, s, members, non_members, notes)
     scn = Scenario(s, task, task.layout, members, non_members, skewed, notes=notes)
     scn.states["initial"] = task.initial_state(s.seed)
     if helpers:
