@@ -101,9 +101,12 @@ def evaluate(
     rng = np.random.default_rng(seed)
     aucs: list[float] = []
     tprs: dict[float, list[float]] = {f: [] for f in FPRS}
+    us = np.sort(u)
     for _ in range(resamples):
         mb = m[rng.integers(0, len(m), len(m))]
-        ub = np.sort(u[rng.integers(0, len(u), len(u))])
+        # A resample of sorted scores, sorted: each score repeated as often as it was drawn
+        # (O(n), where sorting each resample was most of the audit's statistics time).
+        ub = np.repeat(us, np.bincount(rng.integers(0, len(us), len(us)), minlength=len(us)))
         aucs.append(_auc_sorted(mb, ub))
         for f in FPRS:
             tprs[f].append(_tpr_sorted(mb, ub, f))

@@ -35,7 +35,6 @@ DEFAULT_POINTS: tuple[Point, ...] = (
     Point(_T, 1.0, dp="dpsgd", eps=8.0),
     Point(_T, 1.0, dp="dpsgd", eps=1.0),
     Point(_I, 1.0),
-    Point(_I, 0.1),
     Point(_I, 1.0, dp="svt", eps=1.0),
     Point(_I, 1.0, dp="dpsgd", eps=8.0),
 )
@@ -211,7 +210,9 @@ def selftests(points: list[Point], setting: Setting, samples: int) -> list[dpche
     if any(p.dp == "svt" for p in points):
         out.append(dpcheck.svt_selftest(SELFTEST_EPSILON, setting.gamma, samples))
     if any(p.dp == "dpsgd" for p in points):
-        out.append(dpcheck.dpsgd_selftest(SELFTEST_EPSILON, setting.dp_delta, samples // 4))
+        # A DP-SGD step costs ~100× an SVT call; 1/10 of the samples still flags the broken
+        # control at 2× its claim (measured: ε ≥ 4.3 at 400 samples).
+        out.append(dpcheck.dpsgd_selftest(SELFTEST_EPSILON, setting.dp_delta, samples // 10))
     return out
 
 
