@@ -132,7 +132,9 @@ def text(audit: Audit) -> str:
             f"({'holds' if t.holds else 'VIOLATED'}); broken control ε ≥ "
             f"{t.broken.epsilon_lb:.2f} ({'test has power' if t.has_power else 'NO POWER'})"
         )
-    for note in audit.notes:
+    reasons = [r.reconstruction.reason for r in audit.results if not r.reconstruction.applicable]
+    reasons += [f"label set: {r.labels.reason}" for r in audit.results if not r.labels.applicable]
+    for note in [*audit.notes, *dict.fromkeys(f"n/a: {x}" for x in reasons if x)]:
         out.append(f"note: {note}")
     out.append(
         f"recovered = cosine > 0.9 and above the never-seen control; MIA = the stronger of "
