@@ -44,6 +44,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from dssgd import status
 
         return getattr(status, f"cmd_{args.command}")(args)
+    if args.command == "audit":
+        from dssgd.audit.command import cmd_audit
+
+        return cmd_audit(args)
     if args.command == "deprovision":
         from dssgd.admin import cmd_deprovision
 

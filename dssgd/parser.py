@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from dssgd.admin import add_admin_parsers, add_management_option, add_provision_options
+from dssgd.audit.options import add_audit_parser
 from dssgd.options import add_connection_options, add_run_options, env_int
 
 EPILOG = """\
@@ -286,6 +287,7 @@ _SUB_PARSERS = (
     _runs_parser,
     _delete_parser,
     _share_server_parser,
+    add_audit_parser,
 )
 
 
