@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +25,13 @@ from typing import Any
 import numpy as np
 import redis
 import redis.exceptions as rex
+from dssgd.shared.chunks import (
+    Layout,
+    chunk_sums,
+    dense_writes,
+    download_chunks,
+    plan_writes,
+)
 from dssgd.shared.config import RunConfig
 from dssgd.shared.dedup import decode_state
 from dssgd.shared.errors import ConfigError, FencedError, StoreError
@@ -54,6 +63,58 @@ def connect(url: str) -> redis.Redis:
         raise ConfigError(f"bad Redis URL {url!r}: {exc}") from exc
 
 
+class CountingSocket:
+    """A socket that counts the bytes it received: what Redis actually sent this client."""
+
+    def __init__(self, sock: socket.socket, conn: Any) -> None:
+        self._sock = sock
+        self._conn = conn
+
+    def recv(self, size: int, *args: Any) -> bytes:
+        data = self._sock.recv(size, *args)
+        if not args:  # a MSG_PEEK (liveness check) reads nothing for good
+            self._conn.received += len(data)
+        return data
+
+    def recv_into(self, buf: Any, size: int = 0, *args: Any) -> int:
+        got = self._sock.recv_into(buf, size, *args)
+        if not args:
+            self._conn.received += got
+        return got
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _counting(cls: type) -> type:
+    """``cls`` (a redis-py connection class: TCP, TLS or unix) whose socket counts bytes in."""
+
+    def _connect(self: Any) -> Any:
+        return CountingSocket(cls._connect(self), self)  # type: ignore[attr-defined]
+
+    return type(f"Counting{cls.__name__}", (cls,), {"_connect": _connect, "received": 0})
+
+
+def counting_client(r: redis.Redis) -> redis.Redis:
+    """A one-connection client to the same server as ``r`` whose connection counts the bytes it
+    received (``received`` on the connection); downloads go through it, so bytes down are
+    measured, not computed."""
+    pool = r.connection_pool
+    counted = redis.ConnectionPool(
+        connection_class=_counting(pool.connection_class),
+        max_connections=1,
+        **pool.connection_kwargs,
+    )
+    return redis.Redis(connection_pool=counted)
+
+
+def received(client: redis.Redis) -> int:
+    """Bytes the counting client's connection has received so far."""
+    pool = client.connection_pool
+    conns = [*pool._available_connections, *pool._in_use_connections]  # type: ignore[attr-defined]
+    return sum(c.received for c in conns)
+
+
 @contextlib.contextmanager
 def guarded(what: str) -> Iterator[None]:
     try:
@@ -71,28 +132,44 @@ def guarded(what: str) -> Iterator[None]:
         raise StoreError(f"Redis unavailable during {what}: {exc}") from exc
 
 
+# KEYS: fence, version, dedup, counters, applied log, turn, wake, summary, then the chunk keys.
+# ARGV: fence, version, extra (JSON), log cap, summary blob, then two per chunk key: its runs
+# table ('' = the whole chunk) and its bytes. Only touched chunks come; a sparse one is patched
+# run by run with SETRANGE, so a commit costs what the batch touched, not n.
 _COMMIT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('FENCED')
 end
-local extra = cjson.decode(ARGV[5])
+local extra = cjson.decode(ARGV[3])
 redis.call('SET', KEYS[2], ARGV[2])
-redis.call('SET', KEYS[3], ARGV[3])
-redis.call('SET', KEYS[4], ARGV[4])
+redis.call('SET', KEYS[8], ARGV[5])
+for i = 9, #KEYS do
+  local runs, data = ARGV[2 * i - 12], ARGV[2 * i - 11]
+  if runs == '' then
+    redis.call('SET', KEYS[i], data)
+  else
+    local pos = 1
+    for r = 1, #runs, 8 do
+      local off, len = struct.unpack('<I4I4', runs, r)
+      redis.call('SETRANGE', KEYS[i], off, string.sub(data, pos, pos + len - 1))
+      pos = pos + len
+    end
+  end
+end
 for pid, state in pairs(extra.dedup) do
-  redis.call('HSET', KEYS[5], pid, state)
+  redis.call('HSET', KEYS[3], pid, state)
 end
 for name, amount in pairs(extra.counters) do
-  redis.call('HINCRBY', KEYS[6], name, amount)
+  redis.call('HINCRBY', KEYS[4], name, amount)
 end
 if #extra.log > 0 then
-  redis.call('RPUSH', KEYS[7], unpack(extra.log))
-  redis.call('LTRIM', KEYS[7], -tonumber(ARGV[6]), -1)
+  redis.call('RPUSH', KEYS[5], unpack(extra.log))
+  redis.call('LTRIM', KEYS[5], -tonumber(ARGV[4]), -1)
 end
-if extra.turn_expect ~= '' and redis.call('GET', KEYS[8]) == extra.turn_expect then
-  redis.call('SET', KEYS[8], extra.turn_next)
-  redis.call('RPUSH', KEYS[9], '1')
-  redis.call('LTRIM', KEYS[9], -1, -1)
+if extra.turn_expect ~= '' and redis.call('GET', KEYS[6]) == extra.turn_expect then
+  redis.call('SET', KEYS[6], extra.turn_next)
+  redis.call('RPUSH', KEYS[7], '1')
+  redis.call('LTRIM', KEYS[7], -1, -1)
 end
 return 1
 """
@@ -198,6 +275,32 @@ class AggregatorState:
     stat: np.ndarray
     version: int
     dedup: dict[int, tuple[int, int]] = field(default_factory=dict)
+    layout: Layout | None = None  # how w and stat are chunked in Redis (None: one chunk)
+    # What changed since the last commit (aggregator/batch.py records it; commit writes only
+    # these chunks and clears it): the index arrays of the applied updates, and whether every
+    # counter changed (the paper's decay).
+    touched: list[np.ndarray] = field(default_factory=list)
+    stat_all: bool = False
+    chunk_sums: np.ndarray | None = None  # float64 sum of stat per chunk, kept at commit time
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            self.layout = Layout.for_size(self.w.size)
+        if self.chunk_sums is None:
+            self.chunk_sums = chunk_sums(self.stat, self.layout)
+
+
+@dataclass(frozen=True)
+class Download:
+    """What one download read: per-shard versions, the chunks, the bytes Redis sent for it."""
+
+    versions: tuple[int, ...]
+    chunks: np.ndarray
+    bytes_received: int
+
+    @property
+    def version(self) -> int:  # the version an update computed from this download is based on
+        return min(self.versions)
 
 
 class RunStore:
@@ -213,6 +316,9 @@ class RunStore:
         self._claim = r.register_script(_CLAIM)
         self._renew = r.register_script(_RENEW)
         self._participants: int | None = None
+        self._layout: Layout | None = None
+        self._reader: redis.Redis | None = None  # counting connection for downloads
+        self._reader_lock = threading.Lock()
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -256,15 +362,46 @@ class RunStore:
 
     # --- parameters -------------------------------------------------------------------------
 
-    def init_params(self, w: np.ndarray) -> bool:
-        """Seed the global parameters unless they exist (every process derives the same ones)."""
+    def init_params(self, w: np.ndarray, shards: int = 1) -> bool:
+        """Seed the global parameters unless they exist (every process derives the same ones).
+
+        The layout is written first (the first writer's wins); each shard's chunks, summary and
+        version then go in one transaction, shard 0 last, so shard 0's version existing means
+        every chunk exists.
+        """
         with guarded("initialising parameters"):
-            pipe = self.r.pipeline(transaction=True)
-            pipe.set(self.keys.params, w.astype(np.float32).tobytes(), nx=True)
-            pipe.set(self.keys.stat, np.zeros(w.size, np.float32).tobytes(), nx=True)
-            pipe.set(self.keys.version, 0, nx=True)
-            created = pipe.execute()
-        return bool(created[0])
+            created = bool(
+                self.r.set(self.keys.layout, Layout.for_size(w.size, shards).to_json(), nx=True)
+            )
+        layout = self.layout()
+        if layout.n != w.size:
+            raise ConfigError(
+                f"run {self.run_id!r} stores {layout.n} parameters, this model has {w.size}"
+            )
+        w32 = np.ascontiguousarray(w, dtype=np.float32)
+        zeros = np.zeros(w.size, np.float32)
+        with guarded("initialising parameters"):
+            for s in reversed(range(layout.shards)):
+                sk, chunks = self.keys.shard(s), layout.shard_chunks(s)
+                pipe = self.r.pipeline(transaction=True)
+                for c in chunks:
+                    lo, hi = layout.span(c)
+                    pipe.set(sk.w(c), w32[lo:hi].tobytes(), nx=True)
+                    pipe.set(sk.stat(c), zeros[lo:hi].tobytes(), nx=True)
+                pipe.set(sk.summary, np.zeros(len(chunks), np.float32).tobytes(), nx=True)
+                pipe.set(sk.version, 0, nx=True)
+                pipe.execute()
+        return created
+
+    def layout(self) -> Layout:
+        """How the run's parameters are chunked and sharded (read once, then cached)."""
+        if self._layout is None:
+            with guarded("reading the parameter layout"):
+                raw = self.r.get(self.keys.layout)
+            if raw is None:
+                raise StoreError(f"run {self.run_id!r} has no parameters yet")
+            self._layout = Layout.from_json(raw)
+        return self._layout
 
     def init_model(self, record: str) -> bool:
         """Store the run's model record (shared/tasks.py) unless it exists."""
@@ -278,22 +415,95 @@ class RunStore:
 
     def has_params(self) -> bool:
         with guarded("reading parameters"):
-            return bool(self.r.exists(self.keys.params))
+            return bool(self.r.exists(self.keys.layout)) and bool(self.r.exists(self.keys.version))
 
     def read_params(self, with_stat: bool = False) -> tuple[int, np.ndarray, np.ndarray | None]:
-        """(version, w, stat) read atomically; arrays are read-only views of the reply."""
-        with guarded("reading parameters"):
-            pipe = self.r.pipeline(transaction=True)
-            pipe.get(self.keys.version)
-            pipe.get(self.keys.params)
-            if with_stat:
-                pipe.get(self.keys.stat)
-            out = pipe.execute()
-        if out[1] is None:
+        """(version, w, stat), each shard read atomically, into fresh arrays."""
+        layout = self.layout()
+        w = np.empty(layout.n, np.float32)
+        stat = np.empty(layout.n, np.float32) if with_stat else None
+        versions = self._read_chunks(self.r, np.arange(layout.n_chunks), w, stat)
+        return min(versions), w, stat
+
+    def download(
+        self,
+        out: np.ndarray,
+        theta_d: float = 1.0,
+        random: np.random.Generator | None = None,
+    ) -> Download:
+        """θd of the global parameters into ``out`` (the caller's buffer, reused every epoch).
+
+        The most-updated chunks are found from the chunk summaries the aggregator keeps (one
+        small blob per shard), or chunks are drawn with ``random``; only the chosen chunks are
+        read, straight into ``out``. ``bytes_received`` is counted on the socket.
+        """
+        layout = self.layout()
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = counting_client(self.r)
+            before = received(self._reader)
+            summary = None
+            if theta_d < 1.0 and random is None:
+                summary = self._read_summaries(self._reader, layout)
+            chunks = download_chunks(layout, theta_d, summary, random)
+            versions = self._read_chunks(self._reader, chunks, out, None)
+            got = received(self._reader) - before
+        return Download(tuple(versions), chunks, got)
+
+    def _read_summaries(self, client: redis.Redis, layout: Layout) -> np.ndarray:
+        with guarded("reading the chunk summaries"):
+            pipe = client.pipeline(transaction=False)
+            for s in range(layout.shards):
+                pipe.get(self.keys.shard(s).summary)
+            raw = pipe.execute()
+        if any(x is None for x in raw):
             raise StoreError(f"run {self.run_id!r} has no parameters yet")
-        w = np.frombuffer(out[1], dtype=np.float32)
-        stat = np.frombuffer(out[2], dtype=np.float32) if with_stat else None
-        return int(out[0] or 0), w, stat
+        return np.concatenate([np.frombuffer(x, np.float32) for x in raw])
+
+    def _read_chunks(
+        self, client: redis.Redis, chunks: np.ndarray, w: np.ndarray, stat: np.ndarray | None
+    ) -> list[int]:
+        """Chunks (sorted) of w (and stat) into the given arrays, shard by shard; returns the
+        version of every shard read."""
+        layout = self.layout()
+        versions = []
+        for s in range(layout.shards):
+            cs = layout.shard_chunks(s)
+            mine = chunks[(chunks >= cs.start) & (chunks < cs.stop)].tolist()
+            if mine or not chunks.size:
+                versions.append(self._read_shard(client, s, mine, w, stat)[0])
+        return versions
+
+    def _read_shard(
+        self,
+        client: redis.Redis,
+        s: int,
+        chunks: list[int],
+        w: np.ndarray,
+        stat: np.ndarray | None,
+        with_dedup: bool = False,
+    ) -> tuple[int, dict[bytes, bytes]]:
+        """One shard's version, chunks (into w and stat) and optionally its replay windows, in
+        one transaction: a consistent snapshot of the shard."""
+        layout, sk = self.layout(), self.keys.shard(s)
+        with guarded("reading parameters"):
+            pipe = client.pipeline(transaction=True)
+            pipe.get(sk.version)
+            pipe.hgetall(sk.dedup) if with_dedup else pipe.exists(sk.version)
+            pipe.mget([sk.w(c) for c in chunks]) if chunks else pipe.exists(sk.version)
+            if stat is not None and chunks:
+                pipe.mget([sk.stat(c) for c in chunks])
+            version, dedup, *blobs = pipe.execute()
+        if version is None:
+            raise StoreError(f"run {self.run_id!r} has no parameters yet")
+        for arr, rows in zip((w, stat), blobs if chunks else [], strict=False):
+            assert arr is not None
+            for c, blob in zip(chunks, rows, strict=True):
+                if blob is None:
+                    raise StoreError(f"run {self.run_id!r}: chunk {c} of the parameters is missing")
+                lo, hi = layout.span(c)
+                arr[lo:hi] = np.frombuffer(blob, np.float32)
+        return int(version), dedup if with_dedup else {}
 
     # --- aggregator ---------------------------------------------------------------------------
 
@@ -303,20 +513,20 @@ class RunStore:
             return int(self.r.incr(self.keys.fence))
 
     def load_state(self) -> AggregatorState:
-        with guarded("loading the aggregator state"):
-            pipe = self.r.pipeline(transaction=True)
-            pipe.get(self.keys.version)
-            pipe.get(self.keys.params)
-            pipe.get(self.keys.stat)
-            pipe.hgetall(self.keys.dedup)
-            version, w, stat, dedup = pipe.execute()
-        if w is None or stat is None:
-            raise StoreError(f"run {self.run_id!r} has no parameters")
+        layout = self.layout()
+        if layout.shards != 1:
+            raise StoreError(f"run {self.run_id!r}: this aggregator serves one shard only")
+        w = np.empty(layout.n, np.float32)
+        stat = np.empty(layout.n, np.float32)
+        version, dedup = self._read_shard(
+            self.r, 0, list(range(layout.n_chunks)), w, stat, with_dedup=True
+        )
         return AggregatorState(
-            w=np.frombuffer(w, dtype=np.float32).copy(),
-            stat=np.frombuffer(stat, dtype=np.float32).copy(),
-            version=int(version or 0),
+            w=w,
+            stat=stat,
+            version=version,
             dedup={int(k): decode_state(v) for k, v in dedup.items()},
+            layout=layout,
         )
 
     def commit(
@@ -329,6 +539,21 @@ class RunStore:
         turn_expect: str = "",
         turn_next: str = "",
     ) -> None:
+        """Write a batch in one fenced script: the chunks it touched, the chunk summaries, the
+        version, the replay windows, counters, log and turn, all or nothing."""
+        layout = state.layout
+        assert layout is not None and state.chunk_sums is not None
+        every = np.concatenate(state.touched) if state.touched else np.empty(0, np.int64)
+        touched = np.unique(every)
+        writes = plan_writes(state.w, layout, touched)
+        if state.stat_all:
+            stat_writes = dense_writes(state.stat, layout, range(layout.n_chunks))
+            state.chunk_sums = chunk_sums(state.stat, layout)
+        else:
+            stat_writes = plan_writes(state.stat, layout, touched)
+            # stat[j] += 1 per applied entry: the chunk sums move by the entries counted.
+            state.chunk_sums += np.bincount(every // layout.chunk, minlength=layout.n_chunks)
+        summary = (state.chunk_sums / layout.sizes()).astype(np.float32)
         extra = {
             "dedup": {str(k): v for k, v in dedup_changes.items()},
             "counters": {**counters, "commits": 1},
@@ -336,31 +561,25 @@ class RunStore:
             "turn_expect": turn_expect,
             "turn_next": turn_next,
         }
-        payload = json.dumps(extra)
         wake = self.keys.wake(int(turn_next)) if turn_next else self.keys.wake(-1)
-        k = self.keys
+        k, sk = self.keys, self.keys.shard(0)
+        fixed = [k.fence, k.version, k.dedup, k.counters, k.applied_log, k.turn, wake, sk.summary]
+        chunk_keys = [sk.w(x.chunk) for x in writes] + [sk.stat(x.chunk) for x in stat_writes]
+        chunk_args = [a for x in (*writes, *stat_writes) for a in (x.runs, x.data)]
         with guarded("committing updates"):
             self._commit(
-                keys=[
-                    k.fence,
-                    k.params,
-                    k.stat,
-                    k.version,
-                    k.dedup,
-                    k.counters,
-                    k.applied_log,
-                    k.turn,
-                    wake,
-                ],
+                keys=fixed + chunk_keys,
                 args=[
                     str(fence),
-                    state.w.tobytes(),
-                    state.stat.tobytes(),
                     str(state.version),
-                    payload,
+                    json.dumps(extra),
                     str(APPLIED_LOG_CAP),
+                    summary.tobytes(),
+                    *chunk_args,
                 ],
             )
+        state.touched.clear()
+        state.stat_all = False
 
     def pass_turn(self, fence: int, expect: str, nxt: str) -> bool:
         wake = self.keys.wake(int(nxt)) if nxt else self.keys.wake(-1)
@@ -598,7 +817,11 @@ class RunStore:
 
     def delete_run(self) -> int:
         with guarded("deleting the run"):
-            names = list(self.r.scan_iter(match=self.keys.all_patterns()[0], count=1000))
+            names = [
+                name
+                for pattern in self.keys.all_patterns()
+                for name in self.r.scan_iter(match=pattern, count=1000)
+            ]
             removed = int(self.r.delete(*names)) if names else 0
             self.r.srem(RUNS, self.run_id)
         return removed

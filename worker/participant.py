@@ -23,7 +23,7 @@ from dssgd.shared.errors import BrokerError, ConfigError, StopRequested
 from dssgd.shared.lifecycle import Backoff, StopFlag
 from dssgd.shared.models import get_flat, layout_of, set_flat
 from dssgd.shared.privacy import PrivacyAccountant, SvtParams, epsilon_for, noise_rng, svt_select
-from dssgd.shared.selection import budget, most_updated, select_state
+from dssgd.shared.selection import budget, select_state
 from dssgd.shared.store import RunStore
 from dssgd.shared.tasks import LoadedTask, as_tensors, holdout, load_task
 from dssgd.shared.training import LocalTrainer, refresh_norm_stats
@@ -251,23 +251,21 @@ class Participant:
         """θd of the global state into the local copy: (version, base state, bytes read)."""
         if self.cfg.ordered:
             self.store.trace("d", self.pid, self.seq)
-        version, w, stat = self.store.read_params(with_stat=self.cfg.theta_d < 1.0)
-        bytes_down = w.nbytes
         own_buffers = self.local[self.layout.n_params :].copy()
-        if self.cfg.theta_d >= 1.0:
-            self.local[:] = w
-        else:
-            if self.cfg.download == "random":
-                k = max(1, round(self.cfg.theta_d * self.n))
-                chosen = np.sort(self.rng.choice(self.n, size=k, replace=False))
-            else:
-                assert stat is not None
-                chosen = most_updated(stat, self.cfg.theta_d)
-            self.local[chosen] = w[chosen]
-            bytes_down = chosen.size * 4
+        # Only the chosen chunks are read, straight into the local copy; the bytes are those
+        # the Redis connection received for this download (shared/store.py).
+        got = self.store.download(
+            self.local,
+            self.cfg.theta_d,
+            self.rng if self.cfg.download == "random" and self.cfg.theta_d < 1.0 else None,
+        )
+        version, bytes_down = got.version, got.bytes_received
         if self.cfg.buffers == "local":
             self.local[self.layout.n_params :] = own_buffers  # they never leave, nor come in
-        return version, self.local.copy(), bytes_down
+        if getattr(self, "_base", None) is None:
+            self._base = np.empty_like(self.local)  # reused: fresh large arrays cost here
+        np.copyto(self._base, self.local)
+        return version, self._base, bytes_down
 
     def select(self, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Δw of the trained model against ``base``, selected, clipped (buffers whole)."""
