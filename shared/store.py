@@ -132,10 +132,11 @@ def guarded(what: str) -> Iterator[None]:
         raise StoreError(f"Redis unavailable during {what}: {exc}") from exc
 
 
-# KEYS: fence, version, dedup, counters, applied log, turn, wake, summary, then the chunk keys.
-# ARGV: fence, version, extra (JSON), log cap, summary blob, then two per chunk key: its runs
-# table ('' = the whole chunk) and its bytes. Only touched chunks come; a sparse one is patched
-# run by run with SETRANGE, so a commit costs what the batch touched, not n.
+# KEYS: fence, version, dedup, counters, applied log, turn, wake, summary, then the chunks written
+# whole, then the chunks patched. ARGV: fence, version, extra (JSON), log cap, summary blob, the
+# number of whole chunks, the runs table (u32 triples: KEYS index, byte offset, byte length), the
+# runs' bytes, then one blob per whole chunk. Only touched chunks come, so a commit costs what
+# the batch touched, not n.
 _COMMIT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('FENCED')
@@ -143,18 +144,14 @@ end
 local extra = cjson.decode(ARGV[3])
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('SET', KEYS[8], ARGV[5])
-for i = 9, #KEYS do
-  local runs, data = ARGV[2 * i - 12], ARGV[2 * i - 11]
-  if runs == '' then
-    redis.call('SET', KEYS[i], data)
-  else
-    local pos = 1
-    for r = 1, #runs, 8 do
-      local off, len = struct.unpack('<I4I4', runs, r)
-      redis.call('SETRANGE', KEYS[i], off, string.sub(data, pos, pos + len - 1))
-      pos = pos + len
-    end
-  end
+for i = 1, tonumber(ARGV[6]) do
+  redis.call('SET', KEYS[8 + i], ARGV[8 + i])
+end
+local runs, data, pos = ARGV[7], ARGV[8], 1
+for r = 1, #runs, 12 do
+  local k, off, len = struct.unpack('<I4I4I4', runs, r)
+  redis.call('SETRANGE', KEYS[k], off, string.sub(data, pos, pos + len - 1))
+  pos = pos + len
 end
 for pid, state in pairs(extra.dedup) do
   redis.call('HSET', KEYS[3], pid, state)
@@ -545,12 +542,12 @@ class RunStore:
         assert layout is not None and state.chunk_sums is not None
         every = np.concatenate(state.touched) if state.touched else np.empty(0, np.int64)
         touched = np.unique(every)
-        writes = plan_writes(state.w, layout, touched)
+        w_plan = plan_writes(state.w, layout, touched)
         if state.stat_all:
-            stat_writes = dense_writes(state.stat, layout, range(layout.n_chunks))
+            stat_plan = dense_writes(state.stat, layout)
             state.chunk_sums = chunk_sums(state.stat, layout)
         else:
-            stat_writes = plan_writes(state.stat, layout, touched)
+            stat_plan = plan_writes(state.stat, layout, touched)
             # stat[j] += 1 per applied entry: the chunk sums move by the entries counted.
             state.chunk_sums += np.bincount(every // layout.chunk, minlength=layout.n_chunks)
         summary = (state.chunk_sums / layout.sizes()).astype(np.float32)
@@ -564,18 +561,28 @@ class RunStore:
         wake = self.keys.wake(int(turn_next)) if turn_next else self.keys.wake(-1)
         k, sk = self.keys, self.keys.shard(0)
         fixed = [k.fence, k.version, k.dedup, k.counters, k.applied_log, k.turn, wake, sk.summary]
-        chunk_keys = [sk.w(x.chunk) for x in writes] + [sk.stat(x.chunk) for x in stat_writes]
-        chunk_args = [a for x in (*writes, *stat_writes) for a in (x.runs, x.data)]
+        whole = [sk.w(int(c)) for c in w_plan.dense]
+        whole += [sk.stat(int(c)) for c in stat_plan.dense]
+        patched = [sk.w(int(c)) for c in w_plan.sparse]
+        patched += [sk.stat(int(c)) for c in stat_plan.sparse]
+        first = len(fixed) + len(whole) + 1  # KEYS index (1-based) of the first patched chunk
+        runs = np.concatenate([w_plan.runs, stat_plan.runs])
+        runs[: len(w_plan.runs), 0] += first
+        runs[len(w_plan.runs) :, 0] += first + len(w_plan.sparse)
         with guarded("committing updates"):
             self._commit(
-                keys=fixed + chunk_keys,
+                keys=fixed + whole + patched,
                 args=[
                     str(fence),
                     str(state.version),
                     json.dumps(extra),
                     str(APPLIED_LOG_CAP),
                     summary.tobytes(),
-                    *chunk_args,
+                    str(len(whole)),
+                    runs.tobytes(),
+                    w_plan.values + stat_plan.values,
+                    *w_plan.dense_data,
+                    *stat_plan.dense_data,
                 ],
             )
         state.touched.clear()

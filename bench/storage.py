@@ -1,0 +1,222 @@
+"""Chunked parameter storage (issue 15): bytes a download makes Redis send, and what commits and
+downloads cost as the model grows. Every figure against a private redis-server it starts itself.
+
+    python -m bench.storage               # full run, prints the tables
+    python -m bench.storage --write-doc   # and records them in docs/BENCHMARKS.md
+    python -m bench.storage --quick       # fewer repetitions
+
+1. Bytes down: for the MLP, the CNN and a 10 M-parameter state, the bytes Redis sent
+   (``INFO stats`` total_net_output_bytes) for downloads at θd = 1 and θd = 0.1, and what the
+   download reported (counted on the client's socket). The negative control is the old download
+   (all of w and stat, reported as θd·n·4).
+2. Commit cost per update at the same k (θu = 0.01 of the 105 k MLP), 105 k against 10 M.
+3. Download cost at θd = 0.1 per downloaded entry, 105 k against 10 M.
+
+Exit code 1 if an acceptance line fails. Take timings under ``flock /work/bench.lock``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from dssgd.shared.selection import most_updated
+from dssgd.shared.store import AggregatorState, RunStore, connect
+
+from testing.redis_cluster import PrivateServer
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+MARK = ("<!-- bench:storage -->", "<!-- /bench:storage -->")
+PORT = 17110
+BIG = 10_000_000
+SMALL_K = 1_056  # θu = 0.01 of the 105,506-parameter MLP
+ACCEPT_RATIO, ACCEPT_AGREE, ACCEPT_GROWTH = 0.15, 0.05, 2.0
+
+
+def model_sizes() -> dict[str, int]:
+    from dssgd.shared.tasks import load_task
+
+    return {
+        "MLP": load_task("mnist-mlp").layout.n,
+        "CNN": load_task("mnist-cnn").layout.n,
+        "10 M": BIG,
+    }
+
+
+def seeded(server: PrivateServer, run: str, n: int, updates: int, k: int) -> RunStore:
+    """A run of n parameters with `updates` committed updates of k entries (skewed, so the
+    chunk summaries differ as they do in training)."""
+    store = RunStore(connect(server.url), run)
+    rng = np.random.default_rng(7)
+    store.init_params(rng.standard_normal(n).astype(np.float32))
+    fence = store.take_fence()
+    state = store.load_state()
+    hot = rng.choice(n, size=max(k, n // 5), replace=False)  # a fifth of the entries, most hits
+    for seq in range(1, updates + 1):
+        apply_one(state, np.sort(rng.choice(hot, size=k, replace=False)), rng)
+        store.commit(fence, state, {0: f"{seq}:1"}, {"applied": 1}, [])
+    return store
+
+
+def apply_one(state: AggregatorState, idx: np.ndarray, rng: np.random.Generator) -> None:
+    state.w[idx] += rng.standard_normal(idx.size).astype(np.float32) * np.float32(0.01)
+    state.stat[idx] += 1
+    state.touched.append(idx)
+    state.version += 1
+
+
+def server_bytes(server: PrivateServer, fn: object, reps: int) -> tuple[int, int]:
+    """(bytes the server sent, bytes the client reported) over `reps` calls of fn."""
+    before = server.output_bytes()
+    mid = server.output_bytes()  # the first INFO reply's size, as the server counts it
+    reported = sum(fn() for _ in range(reps))  # type: ignore[operator]
+    return server.output_bytes() - mid - (mid - before), reported
+
+
+def bytes_row(server: PrivateServer, name: str, n: int, reps: int) -> tuple[str, bool]:
+    store = seeded(server, f"bytes-{name}", n, 20, max(1, n // 100))
+    out = np.empty(n, np.float32)
+    full = server_bytes(server, lambda: store.download(out, 1.0).bytes_received, reps)
+    tenth = server_bytes(server, lambda: store.download(out, 0.1).bytes_received, reps)
+
+    def old() -> int:  # the download as it was: w and stat whole, θd·n·4 reported
+        _, _, stat = store.read_params(with_stat=True)
+        assert stat is not None
+        return int(most_updated(stat, 0.1).size * 4)
+
+    legacy = server_bytes(server, old, reps)
+    store.delete_run()
+    ratio = tenth[0] / full[0]
+    agree = (tenth[1] / tenth[0], full[1] / full[0])
+    row = (
+        f"| {name} | {n:,} | {full[0] / reps / 1e6:.3f} MB | {tenth[0] / reps / 1e6:.3f} MB"
+        f" | **{ratio:.3f}** | {agree[0]:.4f} / {agree[1]:.4f} | "
+        f"{legacy[0] / reps / 1e6:.3f} MB, {legacy[0] / full[0]:.2f}, {legacy[1] / legacy[0]:.3f} |"
+    )
+    return row, ratio <= ACCEPT_RATIO and all(abs(a - 1) <= ACCEPT_AGREE for a in agree)
+
+
+def bytes_section(reps: int) -> tuple[list[str], bool]:
+    rows = [
+        "| model | n | θd = 1, sent | θd = 0.1, sent | ratio | reported ÷ sent (0.1 / 1) | "
+        "old θd = 0.1 download: sent, ratio, reported ÷ sent |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ok = True
+    server = PrivateServer(PORT)
+    try:
+        for name, n in model_sizes().items():
+            row, good = bytes_row(server, name, n, reps)
+            rows.append(row)
+            ok &= good
+    finally:
+        server.stop()
+    return rows, ok
+
+
+def cost_section(reps: int) -> tuple[list[str], bool]:
+    rows = [
+        "| n | chunk | commit of one update, k = 1,056 | commit, 50 updates of k = 1,056 "
+        "(per update) | download θd = 0.1 | per downloaded entry |",
+        "|---|---|---|---|---|---|",
+    ]
+    server = PrivateServer(PORT + 1)
+    figures: dict[int, tuple[float, float]] = {}
+    try:
+        for n in (105_506, BIG):
+            store = seeded(server, f"cost-{n}", n, 1, SMALL_K)
+            fence = store.take_fence()
+            state = store.load_state()
+            rng = np.random.default_rng(1)
+            one, batch = [], []
+            for seq in range(reps):
+                apply_one(state, np.sort(rng.choice(n, SMALL_K, replace=False)), rng)
+                t = time.perf_counter()
+                store.commit(fence, state, {0: f"{seq + 2}:1"}, {"applied": 1}, [])
+                one.append(time.perf_counter() - t)
+            for _ in range(max(3, reps // 10)):
+                for _ in range(50):
+                    apply_one(state, np.sort(rng.choice(n, SMALL_K, replace=False)), rng)
+                t = time.perf_counter()
+                store.commit(fence, state, {0: "1:1"}, {"applied": 50}, [])
+                batch.append((time.perf_counter() - t) / 50)
+            out = np.empty(n, np.float32)
+            down, entries = [], 0
+            for _ in range(reps):
+                t = time.perf_counter()
+                got = store.download(out, 0.1)
+                down.append(time.perf_counter() - t)
+                entries = int(sum(np.diff(store.layout().span(int(c)))[0] for c in got.chunks))
+            c1, d1 = statistics.median(one), statistics.median(down)
+            figures[n] = (c1, d1 / entries)
+            rows.append(
+                f"| {n:,} | {store.layout().chunk:,} | {c1 * 1e3:.2f} ms | "
+                f"{statistics.median(batch) * 1e3:.3f} ms | {d1 * 1e3:.1f} ms | "
+                f"{d1 / entries * 1e9:.1f} ns |"
+            )
+            store.delete_run()
+    finally:
+        server.stop()
+    commit_growth = figures[BIG][0] / figures[105_506][0]
+    down_growth = figures[BIG][1] / figures[105_506][1]
+    rows.append("")
+    rows.append(
+        f"10 M ÷ 105 k: commit of one update at the same k **{commit_growth:.2f}×**, download "
+        f"per downloaded entry at θd = 0.1 **{down_growth:.2f}×** (acceptance ≤ {ACCEPT_GROWTH}×)."
+    )
+    return rows, commit_growth <= ACCEPT_GROWTH and down_growth <= ACCEPT_GROWTH
+
+
+def write_doc(text: str) -> None:
+    doc = DOC.read_text()
+    block = f"{MARK[0]}\n{text}\n{MARK[1]}"
+    if MARK[0] in doc:
+        doc = re.sub(re.escape(MARK[0]) + ".*?" + re.escape(MARK[1]), lambda _: block, doc,
+                     flags=re.S)  # fmt: skip
+    else:
+        doc = doc.rstrip() + "\n\n## Chunked parameter storage (issue 15)\n\n" + block + "\n"
+    DOC.write_text(doc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--write-doc", action="store_true", help="record in docs/BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    reps = 3 if args.quick else 10
+    t0 = time.time()
+    bytes_rows, ok_bytes = bytes_section(reps)
+    cost_rows, ok_cost = cost_section(10 if args.quick else 40)
+    load = os.getloadavg()[0]
+    text = "\n".join(
+        [
+            f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(t0))} by "
+            f"`python -m bench.storage` on a shared 2-core machine (load average {load:.1f}), "
+            "against a private redis-server 7.0 on a port of its own.",
+            "",
+            "**Bytes a download makes Redis send** (mean per download; `sent` is the server's "
+            "`total_net_output_bytes`, `reported` what the download counted on its socket):",
+            "",
+            *bytes_rows,
+            "",
+            "**Cost as the model grows** (medians; one update per commit, and batches of 50):",
+            "",
+            *cost_rows,
+        ]
+    )
+    print(text)
+    if args.write_doc:
+        write_doc(text)
+    print("acceptance:", "met" if ok_bytes and ok_cost else "NOT met")
+    return 0 if ok_bytes and ok_cost else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
