@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import redis
@@ -47,20 +48,32 @@ METRICS_CAP = 100_000
 
 
 def connect(url: str) -> redis.Redis:
+    """A client for ``url``; ``?cluster=yes`` in it means a Redis Cluster (any node's address).
+
+    Every key of a run shares one hash tag (shard 0's), so on a cluster a run's transactions and
+    scripts each stay in one slot; only the run registry (``dssgd:runs``) lives elsewhere.
+    """
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    cluster = query.pop("cluster", ["no"])[-1].lower() in ("1", "yes", "true")
+    url = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
+    # No silent retries: a timed-out commit that Redis did carry out must surface as an error
+    # (we then reload and let the replay window absorb redeliveries), never be run a second
+    # time underneath us.
+    options: dict[str, Any] = {
+        "retry": Retry(NoBackoff(), 0),
+        "socket_timeout": 10,
+        "socket_connect_timeout": 3,
+        "decode_responses": False,
+    }
     try:
-        return redis.Redis.from_url(
-            url,
-            # No silent retries: a timed-out commit that Redis did carry out must surface as an
-            # error (we then reload and let the replay window absorb redeliveries), never be
-            # run a second time underneath us.
-            retry=Retry(NoBackoff(), 0),
-            socket_timeout=10,
-            socket_connect_timeout=3,
-            health_check_interval=15,
-            decode_responses=False,
-        )
+        if cluster:
+            return redis.RedisCluster.from_url(url, **options)  # type: ignore[return-value]
+        return redis.Redis.from_url(url, health_check_interval=15, **options)
     except ValueError as exc:
         raise ConfigError(f"bad Redis URL {url!r}: {exc}") from exc
+    except (rex.RedisClusterException, rex.RedisError) as exc:
+        raise StoreError(f"Redis Cluster at {url!r} unavailable: {exc}") from exc
 
 
 class CountingSocket:
@@ -95,10 +108,14 @@ def _counting(cls: type) -> type:
     return type(f"Counting{cls.__name__}", (cls,), {"_connect": _connect, "received": 0})
 
 
-def counting_client(r: redis.Redis) -> redis.Redis:
-    """A one-connection client to the same server as ``r`` whose connection counts the bytes it
-    received (``received`` on the connection); downloads go through it, so bytes down are
-    measured, not computed."""
+def counting_client(r: redis.Redis, key: str) -> redis.Redis:
+    """A one-connection client to the server that holds ``key`` whose connection counts the bytes
+    it received (``received`` on the connection); downloads go through it, so bytes down are
+    measured, not computed. On a cluster, that is the master of the key's slot."""
+    if isinstance(r, redis.RedisCluster):
+        node = r.get_node_from_key(key)
+        assert node is not None and node.redis_connection is not None
+        r = node.redis_connection
     pool = r.connection_pool
     counted = redis.ConnectionPool(
         connection_class=_counting(pool.connection_class),
@@ -127,7 +144,7 @@ def guarded(what: str) -> Iterator[None]:
         raise StoreError(f"Redis refused {what}: NOPERM {exc}") from exc
     except rex.AuthenticationError as exc:
         raise StoreError(f"Redis refused the password ({what}): WRONGPASS {exc}") from exc
-    except rex.RedisError as exc:
+    except (rex.RedisError, rex.RedisClusterException) as exc:
         # str(), not repr(): redis-py's message names the host and port it could not reach.
         raise StoreError(f"Redis unavailable during {what}: {exc}") from exc
 
@@ -331,12 +348,18 @@ class RunStore:
         if stored is not None:  # exists: a least-privileged aggregator may not touch `dssgd:runs`
             return stored, False
         with guarded("creating the run configuration"):
-            # One transaction: a user who may not register the run (a NOPERM on `dssgd:runs`)
-            # gets EXECABORT and leaves nothing behind, never a config no `dssgd runs` lists.
-            pipe = self.r.pipeline(transaction=True)
-            pipe.set(self.keys.config, cfg.to_json(), nx=True)
-            pipe.sadd(RUNS, self.run_id)
-            created = bool(pipe.execute()[0])
+            if isinstance(self.r, redis.RedisCluster):
+                # The registry is in another slot: registered first, so no run goes unlisted.
+                self.r.sadd(RUNS, self.run_id)
+                created = bool(self.r.set(self.keys.config, cfg.to_json(), nx=True))
+            else:
+                # One transaction: a user who may not register the run (a NOPERM on
+                # `dssgd:runs`) gets EXECABORT and leaves nothing behind, never a config no
+                # `dssgd runs` lists.
+                pipe = self.r.pipeline(transaction=True)
+                pipe.set(self.keys.config, cfg.to_json(), nx=True)
+                pipe.sadd(RUNS, self.run_id)
+                created = bool(pipe.execute()[0])
         stored = self.load_config()
         assert stored is not None
         return stored, created
@@ -437,13 +460,17 @@ class RunStore:
         layout = self.layout()
         with self._reader_lock:
             if self._reader is None:
-                self._reader = counting_client(self.r)
+                self._reader = counting_client(self.r, self.keys.version)
             before = received(self._reader)
-            summary = None
-            if theta_d < 1.0 and random is None:
-                summary = self._read_summaries(self._reader, layout)
-            chunks = download_chunks(layout, theta_d, summary, random)
-            versions = self._read_chunks(self._reader, chunks, out, None)
+            try:
+                summary = None
+                if theta_d < 1.0 and random is None:
+                    summary = self._read_summaries(self._reader, layout)
+                chunks = download_chunks(layout, theta_d, summary, random)
+                versions = self._read_chunks(self._reader, chunks, out, None)
+            except StoreError:
+                self._reader = None  # a failover moves the slot: find its master again
+                raise
             got = received(self._reader) - before
         return Download(tuple(versions), chunks, got)
 
@@ -484,17 +511,20 @@ class RunStore:
         one transaction: a consistent snapshot of the shard."""
         layout, sk = self.layout(), self.keys.shard(s)
         with guarded("reading parameters"):
+            # One GET a chunk, not MGET: a cluster pipeline refuses MGET, and a chunk's reply
+            # framing is the same either way.
             pipe = client.pipeline(transaction=True)
             pipe.get(sk.version)
             pipe.hgetall(sk.dedup) if with_dedup else pipe.exists(sk.version)
-            pipe.mget([sk.w(c) for c in chunks]) if chunks else pipe.exists(sk.version)
-            if stat is not None and chunks:
-                pipe.mget([sk.stat(c) for c in chunks])
+            arrays = [w] if stat is None else [w, stat]
+            for key in (sk.w, sk.stat)[: len(arrays)]:
+                for c in chunks:
+                    pipe.get(key(c))
             version, dedup, *blobs = pipe.execute()
         if version is None:
             raise StoreError(f"run {self.run_id!r} has no parameters yet")
-        for arr, rows in zip((w, stat), blobs if chunks else [], strict=False):
-            assert arr is not None
+        for i, arr in enumerate(arrays):
+            rows = blobs[i * len(chunks) : (i + 1) * len(chunks)]
             for c, blob in zip(chunks, rows, strict=True):
                 if blob is None:
                     raise StoreError(f"run {self.run_id!r}: chunk {c} of the parameters is missing")

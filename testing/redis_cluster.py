@@ -63,6 +63,7 @@ class PrivateServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class PrivateCluster:
@@ -70,13 +71,18 @@ class PrivateCluster:
     ``base``, created with ``redis-cli --cluster create``."""
 
     def __init__(self, base: int, masters: int = 3, replicas: int = 0) -> None:
-        count = masters * (1 + replicas)
-        self.nodes = [PrivateServer(base + i, cluster=True) for i in range(count)]
-        cmd = ["redis-cli", "--cluster", "create"]
-        cmd += [f"127.0.0.1:{node.port}" for node in self.nodes]
-        cmd += ["--cluster-replicas", str(replicas), "--cluster-yes"]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
-        self.wait_ok()
+        self.nodes: list[PrivateServer] = []
+        try:
+            for i in range(masters * (1 + replicas)):
+                self.nodes.append(PrivateServer(base + i, cluster=True))
+            cmd = ["redis-cli", "--cluster", "create"]
+            cmd += [f"127.0.0.1:{node.port}" for node in self.nodes]
+            cmd += ["--cluster-replicas", str(replicas), "--cluster-yes"]
+            subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+            self.wait_ok(timeout=90)
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def url(self) -> str:
@@ -91,8 +97,8 @@ class PrivateCluster:
                 if node.proc is None or node.proc.poll() is not None:
                     continue
                 try:
-                    info = redis.Redis(port=node.port).execute_command("CLUSTER INFO")
-                    states.append(b"cluster_state:ok" in info)
+                    info = redis.Redis(port=node.port, decode_responses=True).cluster("info")
+                    states.append(info.get("cluster_state") == "ok")
                 except redis.exceptions.RedisError:
                     states.append(False)
             if states and all(states):
