@@ -47,16 +47,21 @@ TRACE_CAP = 200_000
 METRICS_CAP = 100_000
 
 
+def split_cluster(url: str) -> tuple[str, bool]:
+    """(the URL without its ``cluster`` option, whether it names a Redis Cluster)."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    cluster = query.pop("cluster", ["no"])[-1].lower() in ("1", "yes", "true")
+    return urlunsplit(parts._replace(query=urlencode(query, doseq=True))), cluster
+
+
 def connect(url: str) -> redis.Redis:
     """A client for ``url``; ``?cluster=yes`` in it means a Redis Cluster (any node's address).
 
     Every key of a run shares one hash tag (shard 0's), so on a cluster a run's transactions and
     scripts each stay in one slot; only the run registry (``dssgd:runs``) lives elsewhere.
     """
-    parts = urlsplit(url)
-    query = parse_qs(parts.query)
-    cluster = query.pop("cluster", ["no"])[-1].lower() in ("1", "yes", "true")
-    url = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
+    url, cluster = split_cluster(url)
     # No silent retries: a timed-out commit that Redis did carry out must surface as an error
     # (we then reload and let the replay window absorb redeliveries), never be run a second
     # time underneath us.
