@@ -15,13 +15,22 @@ import redis
 class PrivateServer:
     """One redis-server on ``port``, no persistence, for byte counts and cluster nodes."""
 
-    def __init__(self, port: int, cluster: bool = False, folder: Path | None = None) -> None:
+    def __init__(
+        self, port: int, cluster: bool = False, folder: Path | None = None, durable: bool = False
+    ) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed")
         self.port = port
         self.folder = folder or Path(tempfile.mkdtemp(prefix=f"dssgd-redis-{port}-"))
-        args = [exe, "--port", str(port), "--save", "", "--appendonly", "no"]
+        # durable: every write fsynced before the reply, as production runs it (a restart after
+        # kill -9 then loses nothing that was acknowledged).
+        aof = (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if durable
+            else ["--appendonly", "no"]
+        )
+        args = [exe, "--port", str(port), "--save", "", *aof]
         args += ["--dir", str(self.folder), "--bind", "127.0.0.1"]
         if cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
@@ -70,11 +79,13 @@ class PrivateCluster:
     """A Redis Cluster of ``masters`` masters (and ``replicas`` per master) on ports from
     ``base``, created with ``redis-cli --cluster create``."""
 
-    def __init__(self, base: int, masters: int = 3, replicas: int = 0) -> None:
+    def __init__(
+        self, base: int, masters: int = 3, replicas: int = 0, durable: bool = False
+    ) -> None:
         self.nodes: list[PrivateServer] = []
         try:
             for i in range(masters * (1 + replicas)):
-                self.nodes.append(PrivateServer(base + i, cluster=True))
+                self.nodes.append(PrivateServer(base + i, cluster=True, durable=durable))
             cmd = ["redis-cli", "--cluster", "create"]
             cmd += [f"127.0.0.1:{node.port}" for node in self.nodes]
             cmd += ["--cluster-replicas", str(replicas), "--cluster-yes"]
