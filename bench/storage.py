@@ -121,6 +121,40 @@ def bytes_section(reps: int) -> tuple[list[str], bool]:
     return rows, ok
 
 
+class Costed:
+    """One model's run on the private server, for interleaved timings (the machine's load
+    drifts; taking the two models' samples turn about puts the same drift on both)."""
+
+    def __init__(self, server: PrivateServer, n: int) -> None:
+        self.n = n
+        self.store = seeded(server, f"cost-{n}", n, 1, SMALL_K)
+        self.fence = self.store.take_fence()
+        self.state = self.store.load_state()
+        self.rng = np.random.default_rng(1)
+        self.out = np.empty(n, np.float32)
+        self.one: list[float] = []
+        self.batch: list[float] = []
+        self.down: list[float] = []
+        self.entries = 0
+        self.seq = 2
+
+    def commit(self, updates: int) -> float:
+        for _ in range(updates):
+            apply_one(
+                self.state, np.sort(self.rng.choice(self.n, SMALL_K, replace=False)), self.rng
+            )
+        t = time.perf_counter()
+        self.store.commit(self.fence, self.state, {0: f"{self.seq}:1"}, {"applied": updates}, [])
+        self.seq += 1
+        return (time.perf_counter() - t) / updates
+
+    def download(self) -> None:
+        t = time.perf_counter()
+        got = self.store.download(self.out, 0.1)
+        self.down.append(time.perf_counter() - t)
+        self.entries = int(self.store.layout().sizes()[got.chunks].sum())
+
+
 def cost_section(reps: int) -> tuple[list[str], bool]:
     rows = [
         "| n | chunk | commit of one update, k = 1,056 | commit, 50 updates of k = 1,056 "
@@ -128,40 +162,24 @@ def cost_section(reps: int) -> tuple[list[str], bool]:
         "|---|---|---|---|---|---|",
     ]
     server = PrivateServer(PORT + 1)
-    figures: dict[int, tuple[float, float]] = {}
     try:
-        for n in (105_506, BIG):
-            store = seeded(server, f"cost-{n}", n, 1, SMALL_K)
-            fence = store.take_fence()
-            state = store.load_state()
-            rng = np.random.default_rng(1)
-            one, batch = [], []
-            for seq in range(reps):
-                apply_one(state, np.sort(rng.choice(n, SMALL_K, replace=False)), rng)
-                t = time.perf_counter()
-                store.commit(fence, state, {0: f"{seq + 2}:1"}, {"applied": 1}, [])
-                one.append(time.perf_counter() - t)
-            for _ in range(max(3, reps // 10)):
-                for _ in range(50):
-                    apply_one(state, np.sort(rng.choice(n, SMALL_K, replace=False)), rng)
-                t = time.perf_counter()
-                store.commit(fence, state, {0: "1:1"}, {"applied": 50}, [])
-                batch.append((time.perf_counter() - t) / 50)
-            out = np.empty(n, np.float32)
-            down, entries = [], 0
-            for _ in range(reps):
-                t = time.perf_counter()
-                got = store.download(out, 0.1)
-                down.append(time.perf_counter() - t)
-                entries = int(sum(np.diff(store.layout().span(int(c)))[0] for c in got.chunks))
-            c1, d1 = statistics.median(one), statistics.median(down)
-            figures[n] = (c1, d1 / entries)
+        models = [Costed(server, 105_506), Costed(server, BIG)]
+        for i in range(reps):
+            for m in models if i % 2 else models[::-1]:
+                m.one.append(m.commit(1))
+                m.download()
+                if i % 10 == 0:
+                    m.batch.append(m.commit(50))
+        figures = {}
+        for m in models:
+            c1, d1 = statistics.median(m.one), statistics.median(m.down)
+            figures[m.n] = (c1, d1 / m.entries)
             rows.append(
-                f"| {n:,} | {store.layout().chunk:,} | {c1 * 1e3:.2f} ms | "
-                f"{statistics.median(batch) * 1e3:.3f} ms | {d1 * 1e3:.1f} ms | "
-                f"{d1 / entries * 1e9:.1f} ns |"
+                f"| {m.n:,} | {m.store.layout().chunk:,} | {c1 * 1e3:.2f} ms | "
+                f"{statistics.median(m.batch) * 1e3:.3f} ms | {d1 * 1e3:.1f} ms | "
+                f"{d1 / m.entries * 1e9:.1f} ns |"
             )
-            store.delete_run()
+            m.store.delete_run()
     finally:
         server.stop()
     commit_growth = figures[BIG][0] / figures[105_506][0]
