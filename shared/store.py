@@ -28,6 +28,7 @@ import redis
 import redis.exceptions as rex
 from dssgd.shared.chunks import (
     Layout,
+    Plan,
     chunk_sums,
     dense_writes,
     download_chunks,
@@ -573,19 +574,7 @@ class RunStore:
     ) -> None:
         """Write a batch in one fenced script: the chunks it touched, the chunk summaries, the
         version, the replay windows, counters, log and turn, all or nothing."""
-        layout = state.layout
-        assert layout is not None and state.chunk_sums is not None
-        every = np.concatenate(state.touched) if state.touched else np.empty(0, np.int64)
-        touched = np.unique(every)
-        w_plan = plan_writes(state.w, layout, touched)
-        if state.stat_all:
-            stat_plan = dense_writes(state.stat, layout)
-            state.chunk_sums = chunk_sums(state.stat, layout)
-        else:
-            stat_plan = plan_writes(state.stat, layout, touched)
-            # stat[j] += 1 per applied entry: the chunk sums move by the entries counted.
-            state.chunk_sums += np.bincount(every // layout.chunk, minlength=layout.n_chunks)
-        summary = (state.chunk_sums / layout.sizes()).astype(np.float32)
+        w_plan, stat_plan, summary = _plans(state)
         extra = {
             "dedup": {str(k): v for k, v in dedup_changes.items()},
             "counters": {**counters, "commits": 1},
@@ -867,6 +856,25 @@ class RunStore:
             removed = int(self.r.delete(*names)) if names else 0
             self.r.srem(RUNS, self.run_id)
         return removed
+
+
+def _plans(state: AggregatorState) -> tuple[Plan, Plan, np.ndarray]:
+    """The writes of w and stat for what changed since the last commit, and the new chunk
+    summaries (the chunk sums are moved here, in memory, by the entries applied)."""
+    layout = state.layout
+    assert layout is not None and state.chunk_sums is not None
+    every = np.concatenate(state.touched) if state.touched else np.empty(0, np.int64)
+    touched = np.unique(every)
+    w_plan = plan_writes(state.w, layout, touched)
+    if state.stat_all:
+        stat_plan = dense_writes(state.stat, layout)
+        state.chunk_sums = chunk_sums(state.stat, layout)
+    else:
+        stat_plan = plan_writes(state.stat, layout, touched)
+        # stat[j] += 1 per applied entry: the chunk sums move by the entries counted.
+        state.chunk_sums += np.bincount(every // layout.chunk, minlength=layout.n_chunks)
+    summary = (state.chunk_sums / layout.sizes()).astype(np.float32)
+    return w_plan, stat_plan, summary
 
 
 def list_runs(r: redis.Redis) -> list[str]:
