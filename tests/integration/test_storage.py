@@ -13,7 +13,7 @@ from dssgd.shared.errors import FencedError
 from dssgd.shared.selection import most_updated
 from dssgd.shared.store import AggregatorState, RunStore, connect
 
-from testing.redis_cluster import PrivateServer
+from testing.redis_cluster import PrivateCluster, PrivateServer
 
 N = 105_506  # the CNN's size
 
@@ -22,7 +22,7 @@ N = 105_506  # the CNN's size
 def server() -> Iterator[PrivateServer]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    srv = PrivateServer(17150 + os.getpid() % 40)
+    srv = PrivateServer(17190 + os.getpid() % 10)
     yield srv
     srv.stop()
 
@@ -109,3 +109,35 @@ def test_a_commit_writes_what_it_touched_and_stays_fenced(server: PrivateServer)
     with pytest.raises(FencedError):
         commit(store, fence, state, idx, 13)
     assert store.read_params()[0] == 12
+
+
+def test_a_run_lives_in_one_slot_of_a_redis_cluster_and_shards_would_not(
+    tmp_path: object,
+) -> None:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server / redis-cli are not installed")
+    from redis.cluster import key_slot
+
+    cluster = PrivateCluster(17160 + 3 * (os.getpid() % 10))
+    try:
+        store = RunStore(connect(cluster.url + "?cluster=yes"), "storage-cluster")
+        n = 50_000
+        store.init_params(np.zeros(n, np.float32))
+        fence = store.take_fence()
+        state = store.load_state()
+        commit(store, fence, state, np.arange(0, n, 3), 1)
+        out = np.empty(n, np.float32)
+        master = cluster.master_of(store.keys.version)
+        before = master.output_bytes()
+        mid = master.output_bytes()
+        got = store.download(out, 1.0)
+        sent = master.output_bytes() - mid - (mid - before)
+        assert out.tobytes() == state.w.tobytes() and got.versions == (1,)
+        assert abs(got.bytes_received - sent) <= 0.05 * sent
+        # Every key of the run shares one slot; a second shard's keys would have their own.
+        k = store.keys
+        slots = {key_slot(x.encode()) for x in (k.version, k.dedup, k.w_chunk(0), k.config)}
+        assert len(slots) == 1
+        assert key_slot(k.shard(1).w(0).encode()) not in slots  # negative control
+    finally:
+        cluster.stop()
