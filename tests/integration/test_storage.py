@@ -111,9 +111,7 @@ def test_a_commit_writes_what_it_touched_and_stays_fenced(server: PrivateServer)
     assert store.read_params()[0] == 12
 
 
-def test_a_run_lives_in_one_slot_of_a_redis_cluster_and_shards_would_not(
-    tmp_path: object,
-) -> None:
+def test_a_run_lives_in_one_slot_of_a_redis_cluster_and_shards_would_not() -> None:
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         pytest.skip("redis-server / redis-cli are not installed")
     from redis.cluster import key_slot
