@@ -31,6 +31,10 @@ class Keys:
     def shard(self, s: int) -> ShardKeys:
         return ShardKeys(self.run_id if s == 0 else f"{self.run_id}/s{s}")
 
+    @property
+    def legacy_blobs(self) -> tuple[str, str]:  # w and stat as one blob each (before chunks)
+        return self._k("w"), self._k("stat")
+
     def w_chunk(self, c: int) -> str:  # shard 0's chunk c (the only shard by default)
         return self.shard(0).w(c)
 

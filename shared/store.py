@@ -406,6 +406,8 @@ class RunStore:
             )
         w32 = np.ascontiguousarray(w, dtype=np.float32)
         zeros = np.zeros(w.size, np.float32)
+        if created:
+            w32, zeros = self._legacy_blobs(w32, zeros)
         with guarded("initialising parameters"):
             for s in reversed(range(layout.shards)):
                 sk, chunks = self.keys.shard(s), layout.shard_chunks(s)
@@ -418,6 +420,16 @@ class RunStore:
                 pipe.set(sk.version, 0, nx=True)
                 pipe.execute()
         return created
+
+    def _legacy_blobs(self, w: np.ndarray, stat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A run stored by an earlier version (w and stat as one blob each) keeps its state: its
+        blobs, not the initial ones, become the chunks (its version key is kept as it is)."""
+        with guarded("reading the parameters of an earlier layout"):
+            old_w, old_stat = self.r.mget(list(self.keys.legacy_blobs))
+        if old_w is None or old_stat is None or len(old_w) != 4 * w.size:
+            return w, stat
+        log.info("run %s: moving w and stat from whole blobs into chunks", self.run_id)
+        return np.frombuffer(old_w, np.float32), np.frombuffer(old_stat, np.float32)
 
     def layout(self) -> Layout:
         """How the run's parameters are chunked and sharded (read once, then cached)."""

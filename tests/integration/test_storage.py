@@ -139,3 +139,17 @@ def test_a_run_lives_in_one_slot_of_a_redis_cluster_and_shards_would_not() -> No
         assert key_slot(k.shard(1).w(0).encode()) not in slots  # negative control
     finally:
         cluster.stop()
+
+
+def test_a_run_stored_as_whole_blobs_keeps_its_state(server: PrivateServer) -> None:
+    store = RunStore(connect(server.url), "legacy")
+    old_w, old_stat = np.arange(3000, dtype=np.float32), np.ones(3000, np.float32)
+    w_key, stat_key = store.keys.legacy_blobs
+    store.r.mset({w_key: old_w.tobytes(), stat_key: old_stat.tobytes(), store.keys.version: 7})
+    store.init_params(np.zeros(3000, np.float32))
+    version, w, stat = store.read_params(with_stat=True)
+    assert (version, w.tobytes(), stat.tobytes()) == (7, old_w.tobytes(), old_stat.tobytes())  # type: ignore[union-attr]
+    # Negative control: a fresh run starts from the initial state it is given.
+    fresh = RunStore(connect(server.url), "fresh")
+    fresh.init_params(np.zeros(3000, np.float32))
+    assert fresh.read_params()[1].tobytes() == np.zeros(3000, np.float32).tobytes()
