@@ -234,7 +234,8 @@ def run_bytes() -> tuple[list[str], bool]:
     for theta_d in ("1", "0.1"):
         server = PrivateServer(PORT + 30)
         try:
-            cmd = [sys.executable, "-m", "dssgd", "run", "--run-id", f"storage-bytes-{theta_d}",
+            run_id = f"storage-bytes-{theta_d.replace('.', '-')}"
+            cmd = [sys.executable, "-m", "dssgd", "run", "--run-id", run_id,
                    "--json", "--participants", "4", "--epochs", "5", "--theta-d", theta_d,
                    "--workers", "1", "--runs-dir", "/tmp/dssgd-storage",
                    "--redis-url", server.url]  # fmt: skip
