@@ -86,7 +86,9 @@ def _apply_one(
             values, clipped = bound_l2(values, cfg.max_l2, params)
             out.counters["l2_clipped"] += clipped
         apply_update(state.w, state.stat, upd.indices, values, rule.weight(staleness))
+        state.touched.append(upd.indices)  # the commit writes only the chunks these are in
         decay(state.stat, cfg.stat_decay)
+        state.stat_all |= cfg.stat_decay != 1.0  # decay moves every counter
         state.version += 1
     else:
         # Nothing to apply (e.g. a DP epoch that selected nothing): recorded, but the version

@@ -94,9 +94,12 @@ def check_redis(url: str) -> None:
     import redis
     import redis.exceptions as rex
 
+    from dssgd.shared.store import split_cluster
+
     at = where(url, 6379)
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=5).ping()
+        node = split_cluster(url)[0]  # on a cluster, the node named answers PING
+        redis.Redis.from_url(node, socket_connect_timeout=3, socket_timeout=5).ping()
     except rex.AuthenticationError:
         raise AccessDenied(
             f"Redis at {at} refused user {user_of(url)!r}: wrong password or unknown user "

@@ -19,29 +19,40 @@ class Keys:
     def config(self) -> str:  # JSON RunConfig
         return self._k("config")
 
-    @property
-    def params(self) -> str:  # float32 blob, the global parameters w
-        return self._k("w")
+    # --- parameters: fixed-size chunks, grouped in range shards (shared/store.py) -----------
+    # Shard 0 shares the run's hash tag, so with one shard (the default) every key of a run is in
+    # one cluster slot, as before; shard s > 0 has a tag of its own, so on a Redis Cluster each
+    # shard's fenced commit runs in one slot of its own.
 
     @property
-    def stat(self) -> str:  # float32 blob, per-parameter update counters
-        return self._k("stat")
+    def layout(self) -> str:  # JSON: n, chunk size, shards (written once, with the parameters)
+        return self._k("layout")
+
+    def shard(self, s: int) -> ShardKeys:
+        return ShardKeys(self.run_id if s == 0 else f"{self.run_id}/s{s}")
 
     @property
-    def version(self) -> str:  # integer, number of updates applied
-        return self._k("version")
+    def legacy_blobs(self) -> tuple[str, str]:  # w and stat as one blob each (before chunks)
+        return self._k("w"), self._k("stat")
+
+    def w_chunk(self, c: int) -> str:  # shard 0's chunk c (the only shard by default)
+        return self.shard(0).w(c)
+
+    @property
+    def version(self) -> str:  # integer, number of updates applied (shard 0)
+        return self.shard(0).version
 
     @property
     def counters(self) -> str:  # hash: applied, rejected:<reason>, duplicates, bytes_in, ...
         return self._k("counters")
 
     @property
-    def dedup(self) -> str:  # hash: participant → "high:mask" replay window
-        return self._k("dedup")
+    def dedup(self) -> str:  # hash: participant → "high:mask" replay window (shard 0)
+        return self.shard(0).dedup
 
     @property
-    def fence(self) -> str:  # integer epoch of the aggregator allowed to write
-        return self._k("fence")
+    def fence(self) -> str:  # integer epoch of the aggregator allowed to write (shard 0)
+        return self.shard(0).fence
 
     @property
     def metrics(self) -> str:  # list of JSON points (time, version, applied, bytes, acc, loss)
@@ -86,8 +97,17 @@ class Keys:
     def share_server(self, role: str) -> str:  # hash: public (X25519, hex), read_url, name
         return self._k(f"share:{role}")
 
+    def param_patterns(self) -> list[str]:
+        """Globs of every chunk of w and stat and of the chunk summaries, all shards (ACLs)."""
+        tags = [self.run_id, f"{self.run_id}/s*"]
+        return [f"{PREFIX}:{{{t}}}:{part}" for t in tags for part in ("w:*", "stat:*", "sum")]
+
+    def shard_patterns(self) -> list[str]:
+        """Globs of the per-shard keys of shards s > 0 (shard 0's are the run's own)."""
+        return [f"{PREFIX}:{{{self.run_id}/s*}}:*"]
+
     def all_patterns(self) -> list[str]:
-        return [f"{PREFIX}:{{{self.run_id}}}:*"]
+        return [f"{PREFIX}:{{{self.run_id}}}:*", *self.shard_patterns()]
 
 
 @dataclass(frozen=True)
@@ -141,3 +161,39 @@ class ShareKeys:
 
     def all_patterns(self) -> list[str]:
         return [f"{PREFIX}:{{{self.run_id}}}:share-{self.role}:*"]
+
+
+@dataclass(frozen=True)
+class ShardKeys:
+    """The keys of one range shard of the parameters, all under one hash tag (one slot)."""
+
+    tag: str
+
+    def _k(self, suffix: str) -> str:
+        return f"{PREFIX}:{{{self.tag}}}:{suffix}"
+
+    def w(self, c: int) -> str:  # float32 blob: chunk c (global chunk number) of w
+        return self._k(f"w:{c}")
+
+    def stat(self, c: int) -> str:  # float32 blob: chunk c of the update counters
+        return self._k(f"stat:{c}")
+
+    @property
+    def summary(self) -> str:  # float32 blob: per chunk of the shard, its mean counter
+        return self._k("sum")
+
+    @property
+    def version(self) -> str:  # integer, updates applied to this shard
+        return self._k("version")
+
+    @property
+    def dedup(self) -> str:  # hash: participant → "high:mask", this shard's replay window
+        return self._k("dedup")
+
+    @property
+    def fence(self) -> str:  # integer epoch of the aggregator allowed to write this shard
+        return self._k("fence")
+
+    @property
+    def counters(self) -> str:  # hash: this shard's own counters (shards s > 0 only)
+        return self._k("counters")

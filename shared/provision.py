@@ -127,7 +127,7 @@ def participant_acl(run_id: str, participant: int, secret: str) -> list[str]:
     """ACL SETUSER arguments of a participant: read the run, write only keys of its own."""
     k = Keys(run_id)
     # k.model: the model record a worker checks its own model against.
-    reads = [k.config, k.params, k.stat, k.version, k.dedup, k.turn, k.stop, k.model]
+    reads = [k.config, k.layout, *k.param_patterns(), k.version, k.dedup, k.turn, k.stop, k.model]
     own = [k.participant(participant), k.wake(participant), k.lease(participant)]
     own.append(k.trace(participant))
     return [
@@ -143,7 +143,8 @@ def participant_acl(run_id: str, participant: int, secret: str) -> list[str]:
 def aggregator_acl(run_id: str, secret: str) -> list[str]:
     """Read the whole run; write what only the aggregator writes (never a participant's keys)."""
     k = Keys(run_id)
-    writes = [k.params, k.stat, k.version, k.dedup, k.counters, k.fence, k.metrics, k.model]
+    writes = [k.layout, *k.param_patterns(), k.version, k.dedup, k.counters, k.fence, k.metrics]
+    writes += [k.model, *k.shard_patterns()]
     writes += [k.applied_log, k.turn, k._k("wake:*"), k.heartbeat_aggregator]
     return [
         "reset",

@@ -15,14 +15,25 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import redis
 import redis.exceptions as rex
+from dssgd.shared.chunks import (
+    Layout,
+    Plan,
+    chunk_sums,
+    dense_writes,
+    download_chunks,
+    plan_writes,
+)
 from dssgd.shared.config import RunConfig
 from dssgd.shared.dedup import decode_state
 from dssgd.shared.errors import ConfigError, FencedError, StoreError
@@ -37,21 +48,94 @@ TRACE_CAP = 200_000
 METRICS_CAP = 100_000
 
 
+def split_cluster(url: str) -> tuple[str, bool]:
+    """(the URL without its ``cluster`` option, whether it names a Redis Cluster)."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    cluster = query.pop("cluster", ["no"])[-1].lower() in ("1", "yes", "true")
+    return urlunsplit(parts._replace(query=urlencode(query, doseq=True))), cluster
+
+
 def connect(url: str) -> redis.Redis:
+    """A client for ``url``; ``?cluster=yes`` in it means a Redis Cluster (any node's address).
+
+    Every key of a run shares one hash tag (shard 0's), so on a cluster a run's transactions and
+    scripts each stay in one slot; only the run registry (``dssgd:runs``) lives elsewhere.
+    """
+    url, cluster = split_cluster(url)
+    # No silent retries: a timed-out commit that Redis did carry out must surface as an error
+    # (we then reload and let the replay window absorb redeliveries), never be run a second
+    # time underneath us.
+    options: dict[str, Any] = {
+        "retry": Retry(NoBackoff(), 0),
+        "socket_timeout": 10,
+        "socket_connect_timeout": 3,
+        "decode_responses": False,
+    }
     try:
-        return redis.Redis.from_url(
-            url,
-            # No silent retries: a timed-out commit that Redis did carry out must surface as an
-            # error (we then reload and let the replay window absorb redeliveries), never be
-            # run a second time underneath us.
-            retry=Retry(NoBackoff(), 0),
-            socket_timeout=10,
-            socket_connect_timeout=3,
-            health_check_interval=15,
-            decode_responses=False,
-        )
+        if cluster:
+            return redis.RedisCluster.from_url(url, **options)  # type: ignore[return-value]
+        return redis.Redis.from_url(url, health_check_interval=15, **options)
     except ValueError as exc:
         raise ConfigError(f"bad Redis URL {url!r}: {exc}") from exc
+    except (rex.RedisClusterException, rex.RedisError) as exc:
+        raise StoreError(f"Redis Cluster at {url!r} unavailable: {exc}") from exc
+
+
+class CountingSocket:
+    """A socket that counts the bytes it received: what Redis actually sent this client."""
+
+    def __init__(self, sock: socket.socket, conn: Any) -> None:
+        self._sock = sock
+        self._conn = conn
+
+    def recv(self, size: int, *args: Any) -> bytes:
+        data = self._sock.recv(size, *args)
+        if not args:  # a MSG_PEEK (liveness check) reads nothing for good
+            self._conn.received += len(data)
+        return data
+
+    def recv_into(self, buf: Any, size: int = 0, *args: Any) -> int:
+        got = self._sock.recv_into(buf, size, *args)
+        if not args:
+            self._conn.received += got
+        return got
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _counting(cls: type) -> type:
+    """``cls`` (a redis-py connection class: TCP, TLS or unix) whose socket counts bytes in."""
+
+    def _connect(self: Any) -> Any:
+        return CountingSocket(cls._connect(self), self)  # type: ignore[attr-defined]
+
+    return type(f"Counting{cls.__name__}", (cls,), {"_connect": _connect, "received": 0})
+
+
+def counting_client(r: redis.Redis, key: str) -> redis.Redis:
+    """A one-connection client to the server that holds ``key`` whose connection counts the bytes
+    it received (``received`` on the connection); downloads go through it, so bytes down are
+    measured, not computed. On a cluster, that is the master of the key's slot."""
+    if isinstance(r, redis.RedisCluster):
+        node = r.get_node_from_key(key)
+        assert node is not None and node.redis_connection is not None
+        r = node.redis_connection
+    pool = r.connection_pool
+    counted = redis.ConnectionPool(
+        connection_class=_counting(pool.connection_class),
+        max_connections=1,
+        **pool.connection_kwargs,
+    )
+    return redis.Redis(connection_pool=counted)
+
+
+def received(client: redis.Redis) -> int:
+    """Bytes the counting client's connection has received so far."""
+    pool = client.connection_pool
+    conns = [*pool._available_connections, *pool._in_use_connections]  # type: ignore[attr-defined]
+    return sum(c.received for c in conns)
 
 
 @contextlib.contextmanager
@@ -66,33 +150,46 @@ def guarded(what: str) -> Iterator[None]:
         raise StoreError(f"Redis refused {what}: NOPERM {exc}") from exc
     except rex.AuthenticationError as exc:
         raise StoreError(f"Redis refused the password ({what}): WRONGPASS {exc}") from exc
-    except rex.RedisError as exc:
+    except (rex.RedisError, rex.RedisClusterException) as exc:
         # str(), not repr(): redis-py's message names the host and port it could not reach.
         raise StoreError(f"Redis unavailable during {what}: {exc}") from exc
 
 
+# KEYS: fence, version, dedup, counters, applied log, turn, wake, summary, then the chunks written
+# whole, then the chunks patched. ARGV: fence, version, extra (JSON), log cap, summary blob, the
+# number of whole chunks, the runs table (u32 triples: KEYS index, byte offset, byte length), the
+# runs' bytes, then one blob per whole chunk. Only touched chunks come, so a commit costs what
+# the batch touched, not n.
 _COMMIT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('FENCED')
 end
-local extra = cjson.decode(ARGV[5])
+local extra = cjson.decode(ARGV[3])
 redis.call('SET', KEYS[2], ARGV[2])
-redis.call('SET', KEYS[3], ARGV[3])
-redis.call('SET', KEYS[4], ARGV[4])
+redis.call('SET', KEYS[8], ARGV[5])
+for i = 1, tonumber(ARGV[6]) do
+  redis.call('SET', KEYS[8 + i], ARGV[8 + i])
+end
+local runs, data, pos = ARGV[7], ARGV[8], 1
+for r = 1, #runs, 12 do
+  local k, off, len = struct.unpack('<I4I4I4', runs, r)
+  redis.call('SETRANGE', KEYS[k], off, string.sub(data, pos, pos + len - 1))
+  pos = pos + len
+end
 for pid, state in pairs(extra.dedup) do
-  redis.call('HSET', KEYS[5], pid, state)
+  redis.call('HSET', KEYS[3], pid, state)
 end
 for name, amount in pairs(extra.counters) do
-  redis.call('HINCRBY', KEYS[6], name, amount)
+  redis.call('HINCRBY', KEYS[4], name, amount)
 end
 if #extra.log > 0 then
-  redis.call('RPUSH', KEYS[7], unpack(extra.log))
-  redis.call('LTRIM', KEYS[7], -tonumber(ARGV[6]), -1)
+  redis.call('RPUSH', KEYS[5], unpack(extra.log))
+  redis.call('LTRIM', KEYS[5], -tonumber(ARGV[4]), -1)
 end
-if extra.turn_expect ~= '' and redis.call('GET', KEYS[8]) == extra.turn_expect then
-  redis.call('SET', KEYS[8], extra.turn_next)
-  redis.call('RPUSH', KEYS[9], '1')
-  redis.call('LTRIM', KEYS[9], -1, -1)
+if extra.turn_expect ~= '' and redis.call('GET', KEYS[6]) == extra.turn_expect then
+  redis.call('SET', KEYS[6], extra.turn_next)
+  redis.call('RPUSH', KEYS[7], '1')
+  redis.call('LTRIM', KEYS[7], -1, -1)
 end
 return 1
 """
@@ -198,6 +295,32 @@ class AggregatorState:
     stat: np.ndarray
     version: int
     dedup: dict[int, tuple[int, int]] = field(default_factory=dict)
+    layout: Layout | None = None  # how w and stat are chunked in Redis (None: one chunk)
+    # What changed since the last commit (aggregator/batch.py records it; commit writes only
+    # these chunks and clears it): the index arrays of the applied updates, and whether every
+    # counter changed (the paper's decay).
+    touched: list[np.ndarray] = field(default_factory=list)
+    stat_all: bool = False
+    chunk_sums: np.ndarray | None = None  # float64 sum of stat per chunk, kept at commit time
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            self.layout = Layout.for_size(self.w.size)
+        if self.chunk_sums is None:
+            self.chunk_sums = chunk_sums(self.stat, self.layout)
+
+
+@dataclass(frozen=True)
+class Download:
+    """What one download read: per-shard versions, the chunks, the bytes Redis sent for it."""
+
+    versions: tuple[int, ...]
+    chunks: np.ndarray
+    bytes_received: int
+
+    @property
+    def version(self) -> int:  # the version an update computed from this download is based on
+        return min(self.versions)
 
 
 class RunStore:
@@ -213,6 +336,9 @@ class RunStore:
         self._claim = r.register_script(_CLAIM)
         self._renew = r.register_script(_RENEW)
         self._participants: int | None = None
+        self._layout: Layout | None = None
+        self._reader: redis.Redis | None = None  # counting connection for downloads
+        self._reader_lock = threading.Lock()
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -228,12 +354,18 @@ class RunStore:
         if stored is not None:  # exists: a least-privileged aggregator may not touch `dssgd:runs`
             return stored, False
         with guarded("creating the run configuration"):
-            # One transaction: a user who may not register the run (a NOPERM on `dssgd:runs`)
-            # gets EXECABORT and leaves nothing behind, never a config no `dssgd runs` lists.
-            pipe = self.r.pipeline(transaction=True)
-            pipe.set(self.keys.config, cfg.to_json(), nx=True)
-            pipe.sadd(RUNS, self.run_id)
-            created = bool(pipe.execute()[0])
+            if isinstance(self.r, redis.RedisCluster):
+                # The registry is in another slot: registered first, so no run goes unlisted.
+                self.r.sadd(RUNS, self.run_id)
+                created = bool(self.r.set(self.keys.config, cfg.to_json(), nx=True))
+            else:
+                # One transaction: a user who may not register the run (a NOPERM on
+                # `dssgd:runs`) gets EXECABORT and leaves nothing behind, never a config no
+                # `dssgd runs` lists.
+                pipe = self.r.pipeline(transaction=True)
+                pipe.set(self.keys.config, cfg.to_json(), nx=True)
+                pipe.sadd(RUNS, self.run_id)
+                created = bool(pipe.execute()[0])
         stored = self.load_config()
         assert stored is not None
         return stored, created
@@ -256,15 +388,58 @@ class RunStore:
 
     # --- parameters -------------------------------------------------------------------------
 
-    def init_params(self, w: np.ndarray) -> bool:
-        """Seed the global parameters unless they exist (every process derives the same ones)."""
+    def init_params(self, w: np.ndarray, shards: int = 1) -> bool:
+        """Seed the global parameters unless they exist (every process derives the same ones).
+
+        The layout is written first (the first writer's wins); each shard's chunks, summary and
+        version then go in one transaction, shard 0 last, so shard 0's version existing means
+        every chunk exists.
+        """
         with guarded("initialising parameters"):
-            pipe = self.r.pipeline(transaction=True)
-            pipe.set(self.keys.params, w.astype(np.float32).tobytes(), nx=True)
-            pipe.set(self.keys.stat, np.zeros(w.size, np.float32).tobytes(), nx=True)
-            pipe.set(self.keys.version, 0, nx=True)
-            created = pipe.execute()
-        return bool(created[0])
+            created = bool(
+                self.r.set(self.keys.layout, Layout.for_size(w.size, shards).to_json(), nx=True)
+            )
+        layout = self.layout()
+        if layout.n != w.size:
+            raise ConfigError(
+                f"run {self.run_id!r} stores {layout.n} parameters, this model has {w.size}"
+            )
+        w32 = np.ascontiguousarray(w, dtype=np.float32)
+        zeros = np.zeros(w.size, np.float32)
+        if created:
+            w32, zeros = self._legacy_blobs(w32, zeros)
+        with guarded("initialising parameters"):
+            for s in reversed(range(layout.shards)):
+                sk, chunks = self.keys.shard(s), layout.shard_chunks(s)
+                pipe = self.r.pipeline(transaction=True)
+                for c in chunks:
+                    lo, hi = layout.span(c)
+                    pipe.set(sk.w(c), w32[lo:hi].tobytes(), nx=True)
+                    pipe.set(sk.stat(c), zeros[lo:hi].tobytes(), nx=True)
+                pipe.set(sk.summary, np.zeros(len(chunks), np.float32).tobytes(), nx=True)
+                pipe.set(sk.version, 0, nx=True)
+                pipe.execute()
+        return created
+
+    def _legacy_blobs(self, w: np.ndarray, stat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A run stored by an earlier version (w and stat as one blob each) keeps its state: its
+        blobs, not the initial ones, become the chunks (its version key is kept as it is)."""
+        with guarded("reading the parameters of an earlier layout"):
+            old_w, old_stat = self.r.mget(list(self.keys.legacy_blobs))
+        if old_w is None or old_stat is None or len(old_w) != 4 * w.size:
+            return w, stat
+        log.info("run %s: moving w and stat from whole blobs into chunks", self.run_id)
+        return np.frombuffer(old_w, np.float32), np.frombuffer(old_stat, np.float32)
+
+    def layout(self) -> Layout:
+        """How the run's parameters are chunked and sharded (read once, then cached)."""
+        if self._layout is None:
+            with guarded("reading the parameter layout"):
+                raw = self.r.get(self.keys.layout)
+            if raw is None:
+                raise StoreError(f"run {self.run_id!r} has no parameters yet")
+            self._layout = Layout.from_json(raw)
+        return self._layout
 
     def init_model(self, record: str) -> bool:
         """Store the run's model record (shared/tasks.py) unless it exists."""
@@ -278,22 +453,102 @@ class RunStore:
 
     def has_params(self) -> bool:
         with guarded("reading parameters"):
-            return bool(self.r.exists(self.keys.params))
+            return bool(self.r.exists(self.keys.layout)) and bool(self.r.exists(self.keys.version))
 
     def read_params(self, with_stat: bool = False) -> tuple[int, np.ndarray, np.ndarray | None]:
-        """(version, w, stat) read atomically; arrays are read-only views of the reply."""
-        with guarded("reading parameters"):
-            pipe = self.r.pipeline(transaction=True)
-            pipe.get(self.keys.version)
-            pipe.get(self.keys.params)
-            if with_stat:
-                pipe.get(self.keys.stat)
-            out = pipe.execute()
-        if out[1] is None:
+        """(version, w, stat), each shard read atomically, into fresh arrays."""
+        layout = self.layout()
+        w = np.empty(layout.n, np.float32)
+        stat = np.empty(layout.n, np.float32) if with_stat else None
+        versions = self._read_chunks(self.r, np.arange(layout.n_chunks), w, stat)
+        return min(versions), w, stat
+
+    def download(
+        self,
+        out: np.ndarray,
+        theta_d: float = 1.0,
+        random: np.random.Generator | None = None,
+    ) -> Download:
+        """θd of the global parameters into ``out`` (the caller's buffer, reused every epoch).
+
+        The most-updated chunks are found from the chunk summaries the aggregator keeps (one
+        small blob per shard), or chunks are drawn with ``random``; only the chosen chunks are
+        read, straight into ``out``. ``bytes_received`` is counted on the socket.
+        """
+        layout = self.layout()
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = counting_client(self.r, self.keys.version)
+            before = received(self._reader)
+            try:
+                summary = None
+                if theta_d < 1.0 and random is None:
+                    summary = self._read_summaries(self._reader, layout)
+                chunks = download_chunks(layout, theta_d, summary, random)
+                versions = self._read_chunks(self._reader, chunks, out, None)
+            except StoreError:
+                self._reader = None  # a failover moves the slot: find its master again
+                raise
+            got = received(self._reader) - before
+        return Download(tuple(versions), chunks, got)
+
+    def _read_summaries(self, client: redis.Redis, layout: Layout) -> np.ndarray:
+        with guarded("reading the chunk summaries"):
+            pipe = client.pipeline(transaction=False)
+            for s in range(layout.shards):
+                pipe.get(self.keys.shard(s).summary)
+            raw = pipe.execute()
+        if any(x is None for x in raw):
             raise StoreError(f"run {self.run_id!r} has no parameters yet")
-        w = np.frombuffer(out[1], dtype=np.float32)
-        stat = np.frombuffer(out[2], dtype=np.float32) if with_stat else None
-        return int(out[0] or 0), w, stat
+        return np.concatenate([np.frombuffer(x, np.float32) for x in raw])
+
+    def _read_chunks(
+        self, client: redis.Redis, chunks: np.ndarray, w: np.ndarray, stat: np.ndarray | None
+    ) -> list[int]:
+        """Chunks (sorted) of w (and stat) into the given arrays, shard by shard; returns the
+        version of every shard read."""
+        layout = self.layout()
+        versions = []
+        for s in range(layout.shards):
+            cs = layout.shard_chunks(s)
+            mine = chunks[(chunks >= cs.start) & (chunks < cs.stop)].tolist()
+            if mine or not chunks.size:
+                versions.append(self._read_shard(client, s, mine, w, stat)[0])
+        return versions
+
+    def _read_shard(
+        self,
+        client: redis.Redis,
+        s: int,
+        chunks: list[int],
+        w: np.ndarray,
+        stat: np.ndarray | None,
+        with_dedup: bool = False,
+    ) -> tuple[int, dict[bytes, bytes]]:
+        """One shard's version, chunks (into w and stat) and optionally its replay windows, in
+        one transaction: a consistent snapshot of the shard."""
+        layout, sk = self.layout(), self.keys.shard(s)
+        with guarded("reading parameters"):
+            # One GET a chunk, not MGET: a cluster pipeline refuses MGET, and a chunk's reply
+            # framing is the same either way.
+            pipe = client.pipeline(transaction=True)
+            pipe.get(sk.version)
+            pipe.hgetall(sk.dedup) if with_dedup else pipe.exists(sk.version)
+            arrays = [w] if stat is None else [w, stat]
+            for key in (sk.w, sk.stat)[: len(arrays)]:
+                for c in chunks:
+                    pipe.get(key(c))
+            version, dedup, *blobs = pipe.execute()
+        if version is None:
+            raise StoreError(f"run {self.run_id!r} has no parameters yet")
+        for i, arr in enumerate(arrays):
+            rows = blobs[i * len(chunks) : (i + 1) * len(chunks)]
+            for c, blob in zip(chunks, rows, strict=True):
+                if blob is None:
+                    raise StoreError(f"run {self.run_id!r}: chunk {c} of the parameters is missing")
+                lo, hi = layout.span(c)
+                arr[lo:hi] = np.frombuffer(blob, np.float32)
+        return int(version), dedup if with_dedup else {}
 
     # --- aggregator ---------------------------------------------------------------------------
 
@@ -303,20 +558,20 @@ class RunStore:
             return int(self.r.incr(self.keys.fence))
 
     def load_state(self) -> AggregatorState:
-        with guarded("loading the aggregator state"):
-            pipe = self.r.pipeline(transaction=True)
-            pipe.get(self.keys.version)
-            pipe.get(self.keys.params)
-            pipe.get(self.keys.stat)
-            pipe.hgetall(self.keys.dedup)
-            version, w, stat, dedup = pipe.execute()
-        if w is None or stat is None:
-            raise StoreError(f"run {self.run_id!r} has no parameters")
+        layout = self.layout()
+        if layout.shards != 1:
+            raise StoreError(f"run {self.run_id!r}: this aggregator serves one shard only")
+        w = np.empty(layout.n, np.float32)
+        stat = np.empty(layout.n, np.float32)
+        version, dedup = self._read_shard(
+            self.r, 0, list(range(layout.n_chunks)), w, stat, with_dedup=True
+        )
         return AggregatorState(
-            w=np.frombuffer(w, dtype=np.float32).copy(),
-            stat=np.frombuffer(stat, dtype=np.float32).copy(),
-            version=int(version or 0),
+            w=w,
+            stat=stat,
+            version=version,
             dedup={int(k): decode_state(v) for k, v in dedup.items()},
+            layout=layout,
         )
 
     def commit(
@@ -329,6 +584,9 @@ class RunStore:
         turn_expect: str = "",
         turn_next: str = "",
     ) -> None:
+        """Write a batch in one fenced script: the chunks it touched, the chunk summaries, the
+        version, the replay windows, counters, log and turn, all or nothing."""
+        w_plan, stat_plan, summary = _plans(state)
         extra = {
             "dedup": {str(k): v for k, v in dedup_changes.items()},
             "counters": {**counters, "commits": 1},
@@ -336,31 +594,35 @@ class RunStore:
             "turn_expect": turn_expect,
             "turn_next": turn_next,
         }
-        payload = json.dumps(extra)
         wake = self.keys.wake(int(turn_next)) if turn_next else self.keys.wake(-1)
-        k = self.keys
+        k, sk = self.keys, self.keys.shard(0)
+        fixed = [k.fence, k.version, k.dedup, k.counters, k.applied_log, k.turn, wake, sk.summary]
+        whole = [sk.w(int(c)) for c in w_plan.dense]
+        whole += [sk.stat(int(c)) for c in stat_plan.dense]
+        patched = [sk.w(int(c)) for c in w_plan.sparse]
+        patched += [sk.stat(int(c)) for c in stat_plan.sparse]
+        first = len(fixed) + len(whole) + 1  # KEYS index (1-based) of the first patched chunk
+        runs = np.concatenate([w_plan.runs, stat_plan.runs])
+        runs[: len(w_plan.runs), 0] += first
+        runs[len(w_plan.runs) :, 0] += first + len(w_plan.sparse)
         with guarded("committing updates"):
             self._commit(
-                keys=[
-                    k.fence,
-                    k.params,
-                    k.stat,
-                    k.version,
-                    k.dedup,
-                    k.counters,
-                    k.applied_log,
-                    k.turn,
-                    wake,
-                ],
+                keys=fixed + whole + patched,
                 args=[
                     str(fence),
-                    state.w.tobytes(),
-                    state.stat.tobytes(),
                     str(state.version),
-                    payload,
+                    json.dumps(extra),
                     str(APPLIED_LOG_CAP),
+                    summary.tobytes(),
+                    str(len(whole)),
+                    runs.tobytes(),
+                    w_plan.values + stat_plan.values,
+                    *w_plan.dense_data,
+                    *stat_plan.dense_data,
                 ],
             )
+        state.touched.clear()
+        state.stat_all = False
 
     def pass_turn(self, fence: int, expect: str, nxt: str) -> bool:
         wake = self.keys.wake(int(nxt)) if nxt else self.keys.wake(-1)
@@ -598,10 +860,33 @@ class RunStore:
 
     def delete_run(self) -> int:
         with guarded("deleting the run"):
-            names = list(self.r.scan_iter(match=self.keys.all_patterns()[0], count=1000))
+            names = [
+                name
+                for pattern in self.keys.all_patterns()
+                for name in self.r.scan_iter(match=pattern, count=1000)
+            ]
             removed = int(self.r.delete(*names)) if names else 0
             self.r.srem(RUNS, self.run_id)
         return removed
+
+
+def _plans(state: AggregatorState) -> tuple[Plan, Plan, np.ndarray]:
+    """The writes of w and stat for what changed since the last commit, and the new chunk
+    summaries (the chunk sums are moved here, in memory, by the entries applied)."""
+    layout = state.layout
+    assert layout is not None and state.chunk_sums is not None
+    every = np.concatenate(state.touched) if state.touched else np.empty(0, np.int64)
+    touched = np.unique(every)
+    w_plan = plan_writes(state.w, layout, touched)
+    if state.stat_all:
+        stat_plan = dense_writes(state.stat, layout)
+        state.chunk_sums = chunk_sums(state.stat, layout)
+    else:
+        stat_plan = plan_writes(state.stat, layout, touched)
+        # stat[j] += 1 per applied entry: the chunk sums move by the entries counted.
+        state.chunk_sums += np.bincount(every // layout.chunk, minlength=layout.n_chunks)
+    summary = (state.chunk_sums / layout.sizes()).astype(np.float32)
+    return w_plan, stat_plan, summary
 
 
 def list_runs(r: redis.Redis) -> list[str]:

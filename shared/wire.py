@@ -90,11 +90,20 @@ __all__ = [
     "encode_secure",
     "encoded_index_bits",
     "log2_binomial",
+    "message_limit",
     "peek_participant",
 ]
 
 SCHEMA_VERSION: int = 2
 MAX_MESSAGE_BYTES: int = 8 * 1024 * 1024
+
+
+def message_limit(n: int) -> int:
+    """The size limit for an update of a model of n entries: MAX_MESSAGE_BYTES, or more when the
+    model needs it, so no valid update is ever refused for its size. An entry costs at most 4
+    bytes of value and, over a whole update, 2 bits of Elias-Fano index; 5 bytes an entry and
+    1 MiB for the rest bound every coding."""
+    return max(MAX_MESSAGE_BYTES, (1 << 20) + 5 * n)
 
 MAX_RUN_ID_CHARS = 64
 _MAX_PARTICIPANT = 2**32
@@ -540,8 +549,8 @@ def encode(
     body = header + packed
     if key is not None:
         body += hmac.digest(key, body, "sha256")
-    if len(body) > MAX_MESSAGE_BYTES:
-        raise WireError(f"message would be {len(body)} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    if len(body) > (limit := message_limit(n)):
+        raise WireError(f"message would be {len(body)} bytes; the limit is {limit}")
     return body
 
 
@@ -742,6 +751,8 @@ def decode(
     ``expected_run`` / ``expected_n`` refuse messages for another run or model size. Exceptions
     raised by ``key_for`` itself propagate unchanged.
     """
+    if expected_n is not None and max_bytes == MAX_MESSAGE_BYTES:
+        max_bytes = message_limit(expected_n)  # the run's model may need more (never less)
     # Size first, before even copying a bytearray/memoryview into bytes.
     size = body.nbytes if isinstance(body, memoryview) else len(body) if _is_bytes(body) else 0
     if size > max_bytes:

@@ -256,11 +256,29 @@ class Participant:
         """θd of the global state into the local copy: (version, base state, bytes read)."""
         if self.cfg.ordered:
             self.store.trace("d", self.pid, self.seq)
-        source = self.secure or self.store
-        version, w, stat = source.read_params(with_stat=self.cfg.theta_d < 1.0)
-        # Secure: both servers' shares (8 bytes an entry each) and stat, as read.
-        bytes_down = w.nbytes if self.secure is None else self.secure.reader.bytes_read
         own_buffers = self.local[self.layout.n_params :].copy()
+        if self.secure is not None:
+            version, bytes_down = self._secure_download()
+        else:
+            # Only the chosen chunks are read, straight into the local copy; the bytes are those
+            # the Redis connection received for this download (shared/store.py).
+            got = self.store.download(
+                self.local,
+                self.cfg.theta_d,
+                self.rng if self.cfg.download == "random" and self.cfg.theta_d < 1.0 else None,
+            )
+            version, bytes_down = got.version, got.bytes_received
+        if self.cfg.buffers == "local":
+            self.local[self.layout.n_params :] = own_buffers  # they never leave, nor come in
+        if getattr(self, "_base", None) is None:
+            self._base = np.empty_like(self.local)  # reused: fresh large arrays cost here
+        np.copyto(self._base, self.local)
+        return version, self._base, bytes_down
+
+    def _secure_download(self) -> tuple[int, int]:
+        """Both servers' shares at one offset, joined; the bytes both connections received."""
+        assert self.secure is not None
+        version, w, stat = self.secure.read_params(with_stat=self.cfg.theta_d < 1.0)
         if self.cfg.theta_d >= 1.0:
             self.local[:] = w
         else:
@@ -271,10 +289,7 @@ class Participant:
                 assert stat is not None
                 chosen = most_updated(stat, self.cfg.theta_d)
             self.local[chosen] = w[chosen]
-            bytes_down = chosen.size * 4
-        if self.cfg.buffers == "local":
-            self.local[self.layout.n_params :] = own_buffers  # they never leave, nor come in
-        return version, self.local.copy(), bytes_down
+        return version, self.secure.reader.bytes_read
 
     def select(self, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Δw of the trained model against ``base``, selected, clipped (buffers whole)."""

@@ -235,7 +235,7 @@ class Worker:
             if self._with_retry(store.has_params):
                 # A run seeded without a record (by an earlier version, or a test harness):
                 # its parameters exist, so only their number can be checked.
-                check_size(task, self._with_retry(store.read_params)[1].size, cfg.run_id)
+                check_size(task, self._with_retry(store.layout).n, cfg.run_id)
                 return task
             if time.monotonic() > deadline:
                 raise ConfigError(f"run {cfg.run_id!r} has no model record: is its aggregator up?")

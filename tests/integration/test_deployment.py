@@ -145,7 +145,8 @@ def test_a_participant_can_write_only_its_own_keys(private_redis: redis.Redis) -
     p1 = _user(private_redis, f"dssgd-{RUN}-p1", participant_acl(RUN, 1, "pw"))
     others = [k.participant(0), k.lease(0), k.trace(0), k.wake(0)]
     others += [k.participant(2), k.lease(2), k.trace(2), k.wake(2)]
-    shared = [k.config, k.params, k.stat, k.version, k.dedup, k.counters, k.fence, k.metrics]
+    shared = [k.config, k.w_chunk(0), k.shard(0).stat(0), k.version, k.dedup, k.counters, k.fence]
+    shared += [k.metrics, k.layout, k.shard(0).summary, k.shard(1).w(9), k.shard(1).fence]
     shared += [k.applied_log, k.turn, k.stop, k.heartbeat_aggregator, RUNS]
     # The keys the old layout shared between participants: no one may write them now.
     shared += [k._k("finished"), k._k("active"), k._k("claims"), k._k("trace")]
@@ -164,7 +165,7 @@ def test_a_participant_can_write_only_its_own_keys(private_redis: redis.Redis) -
     p1.execute_command("EVAL", "return redis.call('SET', KEYS[1], 'x')", "1", k.lease(1))
     p1.rpush(k.trace(1), "d 1 1 0")
     p1.rpush(k.wake(1), "1")
-    assert p1.get(k.params) is None  # reads of the run work (absent here)
+    assert p1.get(k.w_chunk(0)) is None  # reads of the run work (absent here)
 
 
 def test_the_aggregator_never_writes_participant_keys_or_the_run_list(
@@ -175,7 +176,7 @@ def test_the_aggregator_never_writes_participant_keys_or_the_run_list(
     for key in (k.participant(0), k.lease(0), k.trace(0), k.config, RUNS, "dssgd:{other}:w"):
         with pytest.raises(redis.exceptions.NoPermissionError):
             agg.set(key, "x")
-    agg.set(k.params, b"\0")  # negative control: what it does write
+    agg.set(k.w_chunk(0), b"\0")  # negative control: what it does write
     agg.incr(k.fence)
     agg.rpush(k.wake(3), "1")
     agg.hgetall(k.participant(0))

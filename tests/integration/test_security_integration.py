@@ -88,15 +88,15 @@ def test_participant_cannot_write_the_store(secured: tuple[RunHandle, Path]) -> 
     r = redis.Redis.from_url(c["redis_url"])
     k = h.store.keys
     # Reads it needs work...
-    assert r.get(k.params) is not None
+    assert r.get(k.w_chunk(0)) is not None
     assert r.get(k.version) is not None
     # ...and every write to what it must not touch is NOPERM.
     writes: list[tuple[str, ...]] = [
-        ("SET", k.params, "x"),
-        ("SETRANGE", k.params, "0", "x"),
-        ("APPEND", k.params, "x"),
-        ("DEL", k.params),
-        ("SET", k.stat, "x"),
+        ("SET", k.w_chunk(0), "x"),
+        ("SETRANGE", k.w_chunk(0), "0", "x"),
+        ("APPEND", k.w_chunk(0), "x"),
+        ("DEL", k.w_chunk(0)),
+        ("SET", k.shard(0).stat(0), "x"),
         ("INCR", k.version),
         ("SET", k.version, "9"),
         ("HSET", k.dedup, "0", "0:0"),
@@ -108,14 +108,14 @@ def test_participant_cannot_write_the_store(secured: tuple[RunHandle, Path]) -> 
         ("RPUSH", k.applied_log, "x"),
         ("SET", k.turn, "1"),
         ("SET", k.stop, "x"),
-        ("RENAME", k.params, "stolen"),
-        ("EXPIRE", k.params, "1"),
-        ("UNLINK", k.params),
+        ("RENAME", k.w_chunk(0), "stolen"),
+        ("EXPIRE", k.w_chunk(0), "1"),
+        ("UNLINK", k.w_chunk(0)),
         ("HSET", k.participant(1), "epochs", "99"),
         ("RPUSH", k.wake(1), "1"),
         ("FLUSHALL",),
         ("FLUSHDB",),
-        ("EVAL", "return redis.call('SET', KEYS[1], 'x')", "1", k.params),
+        ("EVAL", "return redis.call('SET', KEYS[1], 'x')", "1", k.w_chunk(0)),
         ("CONFIG", "SET", "appendonly", "no"),
         ("SET", "unrelated-key", "x"),
     ]
