@@ -225,7 +225,9 @@ def _create_run(store: RunStore, amqp_url: str, cfg: RunConfig) -> None:
 
     conn = amqp_connect(amqp_url, f"dssgd-provision {cfg.run_id}")
     try:
-        declare_topology(conn.channel(), AmqpNames(cfg.run_id), cfg.queue_max_length)
+        declare_topology(
+            conn.channel(), AmqpNames(cfg.run_id), cfg.queue_max_length, cfg.queue_replicas
+        )
     finally:
         with contextlib.suppress(Exception):
             conn.close()
