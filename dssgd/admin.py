@@ -116,7 +116,22 @@ def check_redis(url: str) -> None:
 
 
 def check_amqp(url: str, name: str) -> None:
-    """Open and close one AMQP connection; a refusal or an unreachable broker is one line."""
+    """Open and close one AMQP connection; a refusal or an unreachable broker is one line.
+
+    A URL naming several nodes (a cluster) passes when one of them accepts."""
+    from dssgd.shared.broker import endpoints
+
+    nodes = endpoints(url)
+    for i, node in enumerate(nodes):
+        try:
+            _check_amqp_node(node, name)
+            return
+        except BrokerError:
+            if i == len(nodes) - 1:
+                raise
+
+
+def _check_amqp_node(url: str, name: str) -> None:
     import pika
     import pika.exceptions as pex
 
