@@ -35,6 +35,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
+from dssgd.shared.amqp_names import AmqpNames
+from dssgd.shared.broker import connect as amqp_connect
+
 from bench import chaos
 from bench.chaos import (
     PROGRESS_TIMEOUT,
@@ -85,6 +88,20 @@ def _members(svc: ClusterServices, run: Run) -> tuple[str, list[str]]:
     return str(info.get("leader")), [str(m) for m in info.get("members", [])]  # type: ignore[union-attr]
 
 
+def _default_members(svc: ClusterServices) -> list[str]:
+    """Members of a quorum queue declared with the default arguments (queue_replicas=0)."""
+    qname = f"dssgd-cluster-chaos-default-{os.getpid()}"
+    conn = amqp_connect(svc.amqp_url, "dssgd-cluster-chaos", heartbeat=0)
+    try:
+        ch = conn.channel()
+        ch.queue_declare(qname, durable=True, arguments=AmqpNames.queue_arguments(10, None, 1))
+        members = svc.cluster.queue_info(qname).get("members", [])
+        ch.queue_delete(qname)
+    finally:
+        conn.close()
+    return [str(m) for m in members]  # type: ignore[union-attr]
+
+
 def _leader_round(svc: ClusterServices, run: Run, res: Result, settle: float) -> None:
     leader, members = _members(svc, run)
     if len(members) != 3:
@@ -117,6 +134,8 @@ def _leader_round(svc: ClusterServices, run: Run, res: Result, settle: float) ->
 
 def scenario_cluster(svc: ClusterServices, kills: int, settle: float, rng: random.Random,
                      res: Result) -> None:
+    res.notes.append(f"a queue declared with the default arguments (queue_replicas 0) has "
+                     f"members {_default_members(svc)}")
     with svc.run("cluster", pace=0.05, queue_replicas=3) as run:
         run.start_aggregator()
         run.start_workers()
