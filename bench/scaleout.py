@@ -223,19 +223,18 @@ def report(theta: float, ceiling: S.LoadResult, ingest: list[S.LoadResult], agg:
                  + "; ".join(f"{k} {v:.0f}" for k, v in parts.items() if k != "applied")
                  + f"; whole aggregator process {agg_cpu:.0f}; broker per message at the "
                  f"ceiling {broker:.0f}")
-    parallel = consume + parts["decode"] + parts["validate"] + parts["pre-sum"]
-    # The applier of a partitioned design adds one pre-summed vector per batch per partition
-    # and commits it: its per-update cost is the commit's share, the apply being done upstream.
-    serial = parts["commit (client)"] + parts["commit (Redis)"] / 1.0
-    for cores in (4, 8):
-        # Cores left for the ingest tier once the broker runs at the ceiling rate.
-        rate = ceiling.msg_per_s
-        need = rate * (parallel + serial + broker) / 1e6
-        lines.append(f"  at the measured ceiling ({rate:.0f} msg/s): ingest {parallel:.0f} µs + "
-                     f"applier {serial:.0f} µs + broker {broker:.0f} µs per update = "
-                     f"{need:.2f} cores of {cores} → "
-                     f"{'within reach' if need <= 0.85 * cores else 'NOT within reach'}; "
-                     f"the serial applier alone caps at {1e6 / max(serial, 1e-9):.0f} msg/s")
+    pubs = 1e6 * _cpu_s(ceiling, "publishers") / max(1, ceiling.messages)
+    ingest_us = consume + parts["decode"] + parts["validate"] + parts["pre-sum"]
+    # The applier of a partitioned design adds one pre-summed vector per partition and batch
+    # and commits it; the per-update apply moved upstream into the ingest tier (pre-sum).
+    applier_us = parts["commit (client)"] + parts["commit (Redis)"]
+    goal = 0.7 * ceiling.msg_per_s
+    per_msg = pubs + broker + ingest_us + applier_us
+    k = max(1, int(np.ceil(goal * ingest_us / 0.9e6)))  # ingest processes at ≤ 90 % of a core
+    lines.append(f"  goal 0.7 × ceiling = {goal:.0f} msg/s needs publishers {pubs:.0f} + broker "
+                 f"{broker:.0f} + ingest {ingest_us:.0f} + applier {applier_us:.0f} µs per update "
+                 f"= {goal * per_msg / 1e6:.2f} cores (this machine: {S.NPROC}); K = {k} ingest "
+                 f"processes; one applier caps at {1e6 / max(applier_us, 1e-9):.0f} msg/s")
     return "\n".join(lines)
 
 
