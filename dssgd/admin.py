@@ -122,13 +122,17 @@ def check_amqp(url: str, name: str) -> None:
     from dssgd.shared.broker import endpoints
 
     nodes = endpoints(url)
-    for i, node in enumerate(nodes):
+    if len(nodes) == 1:
+        _check_amqp_node(url, name)
+        return
+    for node in nodes:
         try:
             _check_amqp_node(node, name)
             return
         except BrokerError:
-            if i == len(nodes) - 1:
-                raise
+            continue
+    at = ", ".join(where(n, 5672) for n in nodes)
+    raise BrokerError(f"none of the {len(nodes)} RabbitMQ nodes ({at}) is reachable")
 
 
 def _check_amqp_node(url: str, name: str) -> None:

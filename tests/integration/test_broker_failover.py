@@ -18,6 +18,7 @@ from dssgd.shared.broker import Publisher, connect, endpoints
 from dssgd.shared.config import Connections
 from dssgd.shared.errors import BrokerError
 
+from dssgd.admin import check_amqp
 from testing.oracle import assert_exact, integer_update, oracle_run
 from testing.runs import RunHandle
 
@@ -47,6 +48,9 @@ def test_a_dead_node_in_the_list_is_skipped(conns: Connections) -> None:
     only_dead = url.replace(endpoints(conns.amqp_url)[0].split("@")[1].split("/")[0], "")
     with pytest.raises(BrokerError, match="cannot connect"):  # control: no live node, no luck
         connect(only_dead.replace(",,", ","), "dssgd-tests-failover", heartbeat=0)
+    check_amqp(url, "dssgd-tests-failover")  # the services' start-up check agrees
+    with pytest.raises(BrokerError, match="none of the 2 RabbitMQ nodes"):
+        check_amqp(only_dead.replace(",,", ","), "dssgd-tests-failover")
 
 
 def test_exactly_once_through_a_node_list(
