@@ -258,8 +258,13 @@ class Publisher:
             except pex.UnroutableError:
                 req.future.set_exception(UnroutableError(f"no queue bound for {req.routing_key}"))
             except pex.NackError:
-                # The queue is at its max-length (reject-publish): the caller backs off and retries.
+                # The queue is at its max-length (reject-publish), or this channel's view of a
+                # quorum queue's leader is stale: on a 3-node cluster a channel opened just after
+                # the leader's node was killed had every publish nacked for over a minute while
+                # other channels published (bench/cluster_chaos.py). The caller backs off and
+                # retries, on a fresh connection (perhaps to another node).
                 req.future.set_exception(BrokerError("broker refused the message (queue full?)"))
+                self._drop()
             except BrokerError as exc:
                 req.future.set_exception(exc)
                 self._drop()

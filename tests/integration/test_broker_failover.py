@@ -72,3 +72,33 @@ def test_exactly_once_through_a_node_list(
     h.wait(lambda: h.store.counters().get("duplicates", 0) >= 1, what="the re-send seen")
     assert h.version() == len(updates)
     assert_exact(h, updates)
+
+
+def test_a_refused_publish_is_retried_on_a_fresh_connection(
+    make_run: Callable[..., RunHandle],
+) -> None:
+    # A nack may come from a channel whose view of a quorum queue's leader is stale (seen on a
+    # 3-node cluster after a leader kill), so the publisher drops its connection on one; the
+    # retry must then work as soon as the broker accepts again.
+    h = make_run(zero_init=True, participants=1, theta_u=0.01, gamma=100.0, rule="sum",
+                 queue_max_length=1)
+    rng = np.random.default_rng(7)
+    updates = [integer_update(h, 0, s, rng) for s in range(1, 6)]
+    pub = Publisher(h.conns.amqp_url, h.names, app_id="test")
+    try:
+        refused = 0
+        for u in updates:
+            try:
+                pub.publish(AmqpNames.routing_key(0), wire.encode(u), timeout=10)
+            except BrokerError as exc:
+                assert "refused" in str(exc)
+                refused += 1
+        assert refused >= 1  # control: the bound was reached
+        conn = connect(h.conns.amqp_url, "dssgd-tests-failover", heartbeat=0)
+        ch = conn.channel()
+        while ch.basic_get(h.names.queue, auto_ack=True)[0] is not None:
+            pass  # make room
+        conn.close()
+        pub.publish(AmqpNames.routing_key(0), wire.encode(updates[-1]), timeout=10)
+    finally:
+        pub.close()
