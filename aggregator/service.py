@@ -154,6 +154,7 @@ class Aggregator:
             self.s.name,
             self.s.prefetch,
             cfg.queue_max_length,
+            cfg.queue_replicas,
         )
         try:
             last_housekeeping = 0.0

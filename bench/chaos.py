@@ -559,7 +559,7 @@ class Run:
         self.store.init_params(np.zeros(self.n, np.float32))  # zero init keeps sums integral
         conn = amqp_connect(svc.amqp_url, "dssgd-chaos")
         try:
-            declare_topology(conn.channel(), self.names, queue_max_length)
+            declare_topology(conn.channel(), self.names, queue_max_length, self.cfg.queue_replicas)
         finally:
             conn.close()
         self.aggregator: subprocess.Popen[bytes] | None = None

@@ -119,7 +119,26 @@ def check_redis(url: str) -> None:
 
 
 def check_amqp(url: str, name: str) -> None:
-    """Open and close one AMQP connection; a refusal or an unreachable broker is one line."""
+    """Open and close one AMQP connection; a refusal or an unreachable broker is one line.
+
+    A URL naming several nodes (a cluster) passes when one of them accepts."""
+    from dssgd.shared.broker import endpoints
+
+    nodes = endpoints(url)
+    if len(nodes) == 1:
+        _check_amqp_node(url, name)
+        return
+    for node in nodes:
+        try:
+            _check_amqp_node(node, name)
+            return
+        except BrokerError:
+            continue
+    at = ", ".join(where(n, 5672) for n in nodes)
+    raise BrokerError(f"none of the {len(nodes)} RabbitMQ nodes ({at}) is reachable")
+
+
+def _check_amqp_node(url: str, name: str) -> None:
     import pika
     import pika.exceptions as pex
 

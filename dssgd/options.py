@@ -69,6 +69,12 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--rate-limit", "rate_limit", float, "max updates per second per participant (server-side)"),
     ("--queue-max-length", "queue_max_length", int, "backlog bound of the update queue"),
     (
+        "--queue-replicas",
+        "queue_replicas",
+        int,
+        "quorum replicas of the update queue (default 0: every node of the broker's cluster)",
+    ),
+    (
         "--dp-eps-per-value",
         "dp_eps_per_value",
         float,

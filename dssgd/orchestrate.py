@@ -41,11 +41,13 @@ def default_run_id() -> str:
     return time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(2).hex()
 
 
-def _check_services(store: RunStore, amqp_url: str, names: AmqpNames, max_length: int) -> None:
+def _check_services(
+    store: RunStore, amqp_url: str, names: AmqpNames, max_length: int, replicas: int = 0
+) -> None:
     store.ping()
     conn = amqp_connect(amqp_url, "dssgd-run")
     try:
-        declare_topology(conn.channel(), names, max_length)
+        declare_topology(conn.channel(), names, max_length, replicas)
     finally:
         conn.close()
 
@@ -274,7 +276,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     preflight(cfg)  # a bad task or missing data fails here, in one line (and warms MNIST's cache)
     store = RunStore(redis_connect(conns.redis_url), run_id)
-    _check_services(store, conns.amqp_url, AmqpNames(run_id), cfg.queue_max_length)
+    _check_services(
+        store, conns.amqp_url, AmqpNames(run_id), cfg.queue_max_length, cfg.queue_replicas
+    )
     run_dir = Path(args.runs_dir) / run_id
     cfg, workers = _open_run(store, args, cfg, workers, run_dir)
     if cfg.secure:  # two share servers instead of the aggregator (docs/SECURE.md)

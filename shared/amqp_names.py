@@ -42,6 +42,29 @@ class AmqpNames:
         return f"dssgd.{self.run_id}.secure-log"
 
     @staticmethod
+    def queue_arguments(
+        max_length: int, dead_exchange: str | None, delivery_limit: int, replicas: int = 0
+    ) -> dict[str, object]:
+        """The arguments of a run's queues, the one place they are spelled (every declarer must
+        pass the same ones: RabbitMQ refuses a re-declaration with other arguments).
+
+        Quorum queues (Raft-replicated, on every node of a cluster unless ``replicas`` says
+        otherwise); the update queue (``dead_exchange`` given) is bounded and dead-letters what
+        is delivered too often, the dead-letter queue (``dead_exchange=None``) is plain.
+        """
+        args: dict[str, object] = {"x-queue-type": "quorum"}
+        if replicas > 0:
+            args["x-quorum-initial-group-size"] = replicas
+        if dead_exchange is not None:
+            args.update({
+                "x-dead-letter-exchange": dead_exchange,
+                "x-delivery-limit": delivery_limit,
+                "x-max-length": max_length,
+                "x-overflow": "reject-publish",
+            })
+        return args
+
+    @staticmethod
     def routing_key(participant: int) -> str:
         return f"upd.{participant}"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import random
 import threading
 import time
 from concurrent.futures import Future
@@ -51,20 +52,55 @@ def tune_for_large_messages() -> None:
         base._MAX_CONSUME_BYTES = max(base._MAX_CONSUME_BYTES, 4 * 1024 * 1024)
 
 
+def endpoints(url: str) -> list[str]:
+    """One URL per RabbitMQ node, from a setting that may name several.
+
+    Two spellings: hosts separated by commas in one URL (``amqp://u:p@h1:5672,h2:5673/%2F?...``,
+    every host sharing the credentials, vhost and options), or whole URLs separated by commas.
+    A single URL is returned as it is.
+    """
+    parts = [p.strip() for p in url.split(",") if p.strip()]
+    if len(parts) <= 1:
+        return parts or [url]
+    if all(p.startswith(("amqp://", "amqps://")) for p in parts):
+        return parts
+    scheme, rest = url.split("://", 1)
+    slash = rest.find("/")
+    netloc, tail = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
+    creds, _, hosts = netloc.rpartition("@")
+    prefix = f"{scheme}://{creds}@" if creds else f"{scheme}://"
+    return [f"{prefix}{h.strip()}{tail}" for h in hosts.split(",") if h.strip()]
+
+
 def connect(url: str, name: str, heartbeat: int = 30) -> pika.BlockingConnection:
+    """A connection to the first node that answers, trying every node the URL names once.
+
+    The list starts at a random node so a cluster's clients spread over its nodes; a dead node
+    costs one refused connection (or ``socket_timeout`` if it hangs). Retrying the whole list
+    with backoff is the caller's reconnect loop's job.
+    """
     try:
-        params = pika.URLParameters(url)
-        params.heartbeat = heartbeat
-        params.blocked_connection_timeout = 60
-        params.connection_attempts = 1
-        params.socket_timeout = 5
-        params.client_properties = {"connection_name": name}
-        return pika.BlockingConnection(params)
+        urls = endpoints(url)
+        start = random.randrange(len(urls))
+        attempts = []
+        for u in urls[start:] + urls[:start]:
+            params = pika.URLParameters(u)
+            params.heartbeat = heartbeat
+            params.blocked_connection_timeout = 60
+            params.connection_attempts = 1
+            params.socket_timeout = 5
+            params.client_properties = {"connection_name": name}
+            attempts.append(params)
+        return pika.BlockingConnection(attempts if len(attempts) > 1 else attempts[0])
     except (pex.AMQPError, OSError, ValueError) as exc:
         raise BrokerError(f"cannot connect to RabbitMQ at {_redact(url)}: {exc!r}") from exc
 
 
 def _redact(url: str) -> str:
+    return ",".join(_redact_one(u) for u in endpoints(url))
+
+
+def _redact_one(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
@@ -72,25 +108,20 @@ def _redact(url: str) -> str:
 
 
 def declare_topology(
-    channel: BlockingChannel, names: AmqpNames, max_length: int = DEFAULT_MAX_LENGTH
+    channel: BlockingChannel,
+    names: AmqpNames,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    replicas: int = 0,
 ) -> None:
     """Durable exchanges and queues for a run; idempotent (same arguments every time)."""
     try:
         channel.exchange_declare(names.dead_exchange, exchange_type="fanout", durable=True)
-        channel.queue_declare(names.dead_queue, durable=True, arguments={"x-queue-type": "quorum"})
+        dead_args = names.queue_arguments(max_length, None, DELIVERY_LIMIT, replicas)
+        channel.queue_declare(names.dead_queue, durable=True, arguments=dead_args)
         channel.queue_bind(names.dead_queue, names.dead_exchange)
         channel.exchange_declare(names.exchange, exchange_type="topic", durable=True)
-        channel.queue_declare(
-            names.queue,
-            durable=True,
-            arguments={
-                "x-queue-type": "quorum",
-                "x-dead-letter-exchange": names.dead_exchange,
-                "x-delivery-limit": DELIVERY_LIMIT,
-                "x-max-length": max_length,
-                "x-overflow": "reject-publish",
-            },
-        )
+        args = names.queue_arguments(max_length, names.dead_exchange, DELIVERY_LIMIT, replicas)
+        channel.queue_declare(names.queue, durable=True, arguments=args)
         channel.queue_bind(names.queue, names.exchange, routing_key=names.binding_key())
     except (pex.AMQPError, OSError) as exc:
         raise BrokerError(f"cannot declare the topology of run {names.run_id}: {exc!r}") from exc
@@ -227,8 +258,13 @@ class Publisher:
             except pex.UnroutableError:
                 req.future.set_exception(UnroutableError(f"no queue bound for {req.routing_key}"))
             except pex.NackError:
-                # The queue is at its max-length (reject-publish): the caller backs off and retries.
+                # The queue is at its max-length (reject-publish), or this channel's view of a
+                # quorum queue's leader is stale: on a 3-node cluster a channel opened just after
+                # the leader's node was killed had every publish nacked for over a minute while
+                # other channels published (bench/cluster_chaos.py). The caller backs off and
+                # retries, on a fresh connection (perhaps to another node).
                 req.future.set_exception(BrokerError("broker refused the message (queue full?)"))
+                self._drop()
             except BrokerError as exc:
                 req.future.set_exception(exc)
                 self._drop()
@@ -303,7 +339,8 @@ class Consumer:
     """
 
     def __init__(
-        self, url: str, names: AmqpNames, name: str, prefetch: int, max_length: int
+        self, url: str, names: AmqpNames, name: str, prefetch: int, max_length: int,
+        replicas: int = 0,
     ) -> None:
         self.names = names
         self._conn = connect(url, name)
@@ -313,7 +350,7 @@ class Consumer:
         self._unacked: list[int] = []
         try:
             self._ch = self._conn.channel()
-            declare_topology(self._ch, names, max_length)
+            declare_topology(self._ch, names, max_length, replicas)
             self._dead = self._dead_channel()
             self._ch.basic_qos(prefetch_count=prefetch)
             self._ch.basic_consume(names.queue, self._on_message, auto_ack=False, consumer_tag=name)

@@ -83,6 +83,9 @@ class RunConfig:
     max_l2: float | None = None  # server-side L2 bound: a larger update is scaled down to it
     rate_limit: float | None = None  # updates per second one participant may send (burst 1 s)
     queue_max_length: int = 100_000  # backlog bound; beyond it publishes are refused and retried
+    # Quorum replicas of the run's queues (x-quorum-initial-group-size); 0 = the broker's
+    # default (every cluster node in RabbitMQ 3.x, so 1 on a single node, 3 on a 3-node cluster).
+    queue_replicas: int = 0
     # Differential privacy (the paper's sparse vector technique): ε per value (the paper's ε/c);
     # None = no DP. The per-epoch ε of a participant is eps_per_value · θu·n.
     dp_eps_per_value: float | None = None
@@ -119,6 +122,8 @@ class RunConfig:
         problems += self._secure_problems()
         if not 1 <= self.queue_max_length <= 10_000_000:
             problems.append("queue max length must be 1..10000000")
+        if not 0 <= self.queue_replicas <= 9:
+            problems.append("queue replicas must be 0 (broker default) .. 9")
         if problems:
             raise ConfigError("; ".join(problems))
 

@@ -54,7 +54,10 @@ class Management:
 
     @classmethod
     def from_amqp_url(cls, amqp_url: str, management_url: str | None = None) -> Management:
-        parts = urllib.parse.urlparse(amqp_url)
+        from dssgd.shared.broker import endpoints
+
+        # A cluster's URL names every node; any node's management API serves the whole cluster.
+        parts = urllib.parse.urlparse(endpoints(amqp_url)[0])
         base = (
             management_url
             or os.environ.get("DSSGD_MANAGEMENT_URL")
@@ -226,7 +229,9 @@ def _create_run(store: RunStore, amqp_url: str, cfg: RunConfig) -> None:
 
     conn = amqp_connect(amqp_url, f"dssgd-provision {cfg.run_id}")
     try:
-        declare_topology(conn.channel(), AmqpNames(cfg.run_id), cfg.queue_max_length)
+        declare_topology(
+            conn.channel(), AmqpNames(cfg.run_id), cfg.queue_max_length, cfg.queue_replicas
+        )
     finally:
         with contextlib.suppress(Exception):
             conn.close()
@@ -238,28 +243,29 @@ class _Endpoints:
     """Where the run's users connect; credential files carry URLs built from these."""
 
     vhost: str
-    host: str
-    port: int
+    hosts: str  # "h:p", or "h1:p1,h2:p2,..." for a cluster (every node, in the given order)
     rhost: str
     rport: int
     rdb: str
 
     @classmethod
     def parse(cls, amqp_url: str, redis_url: str) -> _Endpoints:
-        parts = urllib.parse.urlparse(amqp_url)
+        from dssgd.shared.broker import endpoints
+
+        nodes = [urllib.parse.urlparse(u) for u in endpoints(amqp_url)]
+        parts = nodes[0]
         vhost = urllib.parse.unquote(parts.path[1:]) if parts.path not in ("", "/") else "/"
         rparts = urllib.parse.urlparse(redis_url)
         return cls(
             vhost=vhost,
-            host=parts.hostname or "127.0.0.1",
-            port=parts.port or 5672,
+            hosts=",".join(f"{n.hostname or '127.0.0.1'}:{n.port or 5672}" for n in nodes),
             rhost=rparts.hostname or "127.0.0.1",
             rport=rparts.port or 6379,
             rdb=rparts.path or "/0",
         )
 
     def amqp_url(self, user: str, secret: str) -> str:
-        return f"amqp://{_q(user)}:{_q(secret)}@{self.host}:{self.port}/{_q(self.vhost)}"
+        return f"amqp://{_q(user)}:{_q(secret)}@{self.hosts}/{_q(self.vhost)}"
 
     def redis_url(self, user: str, secret: str) -> str:
         return f"redis://{_q(user)}:{_q(secret)}@{self.rhost}:{self.rport}{self.rdb}"

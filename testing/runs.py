@@ -41,7 +41,7 @@ class RunHandle:
             self.init = np.zeros_like(self.init)
         self.store.init_params(self.init)
         conn = amqp_connect(conns.amqp_url, "dssgd-tests")
-        declare_topology(conn.channel(), self.names, cfg.queue_max_length)
+        declare_topology(conn.channel(), self.names, cfg.queue_max_length, cfg.queue_replicas)
         conn.close()
         self.procs: list[subprocess.Popen[bytes]] = []
 

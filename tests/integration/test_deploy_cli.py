@@ -28,14 +28,15 @@ def test_docker_compose_config_validates() -> None:
     cmd = _compose_cmd()
     if cmd is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
-    res = subprocess.run(
-        [*cmd, "-f", str(ROOT / "docker-compose.yml"), "config"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-    )
-    assert res.returncode == 0, res.stderr
+    for profile in ([], ["--profile", "cluster"]):  # the single-node set-up, and the cluster
+        res = subprocess.run(
+            [*cmd, "-f", str(ROOT / "docker-compose.yml"), *profile, "config"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=ROOT,
+        )
+        assert res.returncode == 0, res.stderr
 
 
 def test_compose_file_has_what_operators_need() -> None:
