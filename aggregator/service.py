@@ -89,6 +89,9 @@ class Aggregator:
         tune_for_large_messages()
         self.metrics = AggregatorMetrics(settings.run_id)
         self.serving_since = 0.0  # monotonic time the current session began serving
+        # Monotonic time since which this session's polls found nothing to consume (None: busy,
+        # or not consuming): how a run's end knows the queue is drained (services.RunEndWatcher).
+        self.quiet_since: float | None = None
         self.metrics_url: str | None = None
         if settings.metrics_port is not None:
             port = self.metrics.serve(settings.metrics_port, settings.metrics_addr)
@@ -160,7 +163,10 @@ class Aggregator:
             while not self.stop.is_set():
                 batch = consumer.deliveries(0.5, self.s.max_batch, self.s.batch_window)
                 if batch:
+                    self.quiet_since = None
                     self._process(batch, store, fence, consumer)
+                elif self.quiet_since is None:
+                    self.quiet_since = time.monotonic()
                 now = time.monotonic()
                 if now - last_housekeeping >= 1.0:
                     last_housekeeping = now
@@ -169,7 +175,13 @@ class Aggregator:
             while batch := consumer.deliveries(0.0, self.s.max_batch):
                 self._process(batch, store, fence, consumer)
         finally:
+            self.quiet_since = None
             consumer.close()
+
+    def quiet_for(self) -> float:
+        """Seconds this aggregator has been consuming with nothing to consume (0 if busy)."""
+        since = self.quiet_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def snapshot(self) -> Snapshot | None:
         """Parameters, version and totals of the last commit (the evaluator's only view)."""
