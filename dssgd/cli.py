@@ -40,6 +40,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from dssgd import status
 
         return getattr(status, f"cmd_{args.command}")(args)
+    if args.command == "dead-letters":
+        from dssgd.deadletters import cmd_dead_letters
+
+        return cmd_dead_letters(args)
     if args.command == "deprovision":
         from dssgd.admin import cmd_deprovision
 

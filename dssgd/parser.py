@@ -10,6 +10,7 @@ import argparse
 import os
 from typing import Any
 
+from dssgd import deadletters
 from dssgd.admin import add_admin_parsers, add_management_option, add_provision_options
 from dssgd.options import add_connection_options, add_run_options, env_int
 
@@ -279,6 +280,7 @@ _SUB_PARSERS = (
     _experiment_parser,
     _runs_parser,
     _delete_parser,
+    deadletters.add_parser,
 )
 
 

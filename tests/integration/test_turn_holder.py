@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
-from dssgd.aggregator.service import Aggregator, AggregatorSettings
 from dssgd.shared import wire
 from dssgd.shared.amqp_names import AmqpNames
 from dssgd.shared.broker import Publisher
-from dssgd.shared.lifecycle import StopFlag
 from dssgd.shared.store import HOLDER_SILENCE, LEASE_RENEW
 
 from testing.oracle import integer_update, oracle_run
@@ -46,33 +43,16 @@ def host(h: RunHandle, owner: str, pids: str) -> subprocess.Popen[str]:
     return p
 
 
-@pytest.fixture
-def aggregator() -> Iterator[Callable[[RunHandle], None]]:
-    stops: list[tuple[StopFlag, threading.Thread]] = []
-
-    def start(h: RunHandle) -> None:
-        stop = StopFlag()
-        agg = Aggregator(AggregatorSettings(h.cfg.run_id, h.conns, evaluate=False), stop)
-        t = threading.Thread(target=agg.run, daemon=True)
-        t.start()
-        stops.append((stop, t))
-
-    yield start
-    for stop, t in stops:
-        stop.set()
-        t.join(timeout=10)
-
-
 # Random order takes the same path (the candidates are the heartbeating participants).
 @pytest.mark.parametrize("order", ["round-robin"])
 def test_a_killed_turn_holder_is_replaced_within_5_s(
-    make_run: Callable[..., RunHandle], aggregator: Callable[[RunHandle], None], order: str
+    make_run: Callable[..., RunHandle], thread_aggregator: Callable[[RunHandle], None], order: str
 ) -> None:
     h = oracle_run(make_run)
     h.store.r.set(h.store.keys.config, h.cfg.replace(order=order, epochs=0).to_json())
     holder = host(h, "host-0", "0")
     host(h, "host-12", "1,2")
-    aggregator(h)
+    thread_aggregator(h)
     h.wait(lambda: h.store.turn() is not None, timeout=30, what="the first turn")
     assert h.store.turn() == 0  # round robin starts at 0 once all three are present
     # Negative control: a holder that heartbeats keeps its turn however long it takes.
