@@ -384,6 +384,11 @@ def _open_run(
 ) -> tuple[RunConfig, int]:
     """Create the run (or, with --resume, take the stored one) and its folder."""
     existing = store.load_config()
+    if existing is None and args.resume:
+        raise ConfigError(
+            f"run {store.run_id!r} does not exist, so there is nothing to resume "
+            "(dssgd runs lists the runs); drop --resume to start it"
+        )
     if existing is not None and not args.resume:
         raise ConfigError(
             f"run {store.run_id!r} already exists; pass --resume to continue it or "
