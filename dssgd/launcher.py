@@ -46,8 +46,6 @@ class Launcher(Protocol):
 
     def restarts(self) -> dict[str, int]: ...
 
-    def ensure_running(self, name: str) -> None: ...
-
     def stop_workers(self) -> None: ...
 
     def stop_aggregator(self) -> None: ...
@@ -285,12 +283,6 @@ class ForkLauncher:
     def restarts(self) -> dict[str, int]:
         return {n: p.restarts for n, p in self.procs.items()}
 
-    def ensure_running(self, name: str) -> None:
-        """Start a service that exited by itself (not FATAL) again, e.g. for a drain."""
-        proc = self.procs[name]
-        if proc.state in (EXITED, STOPPED):
-            proc.restarts += 1
-            self._spawn(proc)
 
     def _stop(self, names: list[str]) -> None:
         procs = [self.procs[n] for n in names]

@@ -144,11 +144,6 @@ class Supervisor:
         """Restarts seen by `states` (a pid it never saw is not counted)."""
         return {name: len(pids) - 1 for name, pids in self._pids.items()}
 
-    def ensure_running(self, name: str) -> None:
-        if self.states().get(name) in ("EXITED", "STOPPED"):
-            with contextlib.suppress(xmlrpc.client.Fault):  # started meanwhile
-                self._rpc().startProcess(name, False)
-
     def _stop(self, call: str, name: str) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return  # supervisord never came up or is gone, and its children with it
