@@ -283,7 +283,6 @@ class ForkLauncher:
     def restarts(self) -> dict[str, int]:
         return {n: p.restarts for n, p in self.procs.items()}
 
-
     def _stop(self, names: list[str]) -> None:
         procs = [self.procs[n] for n in names]
         for proc in procs:
