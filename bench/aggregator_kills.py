@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     for i, r in enumerate(results, 1):
         s = r.summary
         drain = sum(1 for _, phase, _ in r.kills if phase == "drain")
-        times = ", ".join(f"{t:.1f}{'*' if p == 'drain' else ''}" for t, p, _ in r.kills)
+        times = ", ".join(
+            f"{t:.1f}" + (f"* (version {v})" if p == "drain" else "") for t, p, v in r.kills
+        )
         confirmed, applied = s.get("confirmed_updates", "-"), s.get("updates_applied", "-")
         restarts = s.get("restarts", {}).get("aggregator", 0)
         acc = s.get("accuracy", float("nan"))
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if s.get("not_done"):
             print(f"    not done: {s['not_done']}")
     bad = [i for i, r in enumerate(results, 1) if not r.ok]
+    print("* after every participant finished, at that global version (of 600)")
     print("verdict:", "ok" if not bad else f"FAILED in runs {bad}")
     return 1 if bad else 0
 
