@@ -249,17 +249,16 @@ class ForkLauncher:
         proc.exits = [t for t in proc.exits if now - t < policy.window] + [now]
         why = ""
         if code in PERMANENT_EXIT_CODES:
-            why = f"exit code {code} is permanent (2: bad input, 77: refused)"
+            meaning = "bad input" if code == 2 else "a password or right refused"
+            why = f"exit code {code} ({meaning}) would come back on every restart"
         elif proc.failed_starts > policy.startretries:
             why = (
                 f"it could not stay up for {policy.startsecs:g} s "
-                f"{proc.failed_starts} times in a row"
+                f"{proc.failed_starts} times in a row (last exit code {code})"
             )
         if why:
             proc.state = FATAL
-            log.error(
-                "%s is FATAL: %s (last exit code %d); see %s", proc.name, why, code, proc.log_path
-            )
+            log.error("%s is FATAL: %s; see %s", proc.name, why, proc.log_path)
             return
         delay = policy.delay(len(proc.exits))
         log.warning(

@@ -199,7 +199,8 @@ def summary(store: RunStore, cfg: RunConfig, wall: float, reason: str) -> dict[s
         "duplicates_ignored": counters.get("duplicates", 0),
         "bytes_up": up,
         "bytes_down": down,
-        "bytes_up_per_update": up / applied if applied else 0.0,
+        # Per update sent (confirmed), whether or not the aggregator got to it yet.
+        "bytes_up_per_update": up / sum(epochs) if sum(epochs) else 0.0,
         "dense_bytes_per_update": 4 * n,
         "mean_staleness": counters.get("staleness_sum", 0) / applied if applied else 0.0,
         "wall_seconds": wall,
