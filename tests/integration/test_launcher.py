@@ -198,3 +198,21 @@ def test_workers_keep_their_identity_across_restarts() -> None:
     progs = service_argv("r1", 2, Connections(amqp_url="amqp://a/%2F", redis_url="redis://r:1/0"))
     argv = progs["worker:worker-1"]
     assert argv[argv.index("--worker-id") + 1] == "r1-worker-1"
+
+
+def test_the_supervisord_config_has_the_same_restart_policy(tmp_path: Path) -> None:
+    """supervisor runs the policy itself; what it is told is what the fork launcher does."""
+    import configparser
+
+    from dssgd.supervisor import render_config
+
+    text = render_config(tmp_path, "r1", 2, Connections())
+    conf = configparser.ConfigParser(interpolation=None)
+    conf.read_string(text)
+    policy = RestartPolicy()
+    for section, ok in (("program:aggregator", "0,2,75,77"), ("program:worker", "0,2,77")):
+        assert conf[section]["autorestart"] == "unexpected"
+        assert float(conf[section]["startsecs"]) == policy.startsecs
+        assert int(conf[section]["startretries"]) == policy.startretries
+        # 2 and 77 are "expected" to supervisor (never restarted); `states` reports them FATAL.
+        assert conf[section]["exitcodes"] == ok
