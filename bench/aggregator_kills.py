@@ -69,7 +69,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def one_run(kills: int, conns: Connections, runs: Path) -> Outcome:  # long: one scenario, in order
+def one_run(  # long: one scenario, in order
+    kills: int, conns: Connections, runs: Path, start_at: float = 0.0
+) -> Outcome:
     run_id = f"bench-kills-{uuid.uuid4().hex[:8]}"
     run_dir = runs / run_id
     store = RunStore(redis_connect(conns.redis_url), run_id)
@@ -96,8 +98,11 @@ def one_run(kills: int, conns: Connections, runs: Path) -> Outcome:  # long: one
             first_seen.setdefault(pid, now)
             try:
                 finished = len(store.finished())
+                epochs = sum(int(p.get("epochs", 0)) for p in store.all_progress(10).values())
             except Exception:  # the run may not exist yet
-                finished = 0
+                finished = epochs = 0
+            if epochs < start_at * PARTICIPANTS * EPOCHS:
+                continue
             last = len(out.kills) == kills - 1
             if now < next_tick or now - first_seen[pid] < UP_AT_LEAST:
                 continue
@@ -133,12 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=5, help="4 to 6 in the issue's scenario")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument(
+        "--start-at",
+        type=float,
+        default=0.0,
+        help="first kill once this fraction of the 600 epochs is confirmed (0.85: the kills' "
+        "downtime meets the end of training, so the drain starts with a backlog)",
+    )
     args = ap.parse_args(argv)
     conns = Connections.from_env()
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-kills-") as tmp:
         for _ in range(args.repeat):
-            results.append(one_run(args.kills, conns, Path(tmp)))
+            results.append(one_run(args.kills, conns, Path(tmp), args.start_at))
     print(
         f"{'run':>3} {'kills':>5} {'in drain':>8} {'exit':>4} {'confirmed':>9} {'applied':>7} "
         f"{'distinct':>8} {'doubled':>7} {'missing':>7} {'restarts':>8} {'accuracy':>8} "
