@@ -56,7 +56,7 @@ def test_a_killed_turn_holder_is_replaced_within_5_s(
     h.wait(lambda: h.store.turn() is not None, timeout=30, what="the first turn")
     assert h.store.turn() == 0  # round robin starts at 0 once all three are present
     # Negative control: a holder that heartbeats keeps its turn however long it takes.
-    time.sleep(HOLDER_SILENCE + 0.5)
+    time.sleep(HOLDER_SILENCE + 1.0)  # past the session's 3 s grace: housekeeping ran
     assert h.store.turn() == 0
     holder.kill()
     killed = time.monotonic()
