@@ -27,16 +27,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from dssgd.restart import (
+    BACKOFF,
+    EXITED,
+    FATAL,
+    PERMANENT_EXIT_CODES,
+    RUNNING,
+    STOPPED,
+    RestartPolicy,
+)
 from dssgd.shared.config import Connections
 from dssgd.shared.errors import DssgdError
 
+__all__ = ["BACKOFF", "EXITED", "FATAL", "RUNNING", "STOPPED", "ForkLauncher", "RestartPolicy"]
+
 log = logging.getLogger("dssgd.launcher")
 
-# States use supervisor's words so `dssgd run` reads both launchers alike.
-RUNNING, EXITED, BACKOFF, FATAL, STOPPED = "RUNNING", "EXITED", "BACKOFF", "FATAL", "STOPPED"
-
 _PR_SET_PDEATHSIG = 1
-PERMANENT_EXIT_CODES = frozenset({2, 77})
 
 
 class Launcher(Protocol):
@@ -119,28 +126,6 @@ def _child_main(
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    """supervisor's `autorestart=unexpected` with its `startsecs`/`startretries`, plus a backoff.
-
-    Any unexpected exit is restarted, after `base` · 2^(k−1) seconds (capped at `cap`), k being
-    the service's unexpected exits within the last `window` seconds: a service killed once an
-    hour restarts after `base`, one killed every few seconds after at most `cap`. A service is
-    FATAL only when it could not stay up for `startsecs` more than `startretries` times in a row
-    (a crash loop at start), or when it exits with a permanent code (2: bad input, 77: a
-    password or right refused), which would come back on every restart.
-    """
-
-    startsecs: float = 1.0
-    startretries: int = 3
-    base: float = 0.5
-    cap: float = 5.0
-    window: float = 60.0
-
-    def delay(self, recent_exits: int) -> float:
-        return min(self.cap, self.base * 2 ** max(0, recent_exits - 1))
 
 
 @dataclass

@@ -103,15 +103,10 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     )
     stop = StopFlag()
     install_signal_handlers(stop)
-    aggregator = Aggregator(settings, stop, cfg)
-    watcher = RunEndWatcher(
-        conns.redis_url,
-        args.run_id,
-        stop,
-        enabled=not args.keep_serving,
-        quiet=aggregator.quiet_for,
-    )
-    code = aggregator.run()
+    agg = Aggregator(settings, stop, cfg)
+    keep = args.keep_serving
+    watcher = RunEndWatcher(conns.redis_url, args.run_id, stop, not keep, agg.quiet_for)
+    code = agg.run()
     watcher.close()
     _clear_heartbeat(store, settings.name)
     if watcher.reason:
@@ -159,8 +154,8 @@ class RunEndWatcher:
         run_id: str,
         stop: StopFlag,
         enabled: bool = True,
-        period: float = 1.0,
         quiet: Callable[[], float] = lambda: 0.0,
+        period: float = 1.0,
     ) -> None:
         self.store = RunStore(redis_connect(redis_url), run_id)
         self.stop, self.period, self.reason = stop, period, ""

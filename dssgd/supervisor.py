@@ -13,7 +13,7 @@ from typing import Any
 
 from supervisor import childutils
 
-from dssgd.launcher import FATAL, PERMANENT_EXIT_CODES, RestartPolicy
+from dssgd.restart import FATAL, PERMANENT_EXIT_CODES, RestartPolicy
 from dssgd.shared.config import Connections
 from dssgd.shared.errors import DssgdError
 
