@@ -102,10 +102,9 @@ class Drain:
 def _unapplied(store: RunStore, cfg: RunConfig) -> tuple[int, int]:
     """(confirmed updates, confirmed ones not applied yet), from progress and replay windows."""
     progress = store.all_progress(cfg.participants)
+    highs = store.applied_highs()
     confirmed = sum(int(p.get("epochs", 0)) for p in progress.values())
-    waiting = sum(
-        max(0, int(p.get("seq", 0)) - store.applied_high(pid)) for pid, p in progress.items()
-    )
+    waiting = sum(max(0, int(p.get("seq", 0)) - highs.get(pid, 0)) for pid, p in progress.items())
     return confirmed, waiting
 
 
@@ -114,18 +113,21 @@ def _processed(store: RunStore) -> int:
     return c.get("applied", 0) + c.get("rejected", 0) + c.get("duplicates", 0)
 
 
-def _drain(sup: Launcher, store: RunStore) -> str:
-    """Supervise the aggregator until it has taken every update off the queue; "" once it has,
-    else why it could not. The aggregator ends itself once the run is over and the queue is
-    quiet (services.RunEndWatcher); a killed one is restarted here like at any other time."""
+def _drain(sup: Launcher, store: RunStore, cfg: RunConfig) -> str:
+    """Supervise the aggregator until every confirmed update is applied; "" then, else why it
+    could not. A killed aggregator is restarted here like at any other time; one that ended by
+    itself (services.RunEndWatcher: the run is over and its queue quiet) is done too. Either
+    way the queue is measured afterwards, with no consumer holding anything."""
     last, last_change = -1, time.monotonic()
     while True:
         state = sup.states().get("aggregator")
         if state == FATAL:
             return "the aggregator is FATAL (see logs/aggregator.log)"
         if state in (EXITED, STOPPED):
-            return ""  # exited by itself: the queue is measured next
+            return ""
         try:
+            if _unapplied(store, cfg)[1] == 0:
+                return ""
             done = _processed(store)
         except DssgdError as exc:  # Redis away: no progress, the timeout decides
             log.warning("drain: %s", exc)
@@ -465,7 +467,7 @@ def _wind_down(
     try:
         store.request_stop(reason or "stopped")
         sup.stop_workers()
-        why = _drain(sup, store)
+        why = _drain(sup, store, cfg)
     except DssgdError as exc:
         why = str(exc)
     finally:

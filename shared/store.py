@@ -577,6 +577,12 @@ class RunStore:
         with guarded("reading the replay window"):
             return decode_state(self.r.hget(self.keys.dedup, str(participant)))[0]
 
+    def applied_highs(self) -> dict[int, int]:
+        """participant → highest applied seq, for every participant with one (one round trip)."""
+        with guarded("reading the replay windows"):
+            raw = self.r.hgetall(self.keys.dedup)
+        return {int(k): decode_state(v)[0] for k, v in raw.items()}
+
     # --- stop, metrics -------------------------------------------------------------------------
 
     def request_stop(self, reason: str) -> None:

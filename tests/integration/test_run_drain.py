@@ -121,7 +121,7 @@ def test_a_drain_that_cannot_finish_is_measured_and_says_how_to_finish(
     h.store.record_progress(0, epochs=3, seq=3)  # what participant 0 would have recorded
     sup = ForkLauncher(tmp_path, {"aggregator": ["x"]}, entry=entry, warm_up=lambda: None)
     sup.start()
-    why = orchestrate._drain(sup, h.store)
+    why = orchestrate._drain(sup, h.store, h.cfg)
     sup.shutdown()
     assert why == "the aggregator is FATAL (see logs/aggregator.log)"
     d = orchestrate._measure_drain(h.store, h.cfg, h.conns.amqp_url, why)
