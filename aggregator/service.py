@@ -32,7 +32,7 @@ from dssgd.shared.config import Connections, RunConfig
 from dssgd.shared.errors import BrokerError, ConfigError, FencedError, StoreError
 from dssgd.shared.lifecycle import EXIT_FENCED, EXIT_OK, Backoff, StopFlag
 from dssgd.shared.rules import UpdateRule
-from dssgd.shared.store import AggregatorState, RunStore
+from dssgd.shared.store import HOLDER_SILENCE, AggregatorState, RunStore
 from dssgd.shared.store import connect as redis_connect
 from dssgd.shared.tasks import load_task, model_record
 
@@ -49,7 +49,10 @@ class AggregatorSettings:
     # whole parameter vector, so fuller batches are cheaper per update (group commit).
     batch_window: float = 0.005
     evaluate: bool = True  # run the periodic test-set evaluation thread
-    turn_timeout: float = 60.0  # a turn holder silent this long loses the turn (ordered modes)
+    # Ordered modes: how long the first turn waits for every participant to be present.
+    turn_timeout: float = 60.0
+    # A turn holder whose host stopped heartbeating (renewing its lease) for this long loses it.
+    holder_silence: float = HOLDER_SILENCE
     # Per-participant HMAC keys (from `dssgd provision`); when set, every message must carry a
     # valid tag and a user_id that names its participant's broker user.
     keys: dict[int, bytes] | None = field(default=None, repr=False)
@@ -89,6 +92,9 @@ class Aggregator:
         tune_for_large_messages()
         self.metrics = AggregatorMetrics(settings.run_id)
         self.serving_since = 0.0  # monotonic time the current session began serving
+        # Monotonic time since which this session's polls found nothing to consume (None: busy,
+        # or not consuming): how a run's end knows the queue is drained (services.RunEndWatcher).
+        self.quiet_since: float | None = None
         self.metrics_url: str | None = None
         if settings.metrics_port is not None:
             port = self.metrics.serve(settings.metrics_port, settings.metrics_addr)
@@ -161,7 +167,10 @@ class Aggregator:
             while not self.stop.is_set():
                 batch = consumer.deliveries(0.5, self.s.max_batch, self.s.batch_window)
                 if batch:
+                    self.quiet_since = None
                     self._process(batch, store, fence, consumer)
+                elif self.quiet_since is None:
+                    self.quiet_since = time.monotonic()
                 now = time.monotonic()
                 if now - last_housekeeping >= 1.0:
                     last_housekeeping = now
@@ -170,7 +179,13 @@ class Aggregator:
             while batch := consumer.deliveries(0.0, self.s.max_batch):
                 self._process(batch, store, fence, consumer)
         finally:
+            self.quiet_since = None
             consumer.close()
+
+    def quiet_for(self) -> float:
+        """Seconds this aggregator has been consuming with nothing to consume (0 if busy)."""
+        since = self.quiet_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def snapshot(self) -> Snapshot | None:
         """Parameters, version and totals of the last commit (the evaluator's only view)."""
@@ -265,8 +280,9 @@ class Aggregator:
     # --- turns (ordered modes) --------------------------------------------------------------------
 
     def _candidates(self, store: RunStore) -> list[int]:
+        """Who may get the turn: participants whose host heartbeats, not finished."""
         finished = store.finished()
-        return sorted(p for p in store.active() if p not in finished)
+        return sorted(p for p in store.active(self.s.holder_silence) if p not in finished)
 
     def _next_turn(self, store: RunStore, holder: int | None) -> str:
         assert self.cfg is not None
@@ -299,8 +315,14 @@ class Aggregator:
             return
         holder = store.turn()
         active = store.active()
-        stale = holder is not None and (
-            holder not in active or time.time() - active[holder] > self.s.turn_timeout
+        # A holder whose host stopped heartbeating loses the turn; its late update, if it comes,
+        # is applied like any other, as a stale one (docs/ARCHITECTURE.md, "Dead turn holders").
+        # Not in a session's first seconds: after an outage every host gets time to renew.
+        serving = time.monotonic() - self.serving_since
+        stale = (
+            holder is not None
+            and serving > self.s.holder_silence
+            and holder not in store.active(self.s.holder_silence)
         )
         # The first turn waits (up to turn_timeout) until every participant is present;
         # otherwise the first worker process to start takes turn after turn on its own.

@@ -70,7 +70,9 @@ ensure_rabbitmq() {
     if ! port_open "$AMQP_PORT"; then
         command -v rabbitmq-server >/dev/null 2>&1 || apt_install rabbitmq-server
         say "starting RabbitMQ on 127.0.0.1:$AMQP_PORT"
-        rabbitmq-server -detached >/dev/null 2>&1 || true
+        # max_message_size: what dssgd needs (shared/wire.py's 8 MiB limit + 1 MiB; RELIABILITY.md).
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-rabbit max_message_size 9437184" \
+            rabbitmq-server -detached >/dev/null 2>&1 || true
         timeout 120 rabbitmqctl await_startup >/dev/null 2>&1 || true
         for _ in $(seq 100); do port_open "$AMQP_PORT" && break; sleep 0.5; done
         port_open "$AMQP_PORT" || { say "RabbitMQ did not start"; exit 69; }

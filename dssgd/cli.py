@@ -48,6 +48,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from dssgd.audit.command import cmd_audit
 
         return cmd_audit(args)
+    if args.command == "dead-letters":
+        from dssgd.deadletters import cmd_dead_letters
+
+        return cmd_dead_letters(args)
     if args.command == "deprovision":
         from dssgd.admin import cmd_deprovision
 

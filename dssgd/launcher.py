@@ -27,22 +27,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from dssgd.restart import (
+    BACKOFF,
+    EXITED,
+    FATAL,
+    PERMANENT_EXIT_CODES,
+    RUNNING,
+    STOPPED,
+    RestartPolicy,
+)
 from dssgd.shared.config import Connections
 from dssgd.shared.errors import DssgdError
 
+__all__ = ["BACKOFF", "EXITED", "FATAL", "RUNNING", "STOPPED", "ForkLauncher", "RestartPolicy"]
+
 log = logging.getLogger("dssgd.launcher")
 
-# States use supervisor's words so `dssgd run` reads both launchers alike.
-RUNNING, EXITED, BACKOFF, FATAL, STOPPED = "RUNNING", "EXITED", "BACKOFF", "FATAL", "STOPPED"
-
 _PR_SET_PDEATHSIG = 1
-PERMANENT_EXIT_CODES = frozenset({2, 77})
 
 
 class Launcher(Protocol):
     def start(self) -> None: ...
 
     def states(self) -> dict[str, str]: ...
+
+    def restarts(self) -> dict[str, int]: ...
 
     def stop_workers(self) -> None: ...
 
@@ -129,16 +138,20 @@ class _Proc:
     state: str = STOPPED
     exit_code: int | None = None
     restart_at: float = 0.0
-    crashes: list[float] = field(default_factory=list)
+    started_at: float = 0.0
+    exits: list[float] = field(default_factory=list)  # unexpected exits within the window
+    failed_starts: int = 0  # exits before `startsecs`, in a row
+    restarts: int = 0
     stopping: bool = False
 
 
 class ForkLauncher:
     """Forks each service from this (pre-imported) process and keeps them running.
 
-    Like supervisor's `autorestart=unexpected`: a service that exits with an unexpected code is
-    started again after a short backoff; after `max_crashes` such exits within `crash_window`
-    seconds it is FATAL and `dssgd run` stops with the log to read.
+    Restarts follow `RestartPolicy` (supervisor's semantics, with a capped backoff): a service
+    that keeps getting killed after it started is restarted every time; only a crash loop at
+    start, or a permanent exit code, makes it FATAL, and then `dssgd run` stops with the log to
+    read.
     """
 
     def __init__(
@@ -148,8 +161,7 @@ class ForkLauncher:
         entry: Callable[[list[str]], int] | None = None,
         warm_up: Callable[[], None] = preload,
         grace: float = 20.0,
-        max_crashes: int = 5,
-        crash_window: float = 60.0,
+        policy: RestartPolicy | None = None,
     ) -> None:
         self.run_dir = run_dir.resolve()
         self.logs = self.run_dir / "logs"
@@ -157,8 +169,7 @@ class ForkLauncher:
         self.entry = entry
         self.warm_up = warm_up
         self.grace = grace
-        self.max_crashes = max_crashes
-        self.crash_window = crash_window
+        self.policy = policy or RestartPolicy()
         self.procs: dict[str, _Proc] = {}
         for name, argv in programs.items():
             # 75: fenced off by a newer aggregator of the run; restarting would take it back.
@@ -181,6 +192,7 @@ class ForkLauncher:
         if pid == 0:
             _child_main(self.entry, proc.argv, proc.log_path, parent)
         proc.pid, proc.state, proc.exit_code, proc.stopping = pid, RUNNING, None, False
+        proc.started_at = time.monotonic()
         log.debug("started %s (pid %d)", proc.name, pid)
         self._write_pids()
 
@@ -196,6 +208,7 @@ class ForkLauncher:
         now = time.monotonic()
         for proc in self.procs.values():
             if proc.state == BACKOFF and now >= proc.restart_at:
+                proc.restarts += 1
                 self._spawn(proc)
                 continue
             if proc.pid is None or proc.state != RUNNING:
@@ -211,34 +224,48 @@ class ForkLauncher:
             if proc.stopping or code in proc.ok_codes:
                 proc.state = STOPPED if proc.stopping else EXITED
                 continue
-            proc.crashes = [t for t in proc.crashes if now - t < self.crash_window] + [now]
-            # 2 (bad input) and 77 (credentials refused) come back on every restart: end at once.
-            if len(proc.crashes) >= self.max_crashes or code in PERMANENT_EXIT_CODES:
-                proc.state = FATAL
-                log.error(
-                    "%s exited unexpectedly %d times within %.0f s (last exit code %d); see %s",
-                    proc.name,
-                    len(proc.crashes),
-                    self.crash_window,
-                    code,
-                    proc.log_path,
-                )
-                continue
-            delay = min(5.0, 0.5 * 2 ** (len(proc.crashes) - 1))
-            log.warning(
-                "%s exited with code %d; restarting in %.1f s (log: %s)",
-                proc.name,
-                code,
-                delay,
-                proc.log_path,
+            self._unexpected_exit(proc, code, now)
+
+    def _unexpected_exit(self, proc: _Proc, code: int, now: float) -> None:
+        """Restart after the policy's backoff, or give up (FATAL) with the log to read."""
+        policy = self.policy
+        up = now - proc.started_at
+        proc.failed_starts = proc.failed_starts + 1 if up < policy.startsecs else 0
+        proc.exits = [t for t in proc.exits if now - t < policy.window] + [now]
+        why = ""
+        if code in PERMANENT_EXIT_CODES:
+            meaning = "bad input" if code == 2 else "a password or right refused"
+            why = f"exit code {code} ({meaning}) would come back on every restart"
+        elif proc.failed_starts > policy.startretries:
+            why = (
+                f"it could not stay up for {policy.startsecs:g} s "
+                f"{proc.failed_starts} times in a row (last exit code {code})"
             )
-            proc.state, proc.restart_at = BACKOFF, now + delay
+        if why:
+            proc.state = FATAL
+            log.error("%s is FATAL: %s; see %s", proc.name, why, proc.log_path)
+            return
+        delay = policy.delay(len(proc.exits))
+        log.warning(
+            "%s exited with code %d after %.1f s; restarting in %.1f s (log: %s)",
+            proc.name,
+            code,
+            up,
+            delay,
+            proc.log_path,
+        )
+        proc.state, proc.restart_at = BACKOFF, now + delay
 
     def states(self) -> dict[str, str]:
+        """Reap exited children, start those whose backoff is over; every service's state.
+
+        BACKOFF is a restart on its way (as under supervisor): only FATAL ends a run.
+        """
         self._reap()
-        # BACKOFF here is a planned restart, not supervisor's "cannot start": report it as
-        # STARTING so that only FATAL ends the run.
-        return {n: ("STARTING" if p.state == BACKOFF else p.state) for n, p in self.procs.items()}
+        return {n: p.state for n, p in self.procs.items()}
+
+    def restarts(self) -> dict[str, int]:
+        return {n: p.restarts for n, p in self.procs.items()}
 
     def _stop(self, names: list[str]) -> None:
         procs = [self.procs[n] for n in names]
@@ -249,6 +276,8 @@ class ForkLauncher:
                 proc.stopping = True
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGTERM)
+                    # Like systemd: a stopped (SIGSTOPped) process must wake up to see SIGTERM.
+                    os.kill(proc.pid, signal.SIGCONT)
         deadline = time.monotonic() + self.grace
         while any(p.state == RUNNING for p in procs) and time.monotonic() < deadline:
             self._reap()

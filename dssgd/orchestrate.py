@@ -13,18 +13,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dssgd.launcher import Launcher, make_launcher
+from dssgd.launcher import EXITED, FATAL, STOPPED, Launcher, make_launcher
 from dssgd.options import connections, explicit_run_fields, run_config_from_args
 from dssgd.shared.amqp_names import AmqpNames
 from dssgd.shared.broker import connect as amqp_connect
-from dssgd.shared.broker import declare_topology
+from dssgd.shared.broker import declare_topology, queue_depth
 from dssgd.shared.config import RunConfig
-from dssgd.shared.errors import ConfigError
-from dssgd.shared.lifecycle import EXIT_OK, StopFlag, install_signal_handlers
+from dssgd.shared.errors import ConfigError, DssgdError
+from dssgd.shared.lifecycle import EXIT_ERROR, EXIT_OK, StopFlag, install_signal_handlers
 from dssgd.shared.store import RunStore
 from dssgd.shared.store import connect as redis_connect
 
 log = logging.getLogger("dssgd.run")
+
+# EX_TEMPFAIL: the run stopped with confirmed updates still in the queue; nothing is lost (the
+# queue is durable) and `dssgd run --run-id R --resume` applies them.
+EXIT_NOT_DRAINED = 75
+# The drain gives up when nothing has been applied for this long although updates wait.
+DRAIN_TIMEOUT = float(os.environ.get("DSSGD_DRAIN_TIMEOUT", "60"))
 
 
 @dataclass
@@ -78,19 +84,86 @@ def _show(p: Progress, limit: float, tty: bool) -> None:
     sys.stderr.flush()
 
 
-def _wait_drained(store: RunStore, cfg: RunConfig, timeout: float = 60.0) -> bool:
-    """True once every confirmed update of every participant has been applied."""
-    if cfg.secure:
-        from dssgd.secure_run import secure_drained
+@dataclass
+class Drain:
+    """What the drain measured: confirmed updates against applied ones and the queue."""
 
-        return secure_drained(store, cfg, timeout)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        progress = store.all_progress(cfg.participants)
-        if all(store.applied_high(pid) >= int(p.get("seq", 0)) for pid, p in progress.items()):
-            return True
+    confirmed: int = 0  # updates the broker confirmed to their senders (participants' epochs)
+    unapplied: int = 0  # confirmed ones above their participant's highest applied seq
+    queued: int | None = None  # messages left in the update queue once no consumer holds any
+    dead_letters: int | None = None
+    why: str = ""  # why the drain gave up ("" if it did not)
+
+    @property
+    def done(self) -> bool:
+        # An empty queue means every confirmed update was applied (or refused with a reason,
+        # in the dead letters); without the broker's word, the replay windows must say so.
+        return not self.why and (self.queued == 0 or (self.queued is None and not self.unapplied))
+
+
+def _unapplied(store: RunStore, cfg: RunConfig) -> tuple[int, int]:
+    """(confirmed updates, confirmed ones not applied yet), from progress and replay windows."""
+    progress = store.all_progress(cfg.participants)
+    if cfg.secure:  # the replay windows live on the share servers (docs/SECURE.md)
+        from dssgd.secure_run import secure_highs
+
+        highs = secure_highs(store)
+    else:
+        highs = store.applied_highs()
+    confirmed = sum(int(p.get("epochs", 0)) for p in progress.values())
+    waiting = sum(max(0, int(p.get("seq", 0)) - highs.get(pid, 0)) for pid, p in progress.items())
+    return confirmed, waiting
+
+
+def _processed(store: RunStore, cfg: RunConfig) -> int:
+    if cfg.secure:
+        from dssgd.secure_run import secure_counters
+
+        c = secure_counters(store)
+    else:
+        c = store.counters()
+    return c.get("applied", 0) + c.get("rejected", 0) + c.get("duplicates", 0)
+
+
+def _drain(sup: Launcher, store: RunStore, cfg: RunConfig) -> str:
+    """Supervise the aggregator until every confirmed update is applied; "" then, else why it
+    could not. A killed aggregator is restarted here like at any other time; one that ended by
+    itself (services.RunEndWatcher: the run is over and its queue quiet) is done too. Either
+    way the queue is measured afterwards, with no consumer holding anything."""
+    last, last_change = -1, time.monotonic()
+    while True:
+        state = sup.states().get("aggregator")
+        if state == FATAL:
+            return "the aggregator is FATAL (see logs/aggregator.log)"
+        if state in (EXITED, STOPPED):
+            return ""
+        try:
+            if _unapplied(store, cfg)[1] == 0:
+                return ""
+            done = _processed(store, cfg)
+        except DssgdError as exc:  # Redis away: no progress, the timeout decides
+            log.warning("drain: %s", exc)
+            done = last
+        now = time.monotonic()
+        if done != last:
+            last, last_change = done, now
+        elif now - last_change > DRAIN_TIMEOUT:
+            return f"nothing was applied for {DRAIN_TIMEOUT:.0f} s"
+        # A second Ctrl-C ends `dssgd run` at once (lifecycle), the services with it.
         time.sleep(0.2)
-    return False
+
+
+def _measure_drain(store: RunStore, cfg: RunConfig, amqp_url: str, why: str) -> Drain:
+    """After every service stopped: what is applied and what still waits, measured."""
+    d = Drain(why=why)
+    try:
+        d.confirmed, d.unapplied = _unapplied(store, cfg)
+    except DssgdError as exc:
+        d.why = d.why or f"Redis unavailable ({exc})"
+    depth = queue_depth(amqp_url, AmqpNames(cfg.run_id))
+    if depth is not None:
+        d.queued, d.dead_letters = depth["updates"], depth["dead_letters"]
+    return d
 
 
 def final_evaluation(store: RunStore, cfg: RunConfig) -> tuple[float, float, int]:
@@ -150,12 +223,25 @@ def summary(store: RunStore, cfg: RunConfig, wall: float, reason: str) -> dict[s
         "duplicates_ignored": counters.get("duplicates", 0),
         "bytes_up": up,
         "bytes_down": down,
-        "bytes_up_per_update": up / applied if applied else 0.0,
+        # Per update sent (confirmed), whether or not the aggregator got to it yet.
+        "bytes_up_per_update": up / sum(epochs) if sum(epochs) else 0.0,
         "dense_bytes_per_update": 4 * n,
         "mean_staleness": counters.get("staleness_sum", 0) / applied if applied else 0.0,
         "wall_seconds": wall,
         "stop_reason": reason,
     }
+
+
+def _applied_text(s: dict[str, Any]) -> str:
+    confirmed = s.get("confirmed_updates")
+    of = f" of {confirmed} confirmed" if confirmed is not None else ""
+    dead = s.get("dead_letters")
+    return (
+        f"{s['updates_applied']}{of} (rejected {s['updates_rejected']}"
+        + (f", {dead} dead letters: dssgd dead-letters {s['run_id']}" if dead else "")
+        + f", duplicates ignored {s['duplicates_ignored']}, mean staleness "
+        f"{s['mean_staleness']:.2f})"
+    )
 
 
 def print_table(s: dict[str, Any]) -> None:
@@ -173,12 +259,7 @@ def print_table(s: dict[str, Any]) -> None:
             "epochs",
             f"{s['epochs_total']} in all, {s['epochs_min']}–{s['epochs_max']} per participant",
         ),
-        (
-            "updates applied",
-            f"{s['updates_applied']} (rejected {s['updates_rejected']}, duplicates "
-            f"ignored {s['duplicates_ignored']}, mean staleness "
-            f"{s['mean_staleness']:.2f})",
-        ),
+        ("updates applied", _applied_text(s)),
         (
             "bytes up",
             f"{mb(s['bytes_up'])} ({s['bytes_up_per_update']:.0f} B per update; dense "
@@ -188,6 +269,10 @@ def print_table(s: dict[str, Any]) -> None:
         ("wall time", f"{s['wall_seconds']:.1f} s"),
         ("stopped because", s["stop_reason"]),
     ]
+    if s.get("restarts"):
+        rows.append(("restarts", ", ".join(f"{k} {v}" for k, v in s["restarts"].items())))
+    if s.get("not_done"):
+        rows.append(("NOT DONE", s["not_done"]))
     if s.get("plot"):
         rows.append(("plot", s["plot"]))
     width = max(len(k) for k, _ in rows)
@@ -299,15 +384,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     tty = sys.stderr.isatty()
     reason = ""
+    drain = Drain(why="the run did not start")
     try:
         sup.start()  # inside: services started before a failure are stopped below
         reason = _watch(sup, store, cfg, args, run_dir, stop, t_start, tty)
     finally:
         if tty:
             sys.stderr.write("\n")
-        _wind_down(sup, store, cfg, reason)
-    _report(store, cfg, args, run_dir, time.monotonic() - t_start, reason)
-    return EXIT_OK
+        drain = _wind_down(sup, store, cfg, reason, conns.amqp_url)
+    _report(store, cfg, args, run_dir, time.monotonic() - t_start, reason, drain, sup)
+    if not drain.done:
+        return EXIT_NOT_DRAINED
+    return EXIT_ERROR if reason.startswith("processes failed") else EXIT_OK
 
 
 def _check_run_args(args: argparse.Namespace, cfg: RunConfig) -> int:
@@ -328,6 +416,11 @@ def _open_run(
 ) -> tuple[RunConfig, int]:
     """Create the run (or, with --resume, take the stored one) and its folder."""
     existing = store.load_config()
+    if existing is None and args.resume:
+        raise ConfigError(
+            f"run {store.run_id!r} does not exist, so there is nothing to resume "
+            "(dssgd runs lists the runs); drop --resume to start it"
+        )
     if existing is not None and not args.resume:
         raise ConfigError(
             f"run {store.run_id!r} already exists; pass --resume to continue it or "
@@ -386,24 +479,43 @@ def _watch(
             last_line = time.monotonic()
         if reason:
             return reason
-        bad = [k for k, v in sup.states().items() if v in ("FATAL", "BACKOFF")]
+        # BACKOFF is a restart on its way (both launchers): only FATAL ends the run.
+        bad = [k for k, v in sup.states().items() if v == FATAL]
         if bad:
             for name in bad:
                 log.error("%s: %s", name, _last_line(run_dir / "logs", name))
             return f"processes failed: {', '.join(bad)} (see {run_dir / 'logs'})"
 
 
-def _wind_down(sup: Launcher, store: RunStore, cfg: RunConfig, reason: str) -> None:
-    """Workers first, then the aggregator once every confirmed update is applied."""
+def _wind_down(
+    sup: Launcher, store: RunStore, cfg: RunConfig, reason: str, amqp_url: str
+) -> Drain:
+    """Workers first; then the aggregator, supervised, until it has applied every confirmed
+    update; then what is left, measured."""
+    why = "the run did not start"
     try:
         store.request_stop(reason or "stopped")
         sup.stop_workers()
-        if not _wait_drained(store, cfg):
-            log.warning("some confirmed updates were not applied before the aggregator stopped")
+        why = _drain(sup, store, cfg)
+    except DssgdError as exc:
+        why = str(exc)
     finally:
         # Even if Redis went away just now, no service may outlive `dssgd run`.
         sup.stop_aggregator()
         sup.shutdown()
+    drain = _measure_drain(store, cfg, amqp_url, why)
+    if not drain.done:
+        log.error("%s", _not_done_text(drain, cfg.run_id))
+    return drain
+
+
+def _not_done_text(d: Drain, run_id: str) -> str:
+    waiting = f"{d.queued} updates wait" if d.queued is not None else "updates may wait"
+    return (
+        f"{waiting} in the queue ({d.unapplied} confirmed ones not applied"
+        + (f"; {d.why}" if d.why else "")
+        + f"); nothing is lost: `dssgd run --run-id {run_id} --resume` applies them"
+    )
 
 
 def _report(
@@ -413,8 +525,21 @@ def _report(
     run_dir: Path,
     elapsed: float,
     reason: str,
+    drain: Drain,
+    sup: Launcher,
 ) -> None:
     result = summary(store, cfg, elapsed, reason)
+    result.update(
+        confirmed_updates=drain.confirmed,
+        updates_waiting=drain.queued,
+        confirmed_unapplied=drain.unapplied,
+        dead_letters=drain.dead_letters,
+        drained=drain.done,
+        restarts={k: v for k, v in sup.restarts().items() if v},
+    )
+    if not drain.done:
+        result["not_done"] = _not_done_text(drain, cfg.run_id)
+        result["resume_command"] = f"dssgd run --run-id {cfg.run_id} --resume"
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     from dssgd.results import write_plot
 

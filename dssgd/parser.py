@@ -10,6 +10,7 @@ import argparse
 import os
 from typing import Any
 
+from dssgd import deadletters
 from dssgd.admin import add_admin_parsers, add_management_option, add_provision_options
 from dssgd.audit.options import add_audit_parser
 from dssgd.options import add_connection_options, add_run_options, env_int
@@ -288,6 +289,7 @@ _SUB_PARSERS = (
     _delete_parser,
     _share_server_parser,
     add_audit_parser,
+    deadletters.add_parser,
 )
 
 

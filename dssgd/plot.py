@@ -56,15 +56,34 @@ def _save(fig: Figure, out: Path) -> Path:
     return out
 
 
-def _elapsed(points: Sequence[Mapping[str, float]]) -> list[float]:
-    # Points written before the evaluator recorded "elapsed" only carry a timestamp; measuring
-    # from the first kept point is the best stand-in (the list is capped, so it may not be the
-    # very first evaluation of the run).
+# A gap between two evaluators of one run (a new aggregator process) shorter than this is time
+# the run went on (an aggregator restarted within `dssgd run`) and is counted; a longer one is a
+# pause between a stop and a `--resume`, left out and marked on the time axis.
+RESTART_GAP = 30.0
+
+
+def _elapsed(points: Sequence[Mapping[str, float]]) -> tuple[list[float], list[float]]:
+    """(run time of each point, where a resume after a pause starts), never running backwards.
+
+    Each aggregator process measures "elapsed" from its own start, so the series restarts at
+    every aggregator restart and every resume: each such segment is laid after the previous
+    one. Points written before the evaluator recorded "elapsed" only carry a timestamp.
+    """
+    xs: list[float] = []
+    resumes: list[float] = []
     t0 = float(points[0].get("time", 0.0))
-    return [
-        float(p["elapsed"]) if p.get("elapsed") is not None else float(p.get("time", t0)) - t0
-        for p in points
-    ]
+    offset, prev_e, prev_t = 0.0, 0.0, t0
+    for p in points:
+        t = float(p.get("time", t0))
+        e = float(p["elapsed"]) if p.get("elapsed") is not None else t - t0
+        if xs and e < prev_e:  # a new evaluator: an aggregator restart or a resume
+            gap = max(0.0, (t - e) - prev_t)  # from the last point to the new one's start
+            offset = xs[-1] + (gap if gap < RESTART_GAP else 0.0)
+            if gap >= RESTART_GAP:
+                resumes.append(offset)
+        xs.append(offset + e)
+        prev_e, prev_t = e, t
+    return xs, resumes
 
 
 def plot_run(points: Sequence[Mapping[str, float]], out: Path, title: str = "") -> Path:
@@ -81,8 +100,9 @@ def plot_run(points: Sequence[Mapping[str, float]], out: Path, title: str = "") 
     # started from scratch.
     applied = [float(p.get("applied", p.get("version", 0))) for p in points]
     megabytes = [float(p.get("bytes_in", 0)) / 1e6 for p in points]
+    times, resumes = _elapsed(points)
     panels: list[tuple[list[float], str, str]] = [
-        (_elapsed(points), "wall time (s)", "accuracy over time"),
+        (times, "run time (s)", "accuracy over time"),
         (applied, "updates applied", "accuracy per update"),
         (megabytes, "MB received by the aggregator", "accuracy per traffic"),
     ]
@@ -110,6 +130,11 @@ def plot_run(points: Sequence[Mapping[str, float]], out: Path, title: str = "") 
         ax.grid(True, alpha=0.35)
         ax.set_xlim(left=0)
         ax.legend(loc="lower right", fontsize=8)
+    for i, x in enumerate(resumes):
+        label = "resumed (pause left out)" if i == 0 else None
+        axes[0].axvline(x, color="0.55", linestyle="--", linewidth=1.0, label=label)
+    if resumes:
+        axes[0].legend(loc="lower right", fontsize=8)
     axes[0].set_ylabel("test accuracy")
     if title:
         fig.suptitle(title)

@@ -4,7 +4,6 @@ the drain check, the reconstructed parameters and the counters for the final tab
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -78,20 +77,14 @@ def _views(store: RunStore) -> list[Any]:
     return out
 
 
-def secure_drained(store: RunStore, cfg: RunConfig, timeout: float = 60.0) -> bool:
-    """True once both servers have applied every confirmed update of every participant."""
-    deadline = time.monotonic() + timeout
-    views = _views(store)
-    while time.monotonic() < deadline:
-        progress = store.all_progress(cfg.participants)
-        highs = []
-        for v in views:
-            raw = v.r.hgetall(ShareKeys(cfg.run_id, v.keys.role).dedup)
-            highs.append({int(p): int(x.split(b":")[0]) for p, x in raw.items()})
-        if all(h.get(pid, 0) >= int(p.get("seq", 0)) for h in highs for pid, p in progress.items()):
-            return True
-        time.sleep(0.2)
-    return False
+def secure_highs(store: RunStore) -> dict[int, int]:
+    """Each participant's highest applied seq on BOTH servers (the lower of the two)."""
+    highs: dict[int, int] | None = None
+    for v in _views(store):
+        raw = v.r.hgetall(ShareKeys(store.run_id, v.keys.role).dedup)
+        mine = {int(p): int(x.split(b":")[0]) for p, x in raw.items()}
+        highs = mine if highs is None else {p: min(h, mine.get(p, 0)) for p, h in highs.items()}
+    return highs or {}
 
 
 def secure_params(store: RunStore, cfg: RunConfig) -> np.ndarray:

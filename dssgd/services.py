@@ -8,6 +8,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from dssgd.admin import check_amqp, check_redis
@@ -106,8 +107,10 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     )
     stop = StopFlag()
     install_signal_handlers(stop)
-    watcher = RunEndWatcher(conns.redis_url, args.run_id, stop, enabled=not args.keep_serving)
-    code = Aggregator(settings, stop, cfg).run()
+    agg = Aggregator(settings, stop, cfg)
+    keep = args.keep_serving
+    watcher = RunEndWatcher(conns.redis_url, args.run_id, stop, not keep, agg.quiet_for)
+    code = agg.run()
     watcher.close()
     _clear_heartbeat(store, settings.name)
     if watcher.reason:
@@ -139,15 +142,28 @@ def _refuse_different(stored: RunConfig, args: argparse.Namespace, wanted: RunCo
         )
 
 
+# Consuming this long with nothing to consume means the queue is empty, even when some
+# participant's last confirmed update was refused (so its replay window never reaches it).
+QUIET_DRAINED = 3.0
+
+
 class RunEndWatcher:
     """Ends a standalone aggregator once its run is over: every participant finished (or the
-    run's stop flag is set) and every confirmed update has been applied."""
+    run's stop flag is set) and the queue is drained: every confirmed update applied and a poll
+    found nothing more, or nothing to consume for `QUIET_DRAINED` seconds."""
 
     def __init__(
-        self, redis_url: str, run_id: str, stop: StopFlag, enabled: bool = True, period: float = 1.0
+        self,
+        redis_url: str,
+        run_id: str,
+        stop: StopFlag,
+        enabled: bool = True,
+        quiet: Callable[[], float] = lambda: 0.0,
+        period: float = 1.0,
     ) -> None:
         self.store = RunStore(redis_connect(redis_url), run_id)
         self.stop, self.period, self.reason = stop, period, ""
+        self.quiet = quiet
         self._done = threading.Event()
         if not enabled:
             self._done.set()
@@ -174,9 +190,13 @@ class RunEndWatcher:
         finished = self.store.finished()
         if not stop and len(finished) < cfg.participants:
             return ""
+        quiet = self.quiet()
         progress = self.store.all_progress(cfg.participants)
-        if any(self.store.applied_high(p) < int(row.get("seq", 0)) for p, row in progress.items()):
-            return ""  # confirmed updates still in the queue
+        applied = all(
+            self.store.applied_high(p) >= int(row.get("seq", 0)) for p, row in progress.items()
+        )
+        if not (applied and quiet > 0) and quiet < QUIET_DRAINED:
+            return ""  # confirmed updates still in the queue, or a delivery being processed
         if len(finished) >= cfg.participants:
             return f"every participant finished ({cfg.participants})"
         return f"run stopped: {stop}"

@@ -108,6 +108,19 @@ def _update_rate(metrics: list[dict[str, Any]]) -> float | None:
     return None
 
 
+# The aggregator reports every second; a report older than this means it is gone (a killed
+# one's report lingers until its 15 s expiry) or stuck.
+REPORT_FRESH = 5.0
+
+
+def aggregator_state(beat: dict[str, Any] | None, now: float) -> str:
+    """"up", "silent for N s" (a report, but an old one) or "not running"."""
+    if beat is None:
+        return "not running"
+    age = now - float(beat.get("time", 0))
+    return "up" if age <= REPORT_FRESH else f"silent for {age:.0f} s"
+
+
 def collect(store: RunStore, amqp_url: str) -> dict[str, Any]:
     cfg = store.load_config()
     if cfg is None:
@@ -124,6 +137,7 @@ def collect(store: RunStore, amqp_url: str) -> dict[str, Any]:
         for pid in range(cfg.participants)
     ]
     agg = store.r.get(store.keys.heartbeat_aggregator)
+    beat = json.loads(agg) if agg else None
     last_metric = metrics[-1] if metrics else None
     return {
         "run_id": cfg.run_id,
@@ -132,7 +146,8 @@ def collect(store: RunStore, amqp_url: str) -> dict[str, Any]:
         "counters": counters,
         "updates_per_second": _update_rate(metrics),
         "queues": queue_depth(amqp_url, AmqpNames(cfg.run_id)),
-        "aggregator": json.loads(agg) if agg else None,
+        "aggregator": beat,
+        "aggregator_state": aggregator_state(beat, now),
         "accuracy": last_metric["accuracy"] if last_metric else None,
         "loss": last_metric["loss"] if last_metric else None,
         # "federated": the participants' own held-out evaluations (a task without a test set)
@@ -151,8 +166,8 @@ def render(s: dict[str, Any]) -> str:
     if s.get("accuracy_source") == "federated":
         acc += " (federated)"
     rate = f"{s['updates_per_second']:.1f}/s" if s["updates_per_second"] is not None else "-"
-    agg = "up" if s["aggregator"] else "not reporting"
-    if s["aggregator"] and s["aggregator"].get("metrics_url"):
+    agg = s.get("aggregator_state") or ("up" if s["aggregator"] else "not running")
+    if agg == "up" and s["aggregator"].get("metrics_url"):
         agg += f" (metrics {s['aggregator']['metrics_url']})"
     lines = [
         f"run {s['run_id']}: {cfg.model}, {cfg.participants} participants, {cfg.order}, "

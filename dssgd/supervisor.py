@@ -13,6 +13,7 @@ from typing import Any
 
 from supervisor import childutils
 
+from dssgd.restart import FATAL, PERMANENT_EXIT_CODES, RestartPolicy
 from dssgd.shared.config import Connections
 from dssgd.shared.errors import DssgdError
 
@@ -20,6 +21,16 @@ from dssgd.shared.errors import DssgdError
 def _esc(value: str) -> str:
     # supervisor expands %(name)s in its config: a literal % (as in %2F of a vhost) must be %%.
     return value.replace("%", "%%")
+
+
+# The fork launcher's RestartPolicy in supervisor's words: restart every unexpected exit; FATAL
+# only after more than 3 starts in a row that did not stay up for 1 s. Supervisor restarts a
+# process that was up at once, and backs off 1, 2, 3 s between failed starts.
+_RESTART = f"startsecs={RestartPolicy.startsecs:g}\nstartretries={RestartPolicy.startretries}\n"
+_RESTART += "autorestart=unexpected"
+# 2 (bad input) and 77 (a password or right refused) come back on every restart: listed as
+# expected exits, so supervisor never restarts them in a loop; `states` reports them FATAL.
+PERMANENT = PERMANENT_EXIT_CODES
 
 
 def render_config(
@@ -54,10 +65,9 @@ command={py} -m dssgd.aggregator --run-id {run_id} --metrics-port 0
 environment={env}
 stopsignal=TERM
 stopwaitsecs=20
-startsecs=0
-autorestart=unexpected
+{_RESTART}
 ; 75 = fenced off by a newer aggregator of the run: restarting would only take the run back.
-exitcodes=0,75
+exitcodes=0,2,75,77
 redirect_stderr=true
 stdout_logfile={logs / "aggregator.log"}
 priority=10
@@ -69,9 +79,8 @@ numprocs={workers}
 environment={env}
 stopsignal=TERM
 stopwaitsecs=20
-startsecs=0
-autorestart=unexpected
-exitcodes=0
+{_RESTART}
+exitcodes=0,2,77
 redirect_stderr=true
 stdout_logfile={logs / "worker-%(process_num)d.log"}
 priority=20
@@ -85,6 +94,7 @@ class Supervisor:
         self.conf = self.run_dir / "supervisord.conf"
         self.conf.write_text(config_text)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._pids: dict[str, set[int]] = {}  # every pid seen per process: restarts observed
 
     def _rpc(self) -> Any:
         # One in-process XML-RPC call instead of spawning `supervisorctl` (≈ 0.08 CPU-s each).
@@ -119,10 +129,20 @@ class Supervisor:
             infos = self._rpc().getAllProcessInfo()
         except (OSError, xmlrpc.client.Error) as exc:
             raise DssgdError(f"supervisord does not answer: {exc}") from exc
-        return {
-            f"{i['group']}:{i['name']}" if i["group"] != i["name"] else i["name"]: i["statename"]
-            for i in infos
-        }
+        out = {}
+        for i in infos:
+            name = f"{i['group']}:{i['name']}" if i["group"] != i["name"] else i["name"]
+            state = i["statename"]
+            if state == "EXITED" and i.get("exitstatus") in PERMANENT:
+                state = FATAL  # not restarted (exitcodes), and not a success either
+            if i.get("pid"):
+                self._pids.setdefault(name, set()).add(int(i["pid"]))
+            out[name] = state
+        return out
+
+    def restarts(self) -> dict[str, int]:
+        """Restarts seen by `states` (a pid it never saw is not counted)."""
+        return {name: len(pids) - 1 for name, pids in self._pids.items()}
 
     def _stop(self, call: str, name: str) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -212,6 +212,12 @@ return 1
 # hosts with skewed clocks agree. Only these scripts write them; a participant's Redis user may
 # touch its own lease key only, so they run under its ACL like any other command.
 LEASE_TTL = 15.0  # seconds without a renewal after which another worker may take a participant
+# A worker renews its leases this often (from its own thread, whatever its epoch is doing): the
+# renewal is the participants' heartbeat.
+LEASE_RENEW = 1.0
+# An ordered mode's turn holder whose lease was not renewed for this long has lost the turn: a
+# dead holder is replaced within HOLDER_SILENCE plus one aggregator housekeeping pass (≈ 1 s).
+HOLDER_SILENCE = 3.0
 
 _LEASE_NOW = """
 local t = redis.call('TIME')
@@ -746,14 +752,15 @@ class RunStore:
             with guarded("leaving the run"):
                 self.r.hset(self.keys.participant(participant), "finished", f"{time.time():.3f}")
 
-    def active(self) -> dict[int, float]:
-        """participant → time of its host's last lease renewal, for live leases only."""
+    def active(self, within: float | None = None) -> dict[int, float]:
+        """participant → time of its host's last lease renewal, for live leases only (and, with
+        `within`, only those renewed in the last `within` seconds: hosts that heartbeat)."""
         now = self.server_time()
         done = self.finished()  # a finished participant is no longer active, its host may linger
         return {
             p: renewed
             for p, (_, expiry, renewed) in self.leases().items()
-            if expiry > now and p not in done
+            if expiry > now and p not in done and (within is None or now - renewed <= within)
         }
 
     def turn_wait_state(self, participant: int) -> tuple[int, int | None, int]:
@@ -831,6 +838,12 @@ class RunStore:
     def applied_high(self, participant: int) -> int:
         with guarded("reading the replay window"):
             return decode_state(self.r.hget(self.keys.dedup, str(participant)))[0]
+
+    def applied_highs(self) -> dict[int, int]:
+        """participant → highest applied seq, for every participant with one (one round trip)."""
+        with guarded("reading the replay windows"):
+            raw = self.r.hgetall(self.keys.dedup)
+        return {int(k): decode_state(v)[0] for k, v in raw.items()}
 
     # --- stop, metrics -------------------------------------------------------------------------
 

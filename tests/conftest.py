@@ -7,6 +7,7 @@ them); in CI (CI=true) they fail instead, so a broken service can never pass as 
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -35,6 +36,27 @@ def conns() -> Connections:
             pytest.fail(why)
         pytest.skip(why)
     return c
+
+
+@pytest.fixture
+def thread_aggregator() -> Iterator[Callable[[RunHandle], None]]:
+    """Start an aggregator in a thread of the test process (no PyTorch import to pay again)."""
+    from dssgd.aggregator.service import Aggregator, AggregatorSettings
+    from dssgd.shared.lifecycle import StopFlag
+
+    stops: list[tuple[StopFlag, threading.Thread]] = []
+
+    def start(h: RunHandle) -> None:
+        stop = StopFlag()
+        agg = Aggregator(AggregatorSettings(h.cfg.run_id, h.conns, evaluate=False), stop)
+        t = threading.Thread(target=agg.run, daemon=True)
+        t.start()
+        stops.append((stop, t))
+
+    yield start
+    for stop, t in stops:
+        stop.set()
+        t.join(timeout=10)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from dssgd.shared.broker import Publisher
 from dssgd.shared.config import Connections, RunConfig
 from dssgd.shared.errors import BrokerError, ConfigError, StopRequested, StoreError, is_permanent
 from dssgd.shared.lifecycle import EXIT_OK, Backoff, StopFlag
-from dssgd.shared.store import LEASE_TTL, RunStore
+from dssgd.shared.store import LEASE_RENEW, RunStore
 from dssgd.shared.store import connect as redis_connect
 from dssgd.shared.tasks import (
     LoadedTask,
@@ -99,7 +99,8 @@ def compact_ids(pids: list[int], limit: int = 200) -> str:
 
 
 class LeaseKeeper:
-    """Renews this process's participant leases from its own thread (an epoch may be long)."""
+    """Renews this process's participant leases from its own thread (an epoch may be long),
+    every `LEASE_RENEW` seconds: the heartbeat by which a dead turn holder is noticed."""
 
     def __init__(self, url: str, run_id: str, owner: str, pids: list[int], stop: StopFlag) -> None:
         self.store = RunStore(redis_connect(url), run_id)
@@ -110,7 +111,7 @@ class LeaseKeeper:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._done.wait(LEASE_TTL / 5):
+        while not self._done.wait(LEASE_RENEW):
             try:
                 lost = self.store.renew(self.owner, self.pids)
             except StoreError as exc:

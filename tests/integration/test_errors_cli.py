@@ -109,6 +109,21 @@ def test_missing_runs_and_misspelled_toml(conns: Connections, tmp_path: Path) ->
     one_line(dssgd("run", "--config", str(toml), conns=conns), 2, "not valid TOML")
 
 
+def test_resuming_a_run_that_does_not_exist_creates_nothing(
+    conns: Connections, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dssgd.cli import main
+
+    run_id = f"err-{uuid.uuid4().hex[:8]}"
+    urls = ["--amqp-url", conns.amqp_url, "--redis-url", conns.redis_url]
+    code = main(["run", "--run-id", run_id, "--resume", "--runs-dir", str(tmp_path), *urls])
+    assert code == 2
+    assert "does not exist, so there is nothing to resume" in capsys.readouterr().err
+    r = redis_connect(conns.redis_url)
+    assert not r.sismember(RUNS, run_id) and not (tmp_path / run_id).exists()
+    assert not list(r.scan_iter(match=f"dssgd:{{{run_id}}}:*"))
+
+
 def test_a_worker_waiting_for_a_missing_run_says_so(conns: Connections) -> None:
     env = {**os.environ, "DSSGD_AMQP_URL": conns.amqp_url, "DSSGD_REDIS_URL": conns.redis_url}
     p = subprocess.Popen(

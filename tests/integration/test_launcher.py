@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 from dssgd.shared.config import Connections
 
-from dssgd.launcher import EXITED, FATAL, RUNNING, STOPPED, ForkLauncher, service_argv
+from dssgd.launcher import (
+    EXITED,
+    FATAL,
+    RUNNING,
+    STOPPED,
+    ForkLauncher,
+    RestartPolicy,
+    service_argv,
+)
 from testing.runs import ROOT
 
 
@@ -34,7 +42,12 @@ def entry(argv: list[str]) -> int:
         time.sleep(0.05)
 
 
-def launcher(tmp_path: Path, programs: dict[str, list[str]], **kw: float) -> ForkLauncher:
+# supervisor's semantics on a short clock: up 0.2 s counts as started; backoff 0.05 s to 0.2 s.
+FAST = RestartPolicy(startsecs=0.2, startretries=3, base=0.05, cap=0.2)
+
+
+def launcher(tmp_path: Path, programs: dict[str, list[str]], **kw: object) -> ForkLauncher:
+    kw.setdefault("policy", FAST)
     return ForkLauncher(tmp_path, programs, entry=entry, warm_up=lambda: None, **kw)  # type: ignore[arg-type]
 
 
@@ -58,13 +71,51 @@ def test_expected_exits_are_not_restarted_and_output_goes_to_the_log(tmp_path: P
     assert (tmp_path / "logs" / "worker-0.log").read_text().startswith("child exit")
 
 
-def test_unexpected_exits_restart_then_turn_fatal(tmp_path: Path) -> None:
-    fl = launcher(tmp_path, {"worker:worker-0": ["crash"]}, max_crashes=3, crash_window=30)
+def test_a_crash_loop_at_start_goes_fatal(tmp_path: Path) -> None:
+    fl = launcher(tmp_path, {"worker:worker-0": ["crash"]})
     fl.start()
     wait_for(fl, "worker:worker-0", FATAL)
     log = (tmp_path / "logs" / "worker-0.log").read_text()
-    assert log.count("child crash") == 3  # started, restarted twice, then given up
-    assert log.count("RuntimeError: boom") == 3  # the traceback is in the service's log
+    # Started, then restarted `startretries` times, each dying before `startsecs`: given up.
+    assert log.count("child crash") == 1 + FAST.startretries
+    assert log.count("RuntimeError: boom") == 4  # the traceback is in the service's log
+
+
+def test_a_service_killed_after_staying_up_is_restarted_every_time(tmp_path: Path) -> None:
+    """Six SIGKILLs within a second or two, each after the service was up for its start time:
+    restarted every time (the old launcher gave up after five exits within 60 s)."""
+    policy = RestartPolicy(startsecs=0.1, startretries=3, base=0.02, cap=0.05)
+    fl = launcher(tmp_path, {"aggregator": ["sleep"]}, policy=policy)
+    fl.start()
+    pids = []
+    for _ in range(6):
+        wait_for(fl, "aggregator", RUNNING)
+        pid = fl.procs["aggregator"].pid
+        assert pid is not None and pid not in pids
+        pids.append(pid)
+        time.sleep(policy.startsecs + 0.05)  # stayed up: a started service, not a crash loop
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 2
+        while fl.procs["aggregator"].pid == pid and time.monotonic() < deadline:
+            fl.states()
+            time.sleep(0.01)
+    wait_for(fl, "aggregator", RUNNING)
+    assert fl.restarts() == {"aggregator": 6}
+    # Negative control: the same kills, each before the start time, are a crash loop.
+    fl.shutdown()
+    slow_start = RestartPolicy(startsecs=1.0, startretries=3, base=0.02, cap=0.05)
+    fl2 = launcher(tmp_path / "quick", {"aggregator": ["sleep"]}, policy=slow_start)
+    fl2.start()
+    for _ in range(slow_start.startretries + 1):
+        wait_for(fl2, "aggregator", RUNNING)
+        pid = fl2.procs["aggregator"].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        while fl2.procs["aggregator"].pid == pid:
+            fl2.states()
+            time.sleep(0.01)
+    assert fl2.states()["aggregator"] == FATAL
+    fl2.shutdown()
 
 
 def test_stop_is_graceful_and_kills_after_the_grace_period(tmp_path: Path) -> None:
@@ -137,7 +188,7 @@ def test_service_command_lines() -> None:
 @pytest.mark.parametrize("code", [2, 77])
 def test_permanent_exits_are_fatal_at_once(tmp_path: Path, code: int) -> None:
     # Bad input (2) and a refused password or right (77) come back on every restart: no loop.
-    fl = launcher(tmp_path, {"worker:worker-0": ["exit", str(code)]}, max_crashes=5)
+    fl = launcher(tmp_path, {"worker:worker-0": ["exit", str(code)]})
     fl.start()
     wait_for(fl, "worker:worker-0", FATAL, timeout=3)
     assert (tmp_path / "logs" / "worker-0.log").read_text().count("child exit") == 1
@@ -147,3 +198,21 @@ def test_workers_keep_their_identity_across_restarts() -> None:
     progs = service_argv("r1", 2, Connections(amqp_url="amqp://a/%2F", redis_url="redis://r:1/0"))
     argv = progs["worker:worker-1"]
     assert argv[argv.index("--worker-id") + 1] == "r1-worker-1"
+
+
+def test_the_supervisord_config_has_the_same_restart_policy(tmp_path: Path) -> None:
+    """supervisor runs the policy itself; what it is told is what the fork launcher does."""
+    import configparser
+
+    from dssgd.supervisor import render_config
+
+    text = render_config(tmp_path, "r1", 2, Connections())
+    conf = configparser.ConfigParser(interpolation=None)
+    conf.read_string(text)
+    policy = RestartPolicy()
+    for section, ok in (("program:aggregator", "0,2,75,77"), ("program:worker", "0,2,77")):
+        assert conf[section]["autorestart"] == "unexpected"
+        assert float(conf[section]["startsecs"]) == policy.startsecs
+        assert int(conf[section]["startretries"]) == policy.startretries
+        # 2 and 77 are "expected" to supervisor (never restarted); `states` reports them FATAL.
+        assert conf[section]["exitcodes"] == ok
