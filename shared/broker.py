@@ -17,6 +17,7 @@ from typing import Any
 
 import pika
 import pika.exceptions as pex
+from dssgd.shared import tls
 from dssgd.shared.amqp_names import CONTENT_TYPE, AmqpNames
 from dssgd.shared.errors import BrokerError, UnroutableError
 from pika.adapters.blocking_connection import BlockingChannel
@@ -53,7 +54,9 @@ def tune_for_large_messages() -> None:
 
 def connect(url: str, name: str, heartbeat: int = 30) -> pika.BlockingConnection:
     try:
-        params = pika.URLParameters(url)
+        plain_url, ssl_options = tls.amqp_tls(url)  # amqps:// with certificates: shared/tls.py
+        params = pika.URLParameters(plain_url)
+        params.ssl_options = ssl_options
         params.heartbeat = heartbeat
         params.blocked_connection_timeout = 60
         params.connection_attempts = 1
@@ -61,7 +64,12 @@ def connect(url: str, name: str, heartbeat: int = 30) -> pika.BlockingConnection
         params.client_properties = {"connection_name": name}
         return pika.BlockingConnection(params)
     except (pex.AMQPError, OSError, ValueError) as exc:
-        raise BrokerError(f"cannot connect to RabbitMQ at {_redact(url)}: {exc!r}") from exc
+        why = tls.explain(exc, url)
+        if why is not None:
+            raise BrokerError(f"cannot connect to RabbitMQ at {_redact(url)}: {why}") from exc
+        raise BrokerError(
+            f"cannot connect to RabbitMQ at {_redact(url)}: {exc!r}{tls.plaintext_hint(url)}"
+        ) from exc
 
 
 def _redact(url: str) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import redis
 import redis.exceptions as rex
+from dssgd.shared import tls
 from dssgd.shared.config import RunConfig
 from dssgd.shared.dedup import decode_state
 from dssgd.shared.errors import ConfigError, FencedError, StoreError
@@ -38,9 +39,11 @@ METRICS_CAP = 100_000
 
 
 def connect(url: str) -> redis.Redis:
+    plain_url, tls_args = tls.redis_tls(url)  # rediss:// with certificates: shared/tls.py
     try:
         return redis.Redis.from_url(
-            url,
+            plain_url,
+            **tls_args,
             # No silent retries: a timed-out commit that Redis did carry out must surface as an
             # error (we then reload and let the replay window absorb redeliveries), never be
             # run a second time underneath us.
