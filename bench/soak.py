@@ -66,6 +66,10 @@ class SoakRabbit(PrivateRabbit):
             "+S 1:1 -kernel inet_dist_use_interface {127,0,0,1}")
         return env
 
+    def start(self, timeout: float = 600.0) -> None:
+        # On a loaded shared machine a boot can take minutes; the soak must not end over it.
+        super().start(timeout=timeout)
+
     def _own_pids(self) -> list[int]:
         """By the private epmd port in the node's environment (RabbitMQ's scripts do not keep
         RABBITMQ_NODENAME there on every version); no other node uses that port."""
