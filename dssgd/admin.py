@@ -84,7 +84,8 @@ def tls_for_provision(args: argparse.Namespace, amqp_url: str, redis_url: str) -
         created = ensure_tls(bundle, hosts, clients)
     except OSError as exc:
         raise ConfigError(f"cannot write certificates to {bundle.dir}: {exc.strerror}") from None
-    print(f"TLS: {len(created)} files made in {bundle.dir} (CA ca.pem; keys *-key.pem, mode 0600)")
+    print(f"TLS: {len(created)} certificates made in {bundle.dir} (CA ca.pem; keys *-key.pem, "
+          "mode 0600)")
     return bundle
 
 

@@ -1,0 +1,93 @@
+"""The maths of the per-message defences (aggregator/defence.py), without servers."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from dssgd.aggregator.admission import Accepted
+from dssgd.aggregator.batch import apply_batch
+from dssgd.aggregator.defence import NormBound, ValidationLoss
+from dssgd.shared import wire
+from dssgd.shared.broker import Delivery
+from dssgd.shared.config import RunConfig
+from dssgd.shared.rules import UpdateRule
+from dssgd.shared.store import AggregatorState
+
+
+def quadratic(target: np.ndarray):  # type: ignore[no-untyped-def]
+    """A validation loss whose minimum is at ``target``: 1 + ||w - target||²."""
+    return lambda w: 1.0 + float(np.sum((w - target) ** 2))
+
+
+def test_validation_refuses_a_step_away_from_the_optimum_and_accepts_one_towards_it() -> None:
+    target = np.ones(4, np.float32)
+    d = ValidationLoss(quadratic(target), margin=0.02)
+    w = np.zeros(4, np.float32)  # loss 5
+    idx = np.array([0, 1], np.int64)
+    assert d.judge(w, idx, np.array([0.5, 0.5], np.float32)) is None  # loss 5 -> 3.5
+    why = d.judge(w, idx, np.array([-0.5, -0.5], np.float32))  # the same step, sign flipped
+    assert why is not None and "5 -> 7.5" in why
+    # The margin is relative to the loss before: +2 % of 5 = 0.1 passes, a bit more does not.
+    assert d.judge(w, np.array([0], np.int64), np.array([-0.0485], np.float32)) is None
+    assert d.judge(w, np.array([0], np.int64), np.array([-0.06], np.float32)) is not None
+    assert not w.any(), "judging must not touch the state"
+
+
+def test_validation_caches_the_loss_of_the_state_it_accepted() -> None:
+    calls = Counter[str]()
+    target = np.ones(3, np.float32)
+
+    def loss_of(w: np.ndarray) -> float:
+        calls["forward"] += 1
+        return quadratic(target)(w)
+
+    d = ValidationLoss(loss_of, margin=0.0)
+    w = np.zeros(3, np.float32)
+    step = (np.array([0], np.int64), np.array([0.5], np.float32))
+    assert d.judge(w, *step) is None and calls["forward"] == 2  # before and after
+    d.accepted(*step)
+    w[0] += 0.5
+    assert d.judge(w, *step) is None and calls["forward"] == 3  # "before" came from the cache
+    d.forget()
+    d.judge(w, *step)
+    assert calls["forward"] == 5
+
+
+def test_norm_bound_follows_the_population() -> None:
+    d = NormBound(factor=2.0, window=5, warmup=3)
+    idx = np.arange(4)
+    big = np.full(4, 10.0, np.float32)
+    assert d.judge(np.zeros(4), idx, big) is None  # warm-up: no population yet
+    for _ in range(5):
+        d.accepted(idx, np.full(4, 1.0, np.float32))  # norm 2
+    assert d.limit() == 4.0
+    assert d.judge(np.zeros(4), idx, np.full(4, 1.9, np.float32)) is None  # norm 3.8
+    assert d.judge(np.zeros(4), idx, big) is not None
+    for _ in range(5):  # the window moves on: larger honest updates raise the bound
+        d.accepted(idx, np.full(4, 5.0, np.float32))
+    assert d.judge(np.zeros(4), idx, big) is None
+
+
+def test_apply_batch_refuses_what_the_defence_refuses_and_applies_the_rest() -> None:
+    cfg = RunConfig(run_id="defence-unit", participants=2, theta_u=1.0, gamma=1.0, rule="sum")
+    n = 3
+    target = np.ones(n, np.float32)
+    state = AggregatorState(w=np.zeros(n, np.float32), stat=np.zeros(n, np.float32),
+                            version=0, dedup={})
+    d = ValidationLoss(quadratic(target), margin=0.0)
+
+    def accepted(pid: int, seq: int, values: list[float]) -> Accepted:
+        u = wire.Update("defence-unit", pid, seq, 0, n, np.arange(n, dtype=np.int64),
+                        np.array(values, np.float32))
+        return Accepted(Delivery(seq, b"x", f"upd.{pid}", None, None), u)
+
+    honest, liar = accepted(0, 1, [0.5, 0.5, 0.5]), accepted(1, 1, [-0.5, -0.5, -0.5])
+    out = apply_batch(state, [honest, liar], cfg, UpdateRule("sum", 1.0, 2), defence=d)
+    assert out.counters["applied"] == 1 and out.counters["rejected:defence"] == 1
+    assert state.w.tolist() == [0.5, 0.5, 0.5] and state.version == 1
+    # Negative control: without the defence the liar's step lands and undoes the honest one.
+    state2 = AggregatorState(w=np.zeros(n, np.float32), stat=np.zeros(n, np.float32),
+                             version=0, dedup={})
+    out2 = apply_batch(state2, [honest, liar], cfg, UpdateRule("sum", 1.0, 2))
+    assert out2.counters["applied"] == 2 and not state2.w.any()
