@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,10 @@ def one(attack: str, defence: str, seed: int, extra: list[str]) -> int:
     run_id = f"lying-{attack}-{defence}-{uuid.uuid4().hex[:6]}"
     rc = cli.main(["run", "--run-id", run_id, "--runs-dir", str(runs), "--json",
                    "--defence", defence, "--seed", str(seed), *extra])
+    # Who was refused: the aggregator logs every refusal with its participant and reason.
+    log = (runs / run_id / "logs" / "aggregator.log").read_text(errors="replace")
+    refused = re.findall(r"rejected message from (\d+) \((\w[\w-]*)\)", log)
+    print(json.dumps({"refused_by": [[int(p), r] for p, r in refused]}))
     subprocess.run([sys.executable, "-m", "dssgd", "delete", run_id], cwd=ROOT,
                    capture_output=True, check=False)
     return rc
@@ -109,7 +114,10 @@ def _child(attack: str, defence: str, seed: int, extra: list[str]) -> dict:  # t
     if res.returncode != 0 or start < 0:
         raise SystemExit(f"run {attack}/{defence} failed ({res.returncode}): "
                          f"{res.stderr[-2000:]}")
-    summary = json.loads(res.stdout[start:])
+    decoder = json.JSONDecoder()
+    summary, end = decoder.raw_decode(res.stdout, start)
+    extra_json, _ = decoder.raw_decode(res.stdout, res.stdout.index("{", end))
+    summary.update(extra_json)
     summary["bench_seconds"] = time.monotonic() - t0
     return summary
 
@@ -137,12 +145,18 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(1, args.repeat + 1):
                 s = _child(attack, defence, seed, args.extra)
                 refused = int(s.get("updates_rejected", 0))
+                liar = s["participants"] - 1
+                by = s.get("refused_by", [])
+                liar_refused = sum(p == liar for p, _ in by)
                 rows.append({"attack": attack, "defence": defence, "seed": seed,
                              "accuracy": s["accuracy"], "applied": s["updates_applied"],
-                             "refused": refused, "wall": s["wall_seconds"]})
+                             "refused": refused, "liar_refused": liar_refused,
+                             "honest_refused": len(by) - liar_refused,
+                             "staleness": s.get("mean_staleness"), "wall": s["wall_seconds"]})
                 print(f"[lying] {attack:<6} {defence:<10} seed {seed}: accuracy "
-                      f"{s['accuracy']:.4f}, applied {s['updates_applied']}, refused {refused}, "
-                      f"{s['wall_seconds']:.0f} s", flush=True)
+                      f"{s['accuracy']:.4f}, applied {s['updates_applied']}, refused {refused} "
+                      f"(liar {liar_refused}, honest {len(by) - liar_refused}), mean staleness "
+                      f"{s.get('mean_staleness')}, {s['wall_seconds']:.0f} s", flush=True)
     print()
     print(table(rows, defences))
     if args.json:
@@ -152,17 +166,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(rows: list[dict], defences: list[str]) -> str:  # type: ignore[type-arg]
     head = f"{'attack (participant 9 of 10)':<30}" + "".join(
-        f"{'accuracy, defence ' + d:>28}" for d in defences)
+        f"{'accuracy, defence ' + d:>34}" for d in defences)
     lines = [head, "-" * len(head)]
+    note = "refused L+H: the liar's updates + honest ones (of 30 + 270)"
     for attack in dict.fromkeys(r["attack"] for r in rows):
         cells = []
         for d in defences:
             acc = [r["accuracy"] for r in rows if r["attack"] == attack and r["defence"] == d]
-            ref = [r["refused"] for r in rows if r["attack"] == attack and r["defence"] == d]
-            cell = (f"{np.mean(acc):.4f} ({sum(ref) / len(ref):.0f} refused)" if acc else "-")
-            cells.append(f"{cell:>28}")
+            sel = [r for r in rows if r["attack"] == attack and r["defence"] == d]
+            liar = sum(r["liar_refused"] for r in sel) / max(1, len(sel))
+            honest = sum(r["honest_refused"] for r in sel) / max(1, len(sel))
+            cell = (f"{np.mean(acc):.4f} (refused {liar:.0f}+{honest:.0f})" if acc else "-")
+            cells.append(f"{cell:>34}")
         lines.append(f"{attack:<30}" + "".join(cells))
-    return "\n".join(lines)
+    return "\n".join([*lines, note])
 
 
 if __name__ == "__main__":
