@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 from dssgd.aggregator.admission import Accepted, Duplicate, Rejected, Verdict
 from dssgd.aggregator.defence import Defence
 from dssgd.aggregator.validate import check_version
@@ -93,12 +92,11 @@ def _apply_one(
             params = upd.indices < param_entries(cfg, state.w.size)  # buffers are not a step
             values, clipped = bound_l2(values, cfg.max_l2, params)
             out.counters["l2_clipped"] += clipped
-        if defence is not None:  # judged as the step it would be, on the state it would hit
-            step = (values * np.float32(rule.weight(staleness))).astype(np.float32)
-            why = defence.judge(state.w, upd.indices, step)
+        if defence is not None:  # on the state it would be applied to, values as sent
+            why = defence.judge(state.w, upd.indices, values)
             if why is not None:
                 return Rejected(v.delivery, "defence", why, upd.participant, upd.seq)
-            defence.accepted(upd.indices, step)
+            defence.accepted(upd.indices, values)
         apply_update(state.w, state.stat, upd.indices, values, rule.weight(staleness))
         decay(state.stat, cfg.stat_decay)
         state.version += 1

@@ -7,9 +7,10 @@ state it would be applied to: no rounds, no waiting for the others, so it fits a
   ``window`` accepted ones (after ``warmup`` of them). Cheap, needs no data; blind to a liar
   who stays within the population's norms (every value at ±γ is within them once honest
   updates are clipped at γ too).
-* ``validation`` — refuse an update that makes the loss on a small server-side validation set
-  worse by more than ``margin`` (relative to the loss before it). One forward pass per
-  update. The validation images are ones no participant holds (for MNIST: training images
+* ``validation`` — refuse an update that points uphill on a small server-side validation set:
+  the cosine between the step and the validation loss's gradient at the current state above
+  ``margin`` (default 0). One forward and backward pass per change of the state. The
+  validation images are ones no participant holds (for MNIST: training images
   outside every shard), so the defence learns nothing a participant did not already share.
 
 A refused update is dead-lettered with reason ``defence`` like any other refusal; its sequence
@@ -35,7 +36,9 @@ class Defence(Protocol):
     name: str
 
     def judge(self, w: np.ndarray, indices: np.ndarray, values: np.ndarray) -> str | None:
-        """None to accept the step ``w[indices] += values``; else why it is refused."""
+        """None to accept the update ``values`` at ``indices`` (as sent, before the rule's
+        weight: a weight that falls with staleness must not decide, see ValidationDescent)
+        on the state ``w``; else why it is refused."""
 
     def accepted(self, indices: np.ndarray, values: np.ndarray) -> None:
         """The step was applied (statistics of the population)."""
@@ -70,43 +73,44 @@ class NormBound:
 
 
 @dataclass
-class ValidationLoss:
-    """Refuse a step that raises the loss on the server's validation set by more than
-    ``margin`` × the loss before it. ``loss_of(w)`` is the validation loss of a flat state."""
+class ValidationDescent:
+    """Refuse a step that goes uphill on the server's validation set: the cosine between the
+    step and the loss's gradient there (over the step's entries) above ``margin``.
 
-    loss_of: Callable[[np.ndarray], float]
-    margin: float = 0.02
+    First order and scale-free on purpose. Judging the loss after the whole step instead was
+    tried first: it refused honest updates in bulk once the model was good (one participant's
+    step, taken alone, often raises the loss a little; the average of many lowers it), and
+    each refusal fed the next: the version stopped moving, staleness fell to 0, steps got
+    their full weight and raised the loss more (bench/lying.py, 127 of 270 honest refused).
+    A norm bound on the weighted step locked in the same way (242 of 270), so every defence
+    now sees the values as sent.
+    ``grad_of(w)`` is the validation loss's gradient at a flat state."""
+
+    grad_of: Callable[[np.ndarray], np.ndarray]
+    margin: float = 0.0
     name: str = "validation"
-    _cached: tuple[int, float] | None = None  # (id of the state's buffer version, loss)
-    _version: int = 0
-    _scratch: np.ndarray | None = None
-    _pending: float = math.nan  # the loss of the state judged last
+    _grad: np.ndarray | None = None  # at the current state; None once the state moved
+
+    def score(self, w: np.ndarray, indices: np.ndarray, values: np.ndarray) -> float:
+        """cos(gradient, step) on the step's entries: > 0 uphill, < 0 downhill."""
+        if self._grad is None:
+            self._grad = self.grad_of(w)
+        g = self._grad[indices].astype(np.float64)
+        v = values.astype(np.float64)
+        norm = float(np.linalg.norm(g) * np.linalg.norm(v))
+        return float(g @ v) / norm if norm > 0 else 0.0
 
     def judge(self, w: np.ndarray, indices: np.ndarray, values: np.ndarray) -> str | None:
-        before = self._before(w)
-        if self._scratch is None or self._scratch.shape != w.shape:
-            self._scratch = np.empty_like(w)
-        np.copyto(self._scratch, w)
-        self._scratch[indices] += values
-        after = self.loss_of(self._scratch)
-        if not math.isfinite(after) or after > before * (1 + self.margin):
-            return f"validation loss {before:.4g} -> {after:.4g} (margin {self.margin:.0%})"
-        self._pending = after
+        cos = self.score(w, indices, values)
+        if not math.isfinite(cos) or cos > self.margin:
+            return f"step goes uphill on the validation set (cosine {cos:.3g} > {self.margin:g})"
         return None
 
-    def _before(self, w: np.ndarray) -> float:
-        if self._cached is None or self._cached[0] != self._version:
-            self._cached = (self._version, self.loss_of(w))
-        return self._cached[1]
-
     def accepted(self, indices: np.ndarray, values: np.ndarray) -> None:
-        # The state now is the one judged last: its loss is known, no second forward pass.
-        self._version += 1
-        self._cached = (self._version, self._pending)
+        self._grad = None  # the state moved: the next judgment needs the gradient there
 
     def forget(self) -> None:
-        """The state changed under us (reloaded after a reconnect): recompute next time."""
-        self._cached = None
+        self._grad = None
 
 
 # --- building them for a run --------------------------------------------------------------------
@@ -147,7 +151,7 @@ def validation_set(cfg: Any, task: Any, size: int = VALIDATION_SIZE) -> Any:
                          labels_tensor(data.train_y[idx]))
 
 
-def _validation(cfg: Any, task: Any) -> ValidationLoss:
+def _validation(cfg: Any, task: Any) -> ValidationDescent:
     import torch
     from dssgd.shared.models import set_flat
 
@@ -155,14 +159,24 @@ def _validation(cfg: Any, task: Any) -> ValidationLoss:
     model = task.build_model()
     model.eval()
     x, y = data.tensors
-    loss_fn = task.loss
+    params = list(model.parameters())
+    n = task.layout.n
 
-    def loss_of(w: np.ndarray) -> float:
+    def grad_of(w: np.ndarray) -> np.ndarray:
         set_flat(model, w)
-        with torch.inference_mode():
-            return float(loss_fn(model(x), y))
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            task.loss(model(x), y).backward()
+        flat = np.zeros(n, np.float32)  # buffers (after the parameters) get no gradient
+        pos = 0
+        for p in params:
+            k = p.numel()
+            if p.grad is not None:
+                flat[pos : pos + k] = p.grad.reshape(-1).numpy()
+            pos += k
+        return flat
 
-    return ValidationLoss(loss_of, margin=cfg.defence_margin)
+    return ValidationDescent(grad_of, margin=cfg.defence_margin)
 
 
 DEFENCES: dict[str, Callable[[Any, Any], Defence]] = {

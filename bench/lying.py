@@ -60,11 +60,11 @@ def _install_liar(attack: str) -> None:
 
 
 def _install_trace(path: str) -> None:
-    """DSSGD_LYING_TRACE=FILE: every validation judgment as `participant before after`, to
-    choose the margin from what honest updates and the liar actually do."""
+    """DSSGD_LYING_TRACE=FILE: every validation judgment as `participant cosine accepted`, to
+    see what honest updates and the liar actually score."""
     from dssgd.aggregator import batch, defence
 
-    apply_one, judge = batch._apply_one, defence.ValidationLoss.judge
+    apply_one, judge = batch._apply_one, defence.ValidationDescent.judge
     who = [-1]
 
     def traced_apply(state, v, *a, **kw):  # type: ignore[no-untyped-def]
@@ -72,15 +72,14 @@ def _install_trace(path: str) -> None:
         return apply_one(state, v, *a, **kw)
 
     def traced_judge(self, w, indices, values):  # type: ignore[no-untyped-def]
+        cos = self.score(w, indices, values)
         why = judge(self, w, indices, values)
-        before = self._before(w)
-        after = self._pending if why is None else self.loss_of(self._scratch)
         with open(path, "a") as f:
-            f.write(f"{who[0]} {before:.6f} {after:.6f} {int(why is None)}\n")
+            f.write(f"{who[0]} {cos:.6f} {int(why is None)}\n")
         return why
 
     batch._apply_one = traced_apply  # type: ignore[assignment]
-    defence.ValidationLoss.judge = traced_judge  # type: ignore[method-assign]
+    defence.ValidationDescent.judge = traced_judge  # type: ignore[method-assign]
 
 
 def one(attack: str, defence: str, seed: int, extra: list[str]) -> int:

@@ -69,8 +69,8 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--rate-limit", "rate_limit", float, "max updates per second per participant (server-side)"),
     ("--defence", "defence", str, "per-update defence against a lying participant: none, norm, "
      "validation (docs/RELIABILITY.md)"),
-    ("--defence-margin", "defence_margin", float, "validation defence: relative loss increase "
-     "tolerated (default 0.02)"),
+    ("--defence-margin", "defence_margin", float, "validation defence: the uphill cosine "
+     "tolerated (default 0)"),
     ("--queue-max-length", "queue_max_length", int, "backlog bound of the update queue"),
     (
         "--dp-eps-per-value",

@@ -84,9 +84,10 @@ class RunConfig:
     max_l2: float | None = None  # server-side L2 bound: a larger update is scaled down to it
     rate_limit: float | None = None  # updates per second one participant may send (burst 1 s)
     # Per-message defence against a lying participant (aggregator/defence.py): none, norm,
-    # validation; the margin is the relative validation-loss increase the latter tolerates.
+    # validation; the margin is the cosine between a step and the validation gradient (uphill)
+    # the latter tolerates.
     defence: str = "none"
-    defence_margin: float = 0.02
+    defence_margin: float = 0.0
     queue_max_length: int = 100_000  # backlog bound; beyond it publishes are refused and retried
     # Differential privacy (the paper's sparse vector technique): ε per value (the paper's ε/c);
     # None = no DP. The per-epoch ε of a participant is eps_per_value · θu·n.
@@ -185,8 +186,8 @@ class RunConfig:
             out.append("rate limit must be > 0 updates per second")
         if self.defence not in DEFENCES:
             out.append(f"defence must be one of {', '.join(DEFENCES)}")
-        if not (math.isfinite(self.defence_margin) and self.defence_margin >= 0):
-            out.append("defence margin must be >= 0")
+        if not (math.isfinite(self.defence_margin) and -1 <= self.defence_margin <= 1):
+            out.append("defence margin must be a cosine in [-1, 1]")
         return out
 
     def _svt_problems(self) -> list[str]:

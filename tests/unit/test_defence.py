@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pytest
 from dssgd.aggregator.admission import Accepted
 from dssgd.aggregator.batch import apply_batch
-from dssgd.aggregator.defence import NormBound, ValidationLoss
+from dssgd.aggregator.defence import NormBound, ValidationDescent
 from dssgd.shared import wire
 from dssgd.shared.broker import Delivery
 from dssgd.shared.config import RunConfig
@@ -15,43 +16,48 @@ from dssgd.shared.rules import UpdateRule
 from dssgd.shared.store import AggregatorState
 
 
-def quadratic(target: np.ndarray):  # type: ignore[no-untyped-def]
-    """A validation loss whose minimum is at ``target``: 1 + ||w - target||²."""
-    return lambda w: 1.0 + float(np.sum((w - target) ** 2))
+def quadratic_grad(target: np.ndarray):  # type: ignore[no-untyped-def]
+    """The gradient of a validation loss ||w - target||², whose minimum is at ``target``."""
+    return lambda w: 2.0 * (w - target)
 
 
-def test_validation_refuses_a_step_away_from_the_optimum_and_accepts_one_towards_it() -> None:
+def test_validation_refuses_a_step_uphill_and_accepts_one_downhill() -> None:
     target = np.ones(4, np.float32)
-    d = ValidationLoss(quadratic(target), margin=0.02)
-    w = np.zeros(4, np.float32)  # loss 5
+    d = ValidationDescent(quadratic_grad(target), margin=0.0)
+    w = np.zeros(4, np.float32)  # gradient (-2, -2, -2, -2)
     idx = np.array([0, 1], np.int64)
-    assert d.judge(w, idx, np.array([0.5, 0.5], np.float32)) is None  # loss 5 -> 3.5
+    assert d.judge(w, idx, np.array([0.5, 0.5], np.float32)) is None  # towards the optimum
     why = d.judge(w, idx, np.array([-0.5, -0.5], np.float32))  # the same step, sign flipped
-    assert why is not None and "5 -> 7.5" in why
-    # The margin is relative to the loss before: +2 % of 5 = 0.1 passes, a bit more does not.
-    assert d.judge(w, np.array([0], np.int64), np.array([-0.0485], np.float32)) is None
-    assert d.judge(w, np.array([0], np.int64), np.array([-0.06], np.float32)) is not None
+    assert why is not None and "cosine 1 > 0" in why
+    # Scale-free: a huge honest step is as downhill as a small one (first order on purpose).
+    assert d.score(w, idx, np.array([50.0, 50.0], np.float32)) == pytest.approx(-1.0)
+    # Orthogonal to the gradient (cosine 0) passes at margin 0; a little uphill does not.
+    g_orth = np.array([1.0, -1.0], np.float32)
+    assert d.score(w, idx, g_orth) == pytest.approx(0.0) and d.judge(w, idx, g_orth) is None
+    assert d.judge(w, idx, np.array([-0.5, 0.4], np.float32)) is not None
+    assert ValidationDescent(quadratic_grad(target), margin=0.2).judge(
+        w, idx, np.array([-0.5, 0.4], np.float32)) is None  # cosine 0.11 within the margin
     assert not w.any(), "judging must not touch the state"
 
 
-def test_validation_caches_the_loss_of_the_state_it_accepted() -> None:
+def test_validation_computes_the_gradient_once_per_state() -> None:
     calls = Counter[str]()
     target = np.ones(3, np.float32)
 
-    def loss_of(w: np.ndarray) -> float:
-        calls["forward"] += 1
-        return quadratic(target)(w)
+    def grad_of(w: np.ndarray) -> np.ndarray:
+        calls["backward"] += 1
+        return quadratic_grad(target)(w)
 
-    d = ValidationLoss(loss_of, margin=0.0)
+    d = ValidationDescent(grad_of)
     w = np.zeros(3, np.float32)
     step = (np.array([0], np.int64), np.array([0.5], np.float32))
-    assert d.judge(w, *step) is None and calls["forward"] == 2  # before and after
+    for _ in range(3):  # three messages judged against one state: one backward pass
+        d.judge(w, *step)
+    assert calls["backward"] == 1
     d.accepted(*step)
     w[0] += 0.5
-    assert d.judge(w, *step) is None and calls["forward"] == 3  # "before" came from the cache
-    d.forget()
     d.judge(w, *step)
-    assert calls["forward"] == 5
+    assert calls["backward"] == 2
 
 
 def test_norm_bound_follows_the_population() -> None:
@@ -75,7 +81,7 @@ def test_apply_batch_refuses_what_the_defence_refuses_and_applies_the_rest() -> 
     target = np.ones(n, np.float32)
     state = AggregatorState(w=np.zeros(n, np.float32), stat=np.zeros(n, np.float32),
                             version=0, dedup={})
-    d = ValidationLoss(quadratic(target), margin=0.0)
+    d = ValidationDescent(quadratic_grad(target))
 
     def accepted(pid: int, seq: int, values: list[float]) -> Accepted:
         u = wire.Update("defence-unit", pid, seq, 0, n, np.arange(n, dtype=np.int64),
