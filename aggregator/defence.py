@@ -88,8 +88,12 @@ class ValidationDescent:
 
     grad_of: Callable[[np.ndarray], np.ndarray]
     margin: float = 0.0
+    # Recompute the gradient after this many applied updates: the backward pass is the cost,
+    # and an aggregator that falls behind makes every update staler (and less often downhill).
+    refresh_every: int = 1
     name: str = "validation"
-    _grad: np.ndarray | None = None  # at the current state; None once the state moved
+    _grad: np.ndarray | None = None  # at a recent state; None: compute before the next verdict
+    _since: int = 0  # updates applied since it was computed
 
     def score(self, w: np.ndarray, indices: np.ndarray, values: np.ndarray) -> float:
         """cos(gradient, step) on the step's entries: > 0 uphill, < 0 downhill."""
@@ -107,15 +111,18 @@ class ValidationDescent:
         return None
 
     def accepted(self, indices: np.ndarray, values: np.ndarray) -> None:
-        self._grad = None  # the state moved: the next judgment needs the gradient there
+        self._since += 1
+        if self._since >= self.refresh_every:  # the state moved enough: a fresh gradient
+            self._grad, self._since = None, 0
 
     def forget(self) -> None:
-        self._grad = None
+        self._grad, self._since = None, 0
 
 
 # --- building them for a run --------------------------------------------------------------------
 
 VALIDATION_SIZE = 500
+VALIDATION_REFRESH = 5  # applied updates per backward pass (a 10-participant run: every 0.5 s)
 
 
 def validation_set(cfg: Any, task: Any, size: int = VALIDATION_SIZE) -> Any:
@@ -176,7 +183,7 @@ def _validation(cfg: Any, task: Any) -> ValidationDescent:
             pos += k
         return flat
 
-    return ValidationDescent(grad_of, margin=cfg.defence_margin)
+    return ValidationDescent(grad_of, margin=cfg.defence_margin, refresh_every=VALIDATION_REFRESH)
 
 
 DEFENCES: dict[str, Callable[[Any, Any], Defence]] = {

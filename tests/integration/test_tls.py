@@ -1,7 +1,8 @@
 """TLS end to end: a private RabbitMQ and Redis that speak only TLS and require a client
 certificate (made by shared.provision, as `dssgd provision --tls-dir` makes them).
 
-A run over amqps:// and rediss:// completes; a plaintext client, a client whose certificate
+A run over amqps:// and rediss:// completes (with the validation defence on, which must leave
+its honest updates alone); a plaintext client, a client whose certificate
 another CA signed, a client with no certificate and a client that does not trust the server's
 CA are all refused, each with a line that says what to change. The servers start once for the
 module (RabbitMQ's boot is the slow part).
@@ -52,19 +53,26 @@ def servers() -> Iterator[TlsServers]:
 
 
 def test_run_over_tls_completes(servers: TlsServers, tmp_path: Path) -> None:
+    # One run serves two checks (the suite's time budget): TLS end to end, and the validation
+    # defence (aggregator/defence.py) leaving an honest run alone.
     run_id = f"tls-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "DSSGD_AMQP_URL": servers.amqp_url(),
            "DSSGD_REDIS_URL": servers.redis_url(), "PYTHONUNBUFFERED": "1"}
     res = subprocess.run(
-        [sys.executable, "-m", "dssgd", "run", "--run-id", run_id, "--participants", "2",
-         "--epochs", "2", "--runs-dir", str(tmp_path), "--json"],
+        [sys.executable, "-m", "dssgd", "run", "--run-id", run_id, "--participants", "3",
+         "--epochs", "4", "--defence", "validation", "--runs-dir", str(tmp_path), "--json"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
-    summary = json.loads(res.stdout)
-    assert summary["updates_applied"] == 4, summary
-    # Negative control: the same run's services reached the servers only through TLS (no
-    # plaintext listener exists), and the applied updates are in the TLS Redis.
-    assert int(redis_connect(servers.redis_url()).get(Keys(run_id).version) or 0) == 4
+    s = json.loads(res.stdout)
+    assert s["updates_applied"] + s["updates_rejected"] == 12, s
+    # The servers have no plaintext listener: every update went through TLS into this Redis.
+    version = int(redis_connect(servers.redis_url()).get(Keys(run_id).version) or 0)
+    assert version == s["updates_applied"], s
+    # Honest updates point downhill on the validation set: at most one of 12 may be refused,
+    # and the model learns (12 updates reach 0.83-0.86 without the defence).
+    assert s["updates_rejected"] <= 1 and s["accuracy"] >= 0.75, s
+    log = (tmp_path / run_id / "logs" / "aggregator.log").read_text()
+    assert "defence validation on every update" in log  # negative control: it was on
 
 
 def test_plaintext_clients_are_refused(servers: TlsServers) -> None:

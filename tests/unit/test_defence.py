@@ -58,6 +58,16 @@ def test_validation_computes_the_gradient_once_per_state() -> None:
     w[0] += 0.5
     d.judge(w, *step)
     assert calls["backward"] == 2
+    # refresh_every=3: two more applies reuse it, the third asks for a fresh one.
+    d3 = ValidationDescent(grad_of, refresh_every=3)
+    d3.judge(w, *step)
+    for _ in range(2):
+        d3.accepted(*step)
+        d3.judge(w, *step)
+    assert calls["backward"] == 3
+    d3.accepted(*step)
+    d3.judge(w, *step)
+    assert calls["backward"] == 4
 
 
 def test_norm_bound_follows_the_population() -> None:
