@@ -122,7 +122,7 @@ class TlsServers:
     def start(self) -> None:
         t0 = time.monotonic()
         self.redis.start()
-        self.rabbit.start(timeout=90)
+        self.rabbit.start(timeout=240)  # a loaded 2-core machine can take minutes
         self.seconds = time.monotonic() - t0
 
     def stop(self) -> None:

@@ -32,7 +32,7 @@ from dssgd.admin import check_amqp, check_redis
 from testing.runs import ROOT
 from testing.tls_servers import TlsServers
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(480)
 
 
 @pytest.fixture(scope="module")
