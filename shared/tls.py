@@ -149,6 +149,8 @@ def explain(exc: BaseException, url: str) -> str | None:
         if isinstance(e, ssl.SSLCertVerificationError):
             return (f"the server's TLS certificate is not trusted ({e.verify_message}; "
                     f"{trusted}): give the CA that signed it as cacertfile")
+        if isinstance(e, ssl.SSLEOFError | ssl.SSLZeroReturnError) and files is not None:
+            return _closed_early(files)
         if isinstance(e, ssl.SSLError):
             text = f"{e.reason or ''} {e}".upper()
             if "WRONG_VERSION_NUMBER" in text or "RECORD_LAYER" in text:
@@ -160,13 +162,17 @@ def explain(exc: BaseException, url: str) -> str | None:
                         "signed by its CA (dssgd provision --tls-dir makes them)")
             return f"TLS handshake failed: {e}"
     if files is not None and any(type(e).__name__ in _CLOSED_EARLY for e in _chain(exc)):
-        # TLS 1.3 sends the client certificate after the client's side of the handshake is
-        # done, so a refusal arrives as the server closing the connection before AMQP starts.
-        shown = f"certfile={files.cert}" if files.cert else "none given"
-        return (f"the server closed the TLS connection before the protocol started: it most "
-                f"likely refused our client certificate ({shown}); it needs one signed by its "
-                "CA (dssgd provision --tls-dir makes them)")
+        return _closed_early(files)
     return None
+
+
+def _closed_early(files: TlsFiles) -> str:
+    # TLS 1.3 sends the client certificate after the client's side of the handshake is done,
+    # so a refusal arrives as the server closing the connection before the protocol starts.
+    shown = f"certfile={files.cert}" if files.cert else "none given"
+    return (f"the server closed the TLS connection before the protocol started: it most "
+            f"likely refused our client certificate ({shown}); it needs one signed by its "
+            "CA (dssgd provision --tls-dir makes them)")
 
 
 _CLOSED_EARLY = ("IncompatibleProtocolError", "StreamLostError", "ConnectionResetError",
