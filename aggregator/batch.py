@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from dssgd.aggregator.admission import Accepted, Duplicate, Rejected, Verdict
+from dssgd.aggregator.defence import Defence
 from dssgd.aggregator.validate import check_version
 from dssgd.shared import dedup
 from dssgd.shared.config import RunConfig
@@ -37,6 +38,7 @@ def apply_batch(
     cfg: RunConfig,
     rule: UpdateRule,
     holder: int | None = None,
+    defence: Defence | None = None,
 ) -> Outcome:
     """Apply the accepted updates of a batch to ``state`` in place, in delivery order."""
     out = Outcome()
@@ -46,7 +48,7 @@ def apply_batch(
             out.counters["duplicates"] += 1
             continue
         if isinstance(v, Accepted):
-            after = _apply_one(state, v, cfg, rule, out)
+            after = _apply_one(state, v, cfg, rule, out, defence)
             if after is v and v.update.participant == holder:
                 out.holder_done = True
             if not isinstance(after, Rejected):
@@ -62,7 +64,12 @@ def apply_batch(
 
 
 def _apply_one(
-    state: AggregatorState, v: Accepted, cfg: RunConfig, rule: UpdateRule, out: Outcome
+    state: AggregatorState,
+    v: Accepted,
+    cfg: RunConfig,
+    rule: UpdateRule,
+    out: Outcome,
+    defence: Defence | None = None,
 ) -> Verdict | None:
     """Apply one accepted update: ``v`` if applied, a Rejected if it may not be, None if it is
     a duplicate of one applied earlier (in this batch or before)."""
@@ -85,6 +92,11 @@ def _apply_one(
             params = upd.indices < param_entries(cfg, state.w.size)  # buffers are not a step
             values, clipped = bound_l2(values, cfg.max_l2, params)
             out.counters["l2_clipped"] += clipped
+        if defence is not None:  # on the state it would be applied to, values as sent
+            why = defence.judge(state.w, upd.indices, values)
+            if why is not None:
+                return Rejected(v.delivery, "defence", why, upd.participant, upd.seq)
+            defence.accepted(upd.indices, values)
         apply_update(state.w, state.stat, upd.indices, values, rule.weight(staleness))
         state.touched.append(upd.indices)  # the commit writes only the chunks these are in
         decay(state.stat, cfg.stat_decay)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from dssgd.aggregator.admission import Admission
 from dssgd.aggregator.batch import Outcome, apply_batch
+from dssgd.aggregator.defence import build as build_defence
 from dssgd.aggregator.evaluator import Evaluator
 from dssgd.aggregator.metrics import AggregatorMetrics
 from dssgd.shared.amqp_names import AmqpNames
@@ -142,6 +143,7 @@ class Aggregator:
         # Rate state lives as long as the session: a restart forgets it, which gives a key
         # holder at most one extra burst (docs/RELIABILITY.md).
         self.admission = Admission(cfg, task.layout.n, self.s.keys)
+        self.defence = build_defence(cfg, task)  # per session: it judges against this state
         if self.evaluator is None and self.s.evaluate:
             self.evaluator = Evaluator(self.snapshot, store, cfg, self.metrics)
         log.info(
@@ -226,7 +228,7 @@ class Aggregator:
             state = self.state
             window_of = lambda p: state.dedup.get(p, (0, 0))  # noqa: E731
             verdicts = [self.admission.admit(d, window_of) for d in batch]
-            out = apply_batch(state, verdicts, cfg, self.rule, holder)
+            out = apply_batch(state, verdicts, cfg, self.rule, holder, self.defence)
             stamp = f"{time.time():.6f}"
             turn_expect = turn_next = ""
             if out.holder_done and holder is not None:

@@ -37,6 +37,56 @@ def add_provision_options(p: argparse.ArgumentParser) -> None:
             continue
         metavar = field_name.upper().replace("_", "-") if tp is not str else None
         g.add_argument(flag, dest=field_name, type=tp, metavar=metavar, help=help_text)
+    add_tls_options(p)
+
+
+def add_tls_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TLS certificates (docs/OPERATIONS.md, TLS)")
+    g.add_argument(
+        "--tls-dir",
+        metavar="DIR",
+        help="certificates of the deployment: a CA, a server certificate for RabbitMQ and "
+        "Redis and a client certificate per participant, the aggregator and the admin, each "
+        "made if missing; with amqps:// / rediss:// URLs the credential files name them",
+    )
+    g.add_argument(
+        "--tls-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name or address the server certificates are valid for (repeatable; default "
+        "the hosts of --amqp-url and --redis-url, localhost and 127.0.0.1)",
+    )
+    g.add_argument(
+        "--certs-only",
+        action="store_true",
+        help="only make the certificates and print the servers' TLS settings; contacts no "
+        "server (the first step: the servers need their certificates before they start)",
+    )
+
+
+def tls_for_provision(args: argparse.Namespace, amqp_url: str, redis_url: str) -> Any:
+    """The TlsBundle of `dssgd provision --tls-dir`, its certificates made if missing."""
+    if not args.tls_dir:
+        if args.certs_only:
+            raise ConfigError("--certs-only needs --tls-dir DIR")
+        return None
+    from dssgd.shared.provision import TlsBundle, aggregator_user, ensure_tls, participant_user
+
+    bundle = TlsBundle(Path(args.tls_dir))
+    hosts = {"rabbitmq": [urllib.parse.urlsplit(amqp_url).hostname or "127.0.0.1"],
+             "redis": [urllib.parse.urlsplit(redis_url).hostname or "127.0.0.1"]}
+    for names in hosts.values():
+        names += [*args.tls_host, "localhost", "127.0.0.1"]
+    clients = ["admin", aggregator_user(args.run_id)]
+    clients += [participant_user(args.run_id, p) for p in range(args.participants)]
+    try:
+        created = ensure_tls(bundle, hosts, clients)
+    except OSError as exc:
+        raise ConfigError(f"cannot write certificates to {bundle.dir}: {exc.strerror}") from None
+    print(f"TLS: {len(created)} certificates made in {bundle.dir} (CA ca.pem; keys *-key.pem, "
+          "mode 0600)")
+    return bundle
 
 
 def add_management_option(p: argparse.ArgumentParser) -> None:
@@ -94,12 +144,15 @@ def check_redis(url: str) -> None:
     import redis
     import redis.exceptions as rex
 
+    from dssgd.shared import tls
     from dssgd.shared.store import split_cluster
 
     at = where(url, 6379)
     try:
         node = split_cluster(url)[0]  # on a cluster, the node named answers PING
-        redis.Redis.from_url(node, socket_connect_timeout=3, socket_timeout=5).ping()
+        plain_url, tls_args = tls.redis_tls(node)
+        redis.Redis.from_url(plain_url, socket_connect_timeout=3, socket_timeout=5,
+                             **tls_args).ping()
     except rex.AuthenticationError:
         raise AccessDenied(
             f"Redis at {at} refused user {user_of(url)!r}: wrong password or unknown user "
@@ -107,10 +160,13 @@ def check_redis(url: str) -> None:
         ) from None
     except rex.NoPermissionError as exc:
         raise AccessDenied(f"Redis at {at}: user {user_of(url)!r} lacks a right ({exc})") from None
-    except rex.ConnectionError:
+    except rex.ConnectionError as exc:
+        why = tls.explain(exc, url)
+        if why is not None:
+            raise StoreError(f"Redis at {at}: {why}") from None
         raise StoreError(
-            f"Redis at {at} is unreachable (is it running, is the host right?); "
-            "`bash deploy/dev.sh services` starts it locally"
+            f"Redis at {at} is unreachable (is it running, is the host right?)"
+            f"{tls.plaintext_hint(url)}; `bash deploy/dev.sh services` starts it locally"
         ) from None
     except rex.RedisError as exc:
         raise StoreError(f"Redis at {at}: {exc}") from None
@@ -142,10 +198,14 @@ def _check_amqp_node(url: str, name: str) -> None:
     import pika
     import pika.exceptions as pex
 
-    at = where(url, 5672)
+    from dssgd.shared import tls
+
+    at = where(url, 5671 if url.startswith("amqps:") else 5672)
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # we say it once, below
     try:
-        params = pika.URLParameters(url)
+        plain_url, ssl_options = tls.amqp_tls(url)
+        params = pika.URLParameters(plain_url)
+        params.ssl_options = ssl_options
         params.connection_attempts, params.socket_timeout = 1, 5
         params.blocked_connection_timeout = 10
         params.client_properties = {"connection_name": name}
@@ -159,10 +219,13 @@ def _check_amqp_node(url: str, name: str) -> None:
         raise AccessDenied(
             f"RabbitMQ at {at}: user {user_of(url)!r} may not use this virtual host"
         ) from None
-    except (pex.AMQPError, OSError):
+    except (pex.AMQPError, OSError) as exc:
+        why = tls.explain(exc, url)
+        if why is not None:
+            raise BrokerError(f"RabbitMQ at {at}: {why}") from None
         raise BrokerError(
-            f"RabbitMQ at {at} is unreachable (is it running, is the host right?); "
-            "`bash deploy/dev.sh services` starts it locally"
+            f"RabbitMQ at {at} is unreachable (is it running, is the host right?)"
+            f"{tls.plaintext_hint(url)}; `bash deploy/dev.sh services` starts it locally"
         ) from None
     except ValueError as exc:
         raise ConfigError(f"bad RabbitMQ URL: {exc}") from None

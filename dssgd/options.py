@@ -67,6 +67,10 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-staleness", "max_staleness", int, "refuse updates older than this many versions"),
     ("--max-l2", "max_l2", float, "server-side L2 bound per update (larger ones are scaled down)"),
     ("--rate-limit", "rate_limit", float, "max updates per second per participant (server-side)"),
+    ("--defence", "defence", str, "per-update defence against a lying participant: none, norm, "
+     "validation (docs/RELIABILITY.md)"),
+    ("--defence-margin", "defence_margin", float, "validation defence: the uphill cosine "
+     "tolerated (default 0)"),
     ("--queue-max-length", "queue_max_length", int, "backlog bound of the update queue"),
     (
         "--queue-replicas",

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dssgd.admin import check_amqp, check_redis
+from dssgd.admin import check_amqp, check_redis, tls_for_provision
 from dssgd.aggregator.service import Aggregator, AggregatorSettings
 from dssgd.entry import run_command
 from dssgd.options import (
@@ -26,7 +26,7 @@ from dssgd.shared.broker import connect as amqp_connect
 from dssgd.shared.config import Connections, RunConfig
 from dssgd.shared.errors import ConfigError, DssgdError
 from dssgd.shared.lifecycle import EXIT_OK, EXIT_UNAVAILABLE, StopFlag, install_signal_handlers
-from dssgd.shared.provision import provision, read_credentials
+from dssgd.shared.provision import provision, read_credentials, server_settings
 from dssgd.shared.store import RunStore
 from dssgd.shared.store import connect as redis_connect
 from dssgd.worker.service import Worker, WorkerSettings
@@ -264,6 +264,10 @@ def cmd_provision(args: argparse.Namespace) -> int:
     conns = connections(args)
     out = Path(args.out or Path(args.runs_dir) / args.run_id / "credentials")
     cfg = run_config_from_args(args, args.run_id)
+    tls = tls_for_provision(args, conns.amqp_url, conns.redis_url)
+    if args.certs_only:
+        print(server_settings(tls), end="")
+        return EXIT_OK
     check_redis(conns.redis_url)
     summary = provision(
         args.run_id,
@@ -273,6 +277,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         out,
         args.management_url,
         cfg=cfg,
+        tls=tls,
     )
     print(
         f"created run {args.run_id}: {cfg.participants} participants, {cfg.model}, "

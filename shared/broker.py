@@ -18,6 +18,7 @@ from typing import Any
 
 import pika
 import pika.exceptions as pex
+from dssgd.shared import tls
 from dssgd.shared.amqp_names import CONTENT_TYPE, AmqpNames
 from dssgd.shared.errors import BrokerError, UnroutableError
 from pika.adapters.blocking_connection import BlockingChannel
@@ -84,7 +85,9 @@ def connect(url: str, name: str, heartbeat: int = 30) -> pika.BlockingConnection
         start = random.randrange(len(urls))
         attempts = []
         for u in urls[start:] + urls[:start]:
-            params = pika.URLParameters(u)
+            plain_url, ssl_options = tls.amqp_tls(u)  # amqps:// with certificates: shared/tls.py
+            params = pika.URLParameters(plain_url)
+            params.ssl_options = ssl_options
             params.heartbeat = heartbeat
             params.blocked_connection_timeout = 60
             params.connection_attempts = 1
@@ -93,7 +96,12 @@ def connect(url: str, name: str, heartbeat: int = 30) -> pika.BlockingConnection
             attempts.append(params)
         return pika.BlockingConnection(attempts if len(attempts) > 1 else attempts[0])
     except (pex.AMQPError, OSError, ValueError) as exc:
-        raise BrokerError(f"cannot connect to RabbitMQ at {_redact(url)}: {exc!r}") from exc
+        why = tls.explain(exc, url)
+        if why is not None:
+            raise BrokerError(f"cannot connect to RabbitMQ at {_redact(url)}: {why}") from exc
+        raise BrokerError(
+            f"cannot connect to RabbitMQ at {_redact(url)}: {exc!r}{tls.plaintext_hint(url)}"
+        ) from exc
 
 
 def _redact(url: str) -> str:

@@ -36,6 +36,7 @@ VALUE_CODINGS = ("f32", "f16", "q8")
 F16_MAX, F16_TINY = 65504.0, 2.0**-24
 DOWNLOADS = ("most-updated", "random")
 BUFFERS = ("whole", "local")
+DEFENCES = ("none", "norm", "validation")  # aggregator/defence.py
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,47}")  # used with fullmatch
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -82,6 +83,11 @@ class RunConfig:
     max_staleness: int | None = None  # updates older than this many versions are refused
     max_l2: float | None = None  # server-side L2 bound: a larger update is scaled down to it
     rate_limit: float | None = None  # updates per second one participant may send (burst 1 s)
+    # Per-message defence against a lying participant (aggregator/defence.py): none, norm,
+    # validation; the margin is the cosine between a step and the validation gradient (uphill)
+    # the latter tolerates.
+    defence: str = "none"
+    defence_margin: float = 0.0
     queue_max_length: int = 100_000  # backlog bound; beyond it publishes are refused and retried
     # Quorum replicas of the run's queues (x-quorum-initial-group-size); 0 = the broker's
     # default (every cluster node in RabbitMQ 3.x, so 1 on a single node, 3 on a 3-node cluster).
@@ -191,6 +197,10 @@ class RunConfig:
             math.isfinite(self.rate_limit) and self.rate_limit > 0
         ):
             out.append("rate limit must be > 0 updates per second")
+        if self.defence not in DEFENCES:
+            out.append(f"defence must be one of {', '.join(DEFENCES)}")
+        if not (math.isfinite(self.defence_margin) and -1 <= self.defence_margin <= 1):
+            out.append("defence margin must be a cosine in [-1, 1]")
         return out
 
     def _svt_problems(self) -> list[str]:

@@ -34,6 +34,8 @@ from dssgd.shared.config import RunConfig
 from dssgd.shared.errors import BrokerError, ConfigError, DssgdError, StoreError
 from dssgd.shared.keys import Keys
 from dssgd.shared.store import RunStore
+from dssgd.shared.store import connect as redis_connect
+from dssgd.shared.tls import with_files
 
 
 def participant_user(run_id: str, participant: int) -> str:
@@ -173,6 +175,7 @@ def provision(
     out_dir: Path,
     management_url: str | None = None,
     cfg: RunConfig | None = None,
+    tls: TlsBundle | None = None,
 ) -> dict[str, Any]:
     """Create the run (when `cfg` is given), every user and key of it; returns a summary.
 
@@ -186,7 +189,7 @@ def provision(
             f"--participants {participants} differs from the run configuration's {cfg.participants}"
         )
     mgmt = Management.from_amqp_url(amqp_url, management_url)
-    r = redis.Redis.from_url(redis_url, socket_timeout=10)
+    r = redis_connect(redis_url)  # rediss:// too (shared/tls.py)
     store = RunStore(r, run_id)
     if cfg is not None and store.load_config() is not None:
         raise ConfigError(
@@ -195,7 +198,7 @@ def provision(
         )
     _prepare_dir(out_dir)
     try:
-        summary = _create_users(run_id, participants, amqp_url, redis_url, out_dir, mgmt, r)
+        summary = _create_users(run_id, participants, amqp_url, redis_url, out_dir, mgmt, r, tls)
         if cfg is not None:
             _create_run(store, amqp_url, cfg)
     except BaseException:
@@ -247,9 +250,12 @@ class _Endpoints:
     rhost: str
     rport: int
     rdb: str
+    amqp_scheme: str = "amqp"
+    redis_scheme: str = "redis"
+    tls: TlsBundle | None = None  # credential URLs then name the CA and the user's certificate
 
     @classmethod
-    def parse(cls, amqp_url: str, redis_url: str) -> _Endpoints:
+    def parse(cls, amqp_url: str, redis_url: str, tls: TlsBundle | None = None) -> _Endpoints:
         from dssgd.shared.broker import endpoints
 
         nodes = [urllib.parse.urlparse(u) for u in endpoints(amqp_url)]
@@ -258,17 +264,34 @@ class _Endpoints:
         rparts = urllib.parse.urlparse(redis_url)
         return cls(
             vhost=vhost,
-            hosts=",".join(f"{n.hostname or '127.0.0.1'}:{n.port or 5672}" for n in nodes),
+            hosts=",".join(
+                f"{n.hostname or '127.0.0.1'}:{n.port or (5671 if n.scheme == 'amqps' else 5672)}"
+                for n in nodes
+            ),
             rhost=rparts.hostname or "127.0.0.1",
             rport=rparts.port or 6379,
             rdb=rparts.path or "/0",
+            amqp_scheme=parts.scheme or "amqp",
+            redis_scheme=rparts.scheme or "redis",
+            tls=tls,
         )
 
+    def _with_tls(self, url: str, user: str, scheme: str) -> str:
+        if self.tls is None or not scheme.endswith("s"):
+            return url
+        name = self.tls.client_name(user)
+        return with_files(url, str(self.tls.ca.resolve()), str(self.tls.cert(name).resolve()),
+                          str(self.tls.key(name).resolve()))
+
     def amqp_url(self, user: str, secret: str) -> str:
-        return f"amqp://{_q(user)}:{_q(secret)}@{self.hosts}/{_q(self.vhost)}"
+        s = self.amqp_scheme
+        url = f"{s}://{_q(user)}:{_q(secret)}@{self.hosts}/{_q(self.vhost)}"
+        return self._with_tls(url, user, s)
 
     def redis_url(self, user: str, secret: str) -> str:
-        return f"redis://{_q(user)}:{_q(secret)}@{self.rhost}:{self.rport}{self.rdb}"
+        s = self.redis_scheme
+        url = f"{s}://{_q(user)}:{_q(secret)}@{self.rhost}:{self.rport}{self.rdb}"
+        return self._with_tls(url, user, s)
 
 
 def _create_participant(
@@ -314,8 +337,9 @@ def _create_users(
     out_dir: Path,
     mgmt: Management,
     r: redis.Redis,
+    tls: TlsBundle | None = None,
 ) -> dict[str, Any]:
-    at = _Endpoints.parse(amqp_url, redis_url)
+    at = _Endpoints.parse(amqp_url, redis_url, tls)
     agg_name = aggregator_user(run_id)
     agg_secret = secrets.token_urlsafe(24)
     run_names = f"^dssgd\\.{_re(run_id)}\\..*"
@@ -386,7 +410,7 @@ def deprovision(
     """
     del participants
     mgmt = Management.from_amqp_url(amqp_url, management_url)
-    r = redis.Redis.from_url(redis_url, socket_timeout=10)
+    r = redis_connect(redis_url)
     broker, acl = run_users(r, mgmt, run_id)
     for u in broker:
         mgmt.call("DELETE", f"/api/users/{_q(u)}")
@@ -419,3 +443,170 @@ def read_credentials(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or "run_id" not in data:
         raise ConfigError(f"{p} is not a dssgd credentials file")
     return data
+
+
+# --- TLS certificates (dssgd provision --tls-dir) ----------------------------------------------
+
+CA_DAYS = 3650
+CERT_DAYS = 825  # the longest leaf lifetime browsers and most TLS stacks still accept
+
+
+@dataclass(frozen=True)
+class TlsBundle:
+    """Where one CA's files live: ca.pem, server-<service>.pem, client-<name>.pem (+ -key.pem)."""
+
+    dir: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.pem"
+
+    def cert(self, name: str) -> Path:
+        return self.dir / f"{name}.pem"
+
+    def key(self, name: str) -> Path:
+        return self.dir / f"{name}-key.pem"
+
+    def client_name(self, user: str) -> str:
+        return f"client-{user}"
+
+
+def _new_key() -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())  # small, fast, every TLS 1.2+ stack has it
+
+
+def _write_pem(path: Path, data: bytes, secret: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _save(bundle: TlsBundle, name: str, cert: Any, key: Any) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    _write_pem(bundle.key(name), key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()), secret=True)
+    _write_pem(bundle.cert(name), cert.public_bytes(serialization.Encoding.PEM), secret=False)
+
+
+def _load_ca(bundle: TlsBundle) -> tuple[Any, Any]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert = x509.load_pem_x509_certificate(bundle.ca.read_bytes())
+        key = serialization.load_pem_private_key(bundle.key("ca").read_bytes(), None)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the CA in {bundle.dir}: {exc}") from None
+    return cert, key
+
+
+def make_ca(bundle: TlsBundle, common_name: str = "dssgd CA") -> None:
+    """A self-signed CA that may sign end-entity certificates only (path length 0)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    key = _new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    bundle.dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(bundle.dir, 0o700)
+    _save(bundle, "ca", cert, key)
+    os.replace(bundle.cert("ca"), bundle.ca)
+
+
+def issue(bundle: TlsBundle, name: str, common_name: str, hosts: list[str] | None) -> None:
+    """A certificate signed by the bundle's CA: a server's (``hosts`` = its names and
+    addresses, checked by every client) or, with ``hosts`` None, a client's."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert, ca_key = _load_ca(bundle)
+    key = _new_key()
+    now = dt.datetime.now(dt.UTC)
+    eku = ExtendedKeyUsageOID
+    usage = eku.SERVER_AUTH if hosts is not None else eku.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+    )
+    if hosts is not None:
+        names: list[x509.GeneralName] = []
+        for h in dict.fromkeys(hosts):
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                names.append(x509.DNSName(h))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    _save(bundle, name, builder.sign(ca_key, hashes.SHA256()), key)
+
+
+SERVICES = ("rabbitmq", "redis")
+
+
+def ensure_tls(bundle: TlsBundle, hosts: dict[str, list[str]], clients: list[str]) -> list[str]:
+    """The CA and a server certificate per service if missing, a client certificate per user if
+    missing; returns the files created. An existing CA is kept: every certificate it signed,
+    on every machine, stays valid."""
+    created: list[str] = []
+    if not bundle.ca.exists():
+        make_ca(bundle)
+        created.append(str(bundle.ca))
+    for service in SERVICES:
+        name = f"server-{service}"
+        if not bundle.cert(name).exists():
+            issue(bundle, name, f"dssgd {service}", hosts[service])
+            created.append(str(bundle.cert(name)))
+    for user in clients:
+        name = bundle.client_name(user)
+        if not bundle.cert(name).exists():
+            issue(bundle, name, user, None)
+            created.append(str(bundle.cert(name)))
+    return created
+
+
+def server_settings(bundle: TlsBundle, amqp_port: int = 5671, redis_port: int = 6380) -> str:
+    """The lines that make RabbitMQ and Redis speak only TLS and require a client certificate."""
+    d = bundle.dir.resolve()
+    return (
+        f"# rabbitmq.conf\nlisteners.tcp = none\nlisteners.ssl.default = {amqp_port}\n"
+        f"ssl_options.cacertfile = {d / 'ca.pem'}\n"
+        f"ssl_options.certfile = {d / 'server-rabbitmq.pem'}\n"
+        f"ssl_options.keyfile = {d / 'server-rabbitmq-key.pem'}\n"
+        "ssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n"
+        f"# redis.conf\nport 0\ntls-port {redis_port}\n"
+        f"tls-cert-file {d / 'server-redis.pem'}\ntls-key-file {d / 'server-redis-key.pem'}\n"
+        f"tls-ca-cert-file {d / 'ca.pem'}\ntls-auth-clients yes\n"
+    )

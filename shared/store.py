@@ -34,6 +34,7 @@ from dssgd.shared.chunks import (
     download_chunks,
     plan_writes,
 )
+from dssgd.shared import tls
 from dssgd.shared.config import RunConfig
 from dssgd.shared.dedup import decode_state
 from dssgd.shared.errors import ConfigError, FencedError, StoreError
@@ -57,12 +58,14 @@ def split_cluster(url: str) -> tuple[str, bool]:
 
 
 def connect(url: str) -> redis.Redis:
-    """A client for ``url``; ``?cluster=yes`` in it means a Redis Cluster (any node's address).
+    """A client for ``url``; ``?cluster=yes`` in it means a Redis Cluster (any node's address);
+    ``rediss://`` with certificates means TLS (shared/tls.py).
 
     Every key of a run shares one hash tag (shard 0's), so on a cluster a run's transactions and
     scripts each stay in one slot; only the run registry (``dssgd:runs``) lives elsewhere.
     """
     url, cluster = split_cluster(url)
+    plain_url, tls_args = tls.redis_tls(url)
     # No silent retries: a timed-out commit that Redis did carry out must surface as an error
     # (we then reload and let the replay window absorb redeliveries), never be run a second
     # time underneath us.
@@ -71,11 +74,12 @@ def connect(url: str) -> redis.Redis:
         "socket_timeout": 10,
         "socket_connect_timeout": 3,
         "decode_responses": False,
+        **tls_args,
     }
     try:
         if cluster:
-            return redis.RedisCluster.from_url(url, **options)  # type: ignore[return-value]
-        return redis.Redis.from_url(url, health_check_interval=15, **options)
+            return redis.RedisCluster.from_url(plain_url, **options)  # type: ignore[return-value]
+        return redis.Redis.from_url(plain_url, health_check_interval=15, **options)
     except ValueError as exc:
         raise ConfigError(f"bad Redis URL {url!r}: {exc}") from exc
     except (rex.RedisClusterException, rex.RedisError) as exc:
