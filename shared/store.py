@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 import numpy as np
 import redis
 import redis.exceptions as rex
+from dssgd.shared import tls
 from dssgd.shared.chunks import (
     Layout,
     Plan,
@@ -34,7 +35,6 @@ from dssgd.shared.chunks import (
     download_chunks,
     plan_writes,
 )
-from dssgd.shared import tls
 from dssgd.shared.config import RunConfig
 from dssgd.shared.dedup import decode_state
 from dssgd.shared.errors import ConfigError, FencedError, StoreError
