@@ -484,6 +484,25 @@ class RunStore:
             with guarded("leaving the run"):
                 self.r.hset(self.keys.participant(participant), "finished", f"{time.time():.3f}")
 
+    def leave_many(self, participants: list[int]) -> None:
+        """``leave(p, finished=True)`` for many participants in one round trip."""
+        if not participants:
+            return
+        stamp = f"{time.time():.3f}"
+        with guarded("leaving the run"):
+            pipe = self.r.pipeline(transaction=False)
+            for p in participants:
+                pipe.hset(self.keys.participant(p), "finished", stamp)
+            pipe.execute()
+
+    def finish(self, participant: int, why: str) -> None:
+        """Finished for good, and why, in one round trip (what `dssgd status` shows)."""
+        with guarded("leaving the run"):
+            self.r.hset(
+                self.keys.participant(participant),
+                mapping={"finished": f"{time.time():.3f}", "stopped": why},
+            )
+
     def active(self) -> dict[int, float]:
         """participant → time of its host's last lease renewal, for live leases only."""
         now = self.server_time()
@@ -565,6 +584,23 @@ class RunStore:
         return {
             p: {k.decode(): v.decode() for k, v in row.items()} for p, row in enumerate(rows) if row
         }
+
+    def restore_many(self, participants: list[int]) -> dict[int, tuple[dict[str, str], int]]:
+        """participant → (progress, highest applied seq), for a worker taking many over at once:
+        pipelined in chunks, not two round trips per participant."""
+        out: dict[int, tuple[dict[str, str], int]] = {}
+        for i in range(0, len(participants), 1000):
+            chunk = participants[i : i + 1000]
+            with guarded("reading progress"):
+                pipe = self.r.pipeline(transaction=False)
+                for p in chunk:
+                    pipe.hgetall(self.keys.participant(p))
+                pipe.hmget(self.keys.dedup, [str(p) for p in chunk])
+                *rows, windows = pipe.execute()
+            for p, row, window in zip(chunk, rows, windows, strict=True):
+                progress = {k.decode(): v.decode() for k, v in row.items()}
+                out[p] = (progress, decode_state(window)[0])
+        return out
 
     def applied_high(self, participant: int) -> int:
         with guarded("reading the replay window"):
