@@ -50,14 +50,23 @@ def _check_services(store: RunStore, amqp_url: str, names: AmqpNames, max_length
         conn.close()
 
 
-def _snapshot(store: RunStore, cfg: RunConfig, start: float) -> Progress:
-    progress = store.all_progress(cfg.participants)
-    epochs = sum(int(p.get("epochs", 0)) for p in progress.values())
+def _snapshot(
+    store: RunStore, cfg: RunConfig, start: float, counted: list[float] | None = None
+) -> Progress:
+    """``counted``, kept by the caller: [when Σ epochs may be read again, the last Σ]."""
+    counted = counted if counted is not None else [0.0, 0.0]
     metrics = store.r.lindex(store.keys.metrics, -1)
     acc = json.loads(metrics)["accuracy"] if metrics else None
     version = int(store.r.get(store.keys.version) or 0)
     total = cfg.participants * cfg.epochs if cfg.epochs else 0
-    return Progress(time.monotonic() - start, epochs, total, version, acc, len(store.finished()))
+    # Σ epochs reads every progress hash: at most a tenth of the time, however large N is.
+    if time.monotonic() >= counted[0]:
+        t0 = time.monotonic()
+        counted[1] = store.progress_totals(cfg.participants)[0]
+        counted[0] = time.monotonic() + 9 * (time.monotonic() - t0)
+    epochs = int(counted[1])
+    finished = cfg.participants if store.all_finished() else store.finished_at_least
+    return Progress(time.monotonic() - start, epochs, total, version, acc, finished)
 
 
 def _show(p: Progress, limit: float, tty: bool) -> None:
@@ -80,8 +89,7 @@ def _wait_drained(store: RunStore, cfg: RunConfig, timeout: float = 60.0) -> boo
     """True once every confirmed update of every participant has been applied."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        progress = store.all_progress(cfg.participants)
-        if all(store.applied_high(pid) >= int(p.get("seq", 0)) for pid, p in progress.items()):
+        if not store.undrained(cfg.participants):
             return True
         time.sleep(0.2)
     return False
@@ -353,10 +361,11 @@ def _watch(
 ) -> str:
     """Show progress until a stop condition, a signal or a failed process; return the reason."""
     last_line = 0.0
+    counted = [0.0, 0.0]
     while True:
         if stop.wait(0.5):
             return "interrupted"
-        p = _snapshot(store, cfg, t_start)
+        p = _snapshot(store, cfg, t_start, counted)
         reason = _stop_reason(p, cfg, args)
         if tty or time.monotonic() - last_line >= 5 or reason:
             _show(p, args.time_limit, tty)

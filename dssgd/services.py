@@ -167,13 +167,12 @@ class RunEndWatcher:
         if cfg is None:
             return ""
         stop = self.store.stop_reason()
-        finished = self.store.finished()
-        if not stop and len(finished) < cfg.participants:
+        everyone = self.store.all_finished()  # amortised O(1): not N reads every second
+        if not stop and not everyone:
             return ""
-        progress = self.store.all_progress(cfg.participants)
-        if any(self.store.applied_high(p) < int(row.get("seq", 0)) for p, row in progress.items()):
+        if self.store.undrained(cfg.participants):
             return ""  # confirmed updates still in the queue
-        if len(finished) >= cfg.participants:
+        if everyone:
             return f"every participant finished ({cfg.participants})"
         return f"run stopped: {stop}"
 

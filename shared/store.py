@@ -213,6 +213,7 @@ class RunStore:
         self._claim = r.register_script(_CLAIM)
         self._renew = r.register_script(_RENEW)
         self._participants: int | None = None
+        self._finished_upto = 0  # participants 0.._finished_upto-1 are known to have finished
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -533,6 +534,63 @@ class RunStore:
                 pipe.hexists(self.keys.participant(p), "finished")
             rows = pipe.execute()
         return {p for p, done in enumerate(rows) if done}
+
+    def all_finished(self, chunk: int = 500) -> bool:
+        """Whether every participant has finished, in amortised constant work per call.
+
+        Finishing is for good, so the scan resumes where the last call met the first participant
+        still running: a watcher asking every second reads a chunk, not the N progress hashes.
+        """
+        n = self._n()
+        while self._finished_upto < n:
+            ids = range(self._finished_upto, min(n, self._finished_upto + chunk))
+            with guarded("reading finished participants"):
+                pipe = self.r.pipeline(transaction=False)
+                for p in ids:
+                    pipe.hexists(self.keys.participant(p), "finished")
+                rows = pipe.execute()
+            for done in rows:
+                if not done:
+                    return False
+                self._finished_upto += 1
+        return True
+
+    @property
+    def finished_at_least(self) -> int:
+        """How many participants ``all_finished`` has seen finished (a lower bound)."""
+        return self._finished_upto
+
+    def progress_totals(self, n: int, chunk: int = 1000) -> tuple[int, int, int]:
+        """(Σ epochs, participants finished, Σ confirmed seq) from two fields of each progress
+        hash, pipelined in chunks: the whole run's counts without reading every field."""
+        epochs = finished = seqs = 0
+        for start in range(0, n, chunk):
+            with guarded("reading progress"):
+                pipe = self.r.pipeline(transaction=False)
+                for p in range(start, min(n, start + chunk)):
+                    pipe.hmget(self.keys.participant(p), ["epochs", "finished", "seq"])
+                rows = pipe.execute()
+            for e, f, q in rows:
+                epochs += int(e or 0)
+                finished += f is not None
+                seqs += int(q or 0)
+        return epochs, finished, seqs
+
+    def undrained(self, n: int, chunk: int = 1000) -> int:
+        """Participants with a confirmed update not yet applied (confirmed seq > applied high)."""
+        behind = 0
+        for start in range(0, n, chunk):
+            ids = list(range(start, min(n, start + chunk)))
+            with guarded("reading progress"):
+                pipe = self.r.pipeline(transaction=False)
+                for p in ids:
+                    pipe.hget(self.keys.participant(p), "seq")
+                pipe.hmget(self.keys.dedup, [str(p) for p in ids])
+                *seqs, windows = pipe.execute()
+            behind += sum(
+                int(q or 0) > decode_state(w)[0] for q, w in zip(seqs, windows, strict=True)
+            )
+        return behind
 
     def turn(self) -> int | None:
         with guarded("reading the turn"):

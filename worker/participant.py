@@ -126,7 +126,10 @@ class SharedModel:
         self.model = model if model is not None else task.build_model(cfg.seed)
         self.layout = layout_of(self.model)
         self.initial = get_flat(self.model)  # where a participant's own parameters start
-        self.scratch = self.initial.copy()
+        # The task's model (never a user's own module): its parameters become views into one
+        # vector, so loading a state before an epoch and reading it after are single copies.
+        self.flat = flat_view(self.model) if model is None else None
+        self.scratch = self.flat if self.flat is not None else self.initial.copy()
         self._trainer: LocalTrainer | None = None
 
     def trainer(self, data: LocalData, seed: int) -> LocalTrainer:
@@ -139,6 +142,24 @@ class SharedModel:
         else:
             self._trainer.bind(data.x, data.y, data.rows, seed)
         return self._trainer
+
+
+def flat_view(model: nn.Module) -> np.ndarray | None:
+    """Make every parameter of a buffer-free float32 model a view into one float32 vector, in
+    the flat layout's order, and return that vector (numpy, shared memory); None otherwise."""
+    params = list(model.named_parameters())
+    if list(model.buffers()) or any(p.dtype != torch.float32 for _, p in params):
+        return None
+    flat = torch.empty(sum(p.numel() for _, p in params), dtype=torch.float32)
+    pos = 0
+    with torch.no_grad():
+        for _, p in params:
+            k = p.numel()
+            view = flat[pos : pos + k].view(p.shape)
+            view.copy_(p)
+            p.data = view
+            pos += k
+    return flat.numpy()
 
 
 def epoch_seed(seed: int, pid: int, epoch: int) -> int:
@@ -350,7 +371,8 @@ class Participant:
         if self.synthetic:
             indices, values, loss = self._synthetic_update()
         else:
-            set_flat(self.model, base)
+            if self._state() is not self.shared.flat:  # else the download already loaded it
+                set_flat(self.model, base)
             self._evaluate_download(version)
             t_sgd = time.perf_counter()
             loss = self._train()
@@ -393,7 +415,8 @@ class Participant:
     def select(self, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Δw of the trained model against ``base``, selected, clipped (buffers whole)."""
         local = self._state()
-        get_flat(self.model, out=local)
+        if local is not self.shared.flat:  # else the model's parameters are `local` itself
+            get_flat(self.model, out=local)
         delta = local - base
         if self.svt is not None:
             return self._private_selection(delta)
@@ -464,13 +487,14 @@ class Participant:
 
     def _retry_store(self, fn) -> None:  # type: ignore[no-untyped-def]
         """A Redis write that must happen exactly here (never skipped, never re-sent around)."""
-        backoff = Backoff(initial=0.1, cap=5.0)
+        backoff = None  # made on the first failure: seeding its generator costs every epoch
         while True:
             try:
                 fn()
                 return
             except StoreError as exc:
                 log.warning("participant %d: %s; retrying", self.pid, exc)
+                backoff = backoff or Backoff(initial=0.1, cap=5.0)
                 if not backoff.sleep(self.stop):
                     raise StopRequested(f"stopped while retrying: {exc}") from exc
 
@@ -580,7 +604,7 @@ class Participant:
 
     def _publish(self, body: bytes, seq: int) -> None:
         """Publish until confirmed; same bytes (same seq) on every retry. Backs off, never drops."""
-        backoff = Backoff(initial=0.1, cap=5.0)
+        backoff = None  # made on the first failure
         key = AmqpNames.routing_key(self.pid)
         while True:
             try:
@@ -590,6 +614,7 @@ class Participant:
                 log.warning(
                     "participant %d seq %d not confirmed (%s); retrying", self.pid, seq, exc
                 )
+                backoff = backoff or Backoff(initial=0.1, cap=5.0)
                 if not backoff.sleep(self.stop):
                     # A stop during retries leaves this update unconfirmed: never counted.
                     raise StopRequested(f"stopped with seq {seq} unconfirmed") from exc

@@ -366,12 +366,13 @@ class Worker:
         return pids
 
     def _with_retry(self, fn):  # type: ignore[no-untyped-def]
-        backoff = Backoff(initial=0.2, cap=5.0)
+        backoff = None  # made on the first failure: seeding its generator costs every epoch
         while True:
             try:
                 return fn()
             except (StoreError, BrokerError) as exc:
                 log.warning("%s; retrying", exc)
+                backoff = backoff or Backoff(initial=0.2, cap=5.0)
                 if not backoff.sleep(self.stop):
                     raise StopRequested("stopped while retrying") from exc
 
