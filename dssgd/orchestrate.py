@@ -8,7 +8,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,13 +266,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = run_config_from_args(args, run_id)
     workers = _check_run_args(args, cfg)
     conns = connections(args)
+    store = RunStore(redis_connect(conns.redis_url), run_id)
+    # The services are checked (connections, topology) while PyTorch is imported for preflight:
+    # waiting on the network and importing overlap instead of adding up.
+    checked = _in_background(
+        lambda: _check_services(store, conns.amqp_url, AmqpNames(run_id), cfg.queue_max_length)
+    )
     from dssgd.shared.tasks import preflight
 
-    preflight(cfg)  # a bad task or missing data fails here, in one line (and warms MNIST's cache)
-    store = RunStore(redis_connect(conns.redis_url), run_id)
-    _check_services(store, conns.amqp_url, AmqpNames(run_id), cfg.queue_max_length)
+    task = preflight(cfg)  # a bad task or missing data fails here, in one line (warms MNIST)
+    checked()
     run_dir = Path(args.runs_dir) / run_id
     cfg, workers = _open_run(store, args, cfg, workers, run_dir)
+    _seed_state(store, cfg, task)
     sup = make_launcher(args.launcher, run_dir, run_id, workers, conns)
     stop = StopFlag()
     install_signal_handlers(stop)
@@ -293,6 +301,38 @@ def cmd_run(args: argparse.Namespace) -> int:
         _wind_down(sup, store, cfg, reason)
     _report(store, cfg, args, run_dir, time.monotonic() - t_start, reason)
     return EXIT_OK
+
+
+def _in_background(fn: Callable[[], None]) -> Callable[[], None]:
+    """Run ``fn`` on a thread now; the returned function joins it and re-raises its error (the
+    thread is gone before anything forks)."""
+    failed: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=body, name="check-services", daemon=True)
+    thread.start()
+
+    def join() -> None:
+        thread.join()
+        if failed:
+            raise failed[0]
+
+    return join
+
+
+def _seed_state(store: RunStore, cfg: RunConfig, task: Any) -> None:
+    """The run's initial parameters and model record, written before any service starts (the
+    aggregator would write the same ones): workers can train at once instead of waiting for
+    the aggregator to come up."""
+    from dssgd.shared.tasks import model_record
+
+    store.init_params(task.initial_state(cfg.seed))
+    store.init_model(model_record(task))
 
 
 def _check_run_args(args: argparse.Namespace, cfg: RunConfig) -> int:
