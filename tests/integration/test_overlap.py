@@ -96,7 +96,8 @@ def _records(folder: Path, pid: int) -> tuple[dict[int, list[dict]], set[int]]: 
 def test_overlapped_worker_killed_mid_send_applies_every_update_once(
     make_run: Callable[..., RunHandle], tmp_path: Path
 ) -> None:
-    h = make_run(zero_init=True, participants=3, theta_u=0.01, gamma=100.0, rule="sum")
+    # No epoch limit: the run goes on until the test stops it, whatever the machine's speed.
+    h = make_run(zero_init=True, participants=3, theta_u=0.01, gamma=100.0, rule="sum", epochs=0)
     h.aggregator(log=tmp_path / "agg.log")
     args = ("--slot", "0/1", "--worker-id", "w0", "--synthetic", "--record-dir", str(tmp_path))
     w = h.spawn("worker", *args, log=tmp_path / "w.log")
