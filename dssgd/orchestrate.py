@@ -8,7 +8,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,14 +60,23 @@ def _check_services(
         conn.close()
 
 
-def _snapshot(store: RunStore, cfg: RunConfig, start: float) -> Progress:
-    progress = store.all_progress(cfg.participants)
-    epochs = sum(int(p.get("epochs", 0)) for p in progress.values())
+def _snapshot(
+    store: RunStore, cfg: RunConfig, start: float, counted: list[float] | None = None
+) -> Progress:
+    """``counted``, kept by the caller: [when Σ epochs may be read again, the last Σ]."""
+    counted = counted if counted is not None else [0.0, 0.0]
     metrics = store.r.lindex(store.keys.metrics, -1)
     acc = json.loads(metrics)["accuracy"] if metrics else None
     version = int(store.r.get(store.keys.version) or 0)
     total = cfg.participants * cfg.epochs if cfg.epochs else 0
-    return Progress(time.monotonic() - start, epochs, total, version, acc, len(store.finished()))
+    # Σ epochs reads every progress hash: at most a tenth of the time, however large N is.
+    if time.monotonic() >= counted[0]:
+        t0 = time.monotonic()
+        counted[1] = store.progress_totals(cfg.participants)[0]
+        counted[0] = time.monotonic() + 9 * (time.monotonic() - t0)
+    epochs = int(counted[1])
+    finished = cfg.participants if store.all_finished() else store.finished_at_least
+    return Progress(time.monotonic() - start, epochs, total, version, acc, finished)
 
 
 def _show(p: Progress, limit: float, tty: bool) -> None:
@@ -115,6 +126,13 @@ def _unapplied(store: RunStore, cfg: RunConfig) -> tuple[int, int]:
     return confirmed, waiting
 
 
+def _all_applied(store: RunStore, cfg: RunConfig) -> bool:
+    """Every confirmed update applied (the drain's frequent check: one pipelined pass)."""
+    if cfg.secure:
+        return _unapplied(store, cfg)[1] == 0
+    return not store.undrained(cfg.participants)
+
+
 def _processed(store: RunStore, cfg: RunConfig) -> int:
     if cfg.secure:
         from dssgd.secure_run import secure_counters
@@ -138,7 +156,7 @@ def _drain(sup: Launcher, store: RunStore, cfg: RunConfig) -> str:
         if state in (EXITED, STOPPED):
             return ""
         try:
-            if _unapplied(store, cfg)[1] == 0:
+            if _all_applied(store, cfg):
                 return ""
             done = _processed(store, cfg)
         except DssgdError as exc:  # Redis away: no progress, the timeout decides
@@ -357,15 +375,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = run_config_from_args(args, run_id)
     workers = _check_run_args(args, cfg)
     conns = connections(args)
+    store = RunStore(redis_connect(conns.redis_url), run_id)
+    # The services are checked (connections, topology) while PyTorch is imported for preflight:
+    # waiting on the network and importing overlap instead of adding up.
+    checked = _in_background(
+        lambda: _check_services(
+            store, conns.amqp_url, AmqpNames(run_id), cfg.queue_max_length, cfg.queue_replicas
+        )
+    )
     from dssgd.shared.tasks import preflight
 
-    preflight(cfg)  # a bad task or missing data fails here, in one line (and warms MNIST's cache)
-    store = RunStore(redis_connect(conns.redis_url), run_id)
-    _check_services(
-        store, conns.amqp_url, AmqpNames(run_id), cfg.queue_max_length, cfg.queue_replicas
-    )
+    task = preflight(cfg)  # a bad task or missing data fails here, in one line (warms MNIST)
+    checked()
     run_dir = Path(args.runs_dir) / run_id
     cfg, workers = _open_run(store, args, cfg, workers, run_dir)
+    _seed_state(store, cfg, task)
     if cfg.secure:  # two share servers instead of the aggregator (docs/SECURE.md)
         from dssgd.secure_run import secure_launcher
 
@@ -396,6 +420,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not drain.done:
         return EXIT_NOT_DRAINED
     return EXIT_ERROR if reason.startswith("processes failed") else EXIT_OK
+
+
+def _in_background(fn: Callable[[], None]) -> Callable[[], None]:
+    """Run ``fn`` on a thread now; the returned function joins it and re-raises its error (the
+    thread is gone before anything forks)."""
+    failed: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=body, name="check-services", daemon=True)
+    thread.start()
+
+    def join() -> None:
+        thread.join()
+        if failed:
+            raise failed[0]
+
+    return join
+
+
+def _seed_state(store: RunStore, cfg: RunConfig, task: Any) -> None:
+    """The run's initial parameters and model record, written before any service starts (the
+    aggregator would write the same ones): workers can train at once instead of waiting for
+    the aggregator to come up."""
+    from dssgd.shared.tasks import model_record
+
+    store.init_params(task.initial_state(cfg.seed))
+    store.init_model(model_record(task))
 
 
 def _check_run_args(args: argparse.Namespace, cfg: RunConfig) -> int:
@@ -469,10 +525,11 @@ def _watch(
 ) -> str:
     """Show progress until a stop condition, a signal or a failed process; return the reason."""
     last_line = 0.0
+    counted = [0.0, 0.0]
     while True:
         if stop.wait(0.5):
             return "interrupted"
-        p = _snapshot(store, cfg, t_start)
+        p = _snapshot(store, cfg, t_start, counted)
         reason = _stop_reason(p, cfg, args)
         if tty or time.monotonic() - last_line >= 5 or reason:
             _show(p, args.time_limit, tty)

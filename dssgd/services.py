@@ -187,17 +187,14 @@ class RunEndWatcher:
         if cfg is None:
             return ""
         stop = self.store.stop_reason()
-        finished = self.store.finished()
-        if not stop and len(finished) < cfg.participants:
+        everyone = self.store.all_finished()  # amortised O(1): not N reads every second
+        if not stop and not everyone:
             return ""
         quiet = self.quiet()
-        progress = self.store.all_progress(cfg.participants)
-        applied = all(
-            self.store.applied_high(p) >= int(row.get("seq", 0)) for p, row in progress.items()
-        )
+        applied = not self.store.undrained(cfg.participants)
         if not (applied and quiet > 0) and quiet < QUIET_DRAINED:
             return ""  # confirmed updates still in the queue, or a delivery being processed
-        if len(finished) >= cfg.participants:
+        if everyone:
             return f"every participant finished ({cfg.participants})"
         return f"run stopped: {stop}"
 

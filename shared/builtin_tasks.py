@@ -24,13 +24,35 @@ from dssgd.shared.models import MODELS
 from dssgd.shared.tasks import Task, TaskContext
 from dssgd.shared.training import labels_tensor
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 
 @functools.lru_cache(maxsize=2)
 def _mnist(source: str) -> Mnist:
     """MNIST read once per process, however many participants the process hosts."""
     return load_mnist(source)
+
+
+class _PreparedRows:
+    """MNIST's training images prepared for one model, one tensor per process shared by all the
+    participants it hosts: allocated whole, but filled (and resident in memory) only in the rows
+    some participant uses, so a process pays for the images it trains on once, not per shard."""
+
+    def __init__(self, data: Mnist, model: str) -> None:
+        self.data, self.model = data, model
+        shape = prepare(data.train_x[:1], model).shape[1:]
+        self.dataset = TensorDataset(
+            torch.empty((len(data.train_y), *shape)), labels_tensor(data.train_y)
+        )
+        self.ready = np.zeros(len(data.train_y), dtype=bool)
+
+    def subset(self, idx: np.ndarray) -> Subset:
+        todo = idx[~self.ready[idx]]
+        if todo.size:
+            x = self.dataset.tensors[0]
+            x[torch.from_numpy(todo)] = prepare(self.data.train_x[todo], self.model)
+            self.ready[todo] = True
+        return Subset(self.dataset, idx.tolist())
 
 
 class MnistTask(Task):
@@ -40,6 +62,7 @@ class MnistTask(Task):
 
     def __init__(self, model: str) -> None:
         self.model = model
+        self._rows: dict[str, _PreparedRows] = {}
 
     def build_model(self) -> nn.Module:
         return MODELS[self.model].factory()
@@ -58,9 +81,10 @@ class MnistTask(Task):
             ctx.seed,
             partition=ctx.partition,
         )
-        return TensorDataset(
-            prepare(data.train_x[idx], self.model), labels_tensor(data.train_y[idx])
-        )
+        source = self._source(ctx)
+        if source not in self._rows:
+            self._rows[source] = _PreparedRows(data, self.model)
+        return self._rows[source].subset(idx)
 
     def test_data(self, ctx: TaskContext | None = None) -> Dataset:
         data = _mnist(self._source(ctx))

@@ -349,6 +349,7 @@ class RunStore:
         self._layout: Layout | None = None
         self._reader: redis.Redis | None = None  # counting connection for downloads
         self._reader_lock = threading.Lock()
+        self._finished_upto = 0  # participants 0.._finished_upto-1 are known to have finished
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -756,6 +757,25 @@ class RunStore:
             with guarded("leaving the run"):
                 self.r.hset(self.keys.participant(participant), "finished", f"{time.time():.3f}")
 
+    def leave_many(self, participants: list[int]) -> None:
+        """``leave(p, finished=True)`` for many participants in one round trip."""
+        if not participants:
+            return
+        stamp = f"{time.time():.3f}"
+        with guarded("leaving the run"):
+            pipe = self.r.pipeline(transaction=False)
+            for p in participants:
+                pipe.hset(self.keys.participant(p), "finished", stamp)
+            pipe.execute()
+
+    def finish(self, participant: int, why: str) -> None:
+        """Finished for good, and why, in one round trip (what `dssgd status` shows)."""
+        with guarded("leaving the run"):
+            self.r.hset(
+                self.keys.participant(participant),
+                mapping={"finished": f"{time.time():.3f}", "stopped": why},
+            )
+
     def active(self, within: float | None = None) -> dict[int, float]:
         """participant → time of its host's last lease renewal, for live leases only (and, with
         `within`, only those renewed in the last `within` seconds: hosts that heartbeat)."""
@@ -787,6 +807,63 @@ class RunStore:
                 pipe.hexists(self.keys.participant(p), "finished")
             rows = pipe.execute()
         return {p for p, done in enumerate(rows) if done}
+
+    def all_finished(self, chunk: int = 500) -> bool:
+        """Whether every participant has finished, in amortised constant work per call.
+
+        Finishing is for good, so the scan resumes where the last call met the first participant
+        still running: a watcher asking every second reads a chunk, not the N progress hashes.
+        """
+        n = self._n()
+        while self._finished_upto < n:
+            ids = range(self._finished_upto, min(n, self._finished_upto + chunk))
+            with guarded("reading finished participants"):
+                pipe = self.r.pipeline(transaction=False)
+                for p in ids:
+                    pipe.hexists(self.keys.participant(p), "finished")
+                rows = pipe.execute()
+            for done in rows:
+                if not done:
+                    return False
+                self._finished_upto += 1
+        return True
+
+    @property
+    def finished_at_least(self) -> int:
+        """How many participants ``all_finished`` has seen finished (a lower bound)."""
+        return self._finished_upto
+
+    def progress_totals(self, n: int, chunk: int = 1000) -> tuple[int, int, int]:
+        """(Σ epochs, participants finished, Σ confirmed seq) from two fields of each progress
+        hash, pipelined in chunks: the whole run's counts without reading every field."""
+        epochs = finished = seqs = 0
+        for start in range(0, n, chunk):
+            with guarded("reading progress"):
+                pipe = self.r.pipeline(transaction=False)
+                for p in range(start, min(n, start + chunk)):
+                    pipe.hmget(self.keys.participant(p), ["epochs", "finished", "seq"])
+                rows = pipe.execute()
+            for e, f, q in rows:
+                epochs += int(e or 0)
+                finished += f is not None
+                seqs += int(q or 0)
+        return epochs, finished, seqs
+
+    def undrained(self, n: int, chunk: int = 1000) -> int:
+        """Participants with a confirmed update not yet applied (confirmed seq > applied high)."""
+        behind = 0
+        for start in range(0, n, chunk):
+            ids = list(range(start, min(n, start + chunk)))
+            with guarded("reading progress"):
+                pipe = self.r.pipeline(transaction=False)
+                for p in ids:
+                    pipe.hget(self.keys.participant(p), "seq")
+                pipe.hmget(self.keys.dedup, [str(p) for p in ids])
+                *seqs, windows = pipe.execute()
+            behind += sum(
+                int(q or 0) > decode_state(w)[0] for q, w in zip(seqs, windows, strict=True)
+            )
+        return behind
 
     def turn(self) -> int | None:
         with guarded("reading the turn"):
@@ -838,6 +915,23 @@ class RunStore:
         return {
             p: {k.decode(): v.decode() for k, v in row.items()} for p, row in enumerate(rows) if row
         }
+
+    def restore_many(self, participants: list[int]) -> dict[int, tuple[dict[str, str], int]]:
+        """participant → (progress, highest applied seq), for a worker taking many over at once:
+        pipelined in chunks, not two round trips per participant."""
+        out: dict[int, tuple[dict[str, str], int]] = {}
+        for i in range(0, len(participants), 1000):
+            chunk = participants[i : i + 1000]
+            with guarded("reading progress"):
+                pipe = self.r.pipeline(transaction=False)
+                for p in chunk:
+                    pipe.hgetall(self.keys.participant(p))
+                pipe.hmget(self.keys.dedup, [str(p) for p in chunk])
+                *rows, windows = pipe.execute()
+            for p, row, window in zip(chunk, rows, windows, strict=True):
+                progress = {k.decode(): v.decode() for k, v in row.items()}
+                out[p] = (progress, decode_state(window)[0])
+        return out
 
     def applied_high(self, participant: int) -> int:
         with guarded("reading the replay window"):

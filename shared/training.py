@@ -21,7 +21,12 @@ class EvalResult:
 
 
 class LocalTrainer:
-    """One participant's model, data and optimiser; ``epoch()`` is the paper's local step 2."""
+    """A model, data and optimiser; ``epoch()`` is the paper's local step 2.
+
+    The data are ``x``/``y`` themselves, or only their ``rows`` (indices): a process hosting many
+    participants keeps one trainer and ``bind``s it to each participant's rows of one shared
+    pair of tensors before its epoch, so no participant holds a copy of its examples.
+    """
 
     def __init__(
         self,
@@ -32,14 +37,20 @@ class LocalTrainer:
         batch_size: int,
         seed: int,
         loss: LossFn = F.nll_loss,  # the task's loss (shared/tasks.py); NLL for the paper's
+        rows: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         self.loss = loss
-        self.x, self.y = x, y
         self.batch_size = batch_size
         self.lr = lr
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator()
+        self.bind(x, y, rows, seed)
+
+    def bind(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None, seed: int) -> None:
+        """Train on ``rows`` of x/y (all of them if None) with shuffles seeded by ``seed``."""
+        self.x, self.y, self.rows = x, y, rows
+        self.gen.manual_seed(seed)
 
     @torch.no_grad()
     def _sgd_step(self) -> None:
@@ -54,7 +65,10 @@ class LocalTrainer:
     def epoch(self) -> float:
         """One pass over the local data in shuffled mini-batches; returns the mean training loss."""
         self.model.train()
-        order = torch.randperm(len(self.x), generator=self.gen)
+        size = len(self.x) if self.rows is None else len(self.rows)
+        order = torch.randperm(size, generator=self.gen)
+        if self.rows is not None:
+            order = self.rows[order]  # positions in the shared tensors
         total, count = 0.0, 0
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]

@@ -1,16 +1,22 @@
 """A worker process: hosts one or more participants and runs their epochs.
 
 Asynchronous order: the hosted participants take epochs in turn inside the process, each from
-the freshest global parameters. Ordered modes: the process waits until the turn (kept in Redis by
-the aggregator) belongs to one of its participants, runs that participant's epoch, and waits
-again; the turn only moves on once the aggregator has applied the update.
+the freshest global parameters; while one trains, the previous epoch's update is published and
+confirmed on the sending thread (``Sender``), so the broker's confirm never holds training up.
+Every participant of the process shares one model object and trainer (worker/participant.py:
+``SharedModel``), so a process can host thousands. Ordered modes: the process waits until the
+turn (kept in Redis by the aggregator) belongs to one of its participants, runs that
+participant's epoch, and waits again; the turn only moves on once the aggregator has applied
+the update.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -33,7 +39,7 @@ from dssgd.shared.tasks import (
     context_for,
     load_task,
 )
-from dssgd.worker.participant import Participant
+from dssgd.worker.participant import Outgoing, Participant, SharedModel
 from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,8 @@ class WorkerSettings:
     worker_id: str = field(default_factory=lambda: default_worker_id())
     task: str | None = None  # --task: this worker's copy of the task (default: the run's)
     data_dir: Path | None = None  # --data DIR: handed to the task's local_data(ctx)
+    # Asynchronous order: publish epoch t's update while epoch t+1 trains (False: one at a time).
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         if any(p < 0 for p in self.participants):
@@ -135,6 +143,75 @@ class LeaseKeeper:
                 self.store.release(self.owner, self.pids)
 
 
+class Sender:
+    """The sending thread of a worker (asynchronous order): burns, publishes and records the
+    updates the training thread hands over, one at a time and in order, so a participant's
+    sequence numbers reach the broker in the order they were burned.
+
+    At most ``depth`` updates wait; a participant with one in flight is not given another epoch
+    (``busy``), so no participant ever trains from a state older than its own last update.
+    """
+
+    def __init__(self, stop: StopFlag, depth: int = 2) -> None:
+        self.stop = stop
+        self._jobs: queue.Queue[tuple[Participant, Outgoing] | None] = queue.Queue(depth)
+        self._busy: collections.Counter[int] = collections.Counter()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
+        self._thread.start()
+
+    def submit(self, part: Participant, out: Outgoing) -> None:
+        self.check()
+        with self._lock:
+            self._busy[part.pid] += 1
+        while True:
+            try:
+                self._jobs.put((part, out), timeout=0.5)
+                return
+            except queue.Full:
+                self.check()
+                if self.stop.is_set():
+                    raise StopRequested("stopped with an update not yet sent") from None
+
+    def busy(self, pid: int) -> bool:
+        return self._busy[pid] > 0
+
+    def check(self) -> None:
+        """Raise, on the training thread, what stopped the sending thread."""
+        if self.error is not None:
+            raise self.error
+
+    def wait_idle(self, pid: int | None = None, timeout: float = 0.5) -> None:
+        """Until ``pid`` (or everybody) has nothing in flight, or ``timeout``."""
+        with self._idle:
+            self._idle.wait_for(
+                lambda: (
+                    self.error is not None
+                    or (self._busy[pid] == 0 if pid is not None else not +self._busy)
+                ),
+                timeout,
+            )
+        self.check()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            part, out = job
+            try:
+                if self.error is None:  # after a failure nothing more is sent
+                    part.deliver(out, overlapped=True)
+            except BaseException as exc:  # re-raised on the training thread by check()
+                self.error = exc
+            with self._idle:
+                self._busy[part.pid] -= 1
+                self._idle.notify_all()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+
 class Worker:
     def __init__(self, settings: WorkerSettings, stop: StopFlag) -> None:
         self.s = settings
@@ -187,21 +264,9 @@ class Worker:
         )
         parts: dict[int, Participant] = {}
         try:
-            for pid in pids:
-                parts[pid] = self._with_retry(
-                    lambda pid=pid: Participant(
-                        pid,
-                        cfg,
-                        store,
-                        publisher,
-                        self.stop,
-                        None if self.s.synthetic else self._local_data(task, cfg, pid),
-                        self.s.synthetic,
-                        self.s.record_dir,
-                        self.s.hmac_key,
-                        task,
-                    )
-                )
+            parts = self._with_retry(
+                lambda: self._make_participants(cfg, store, publisher, pids, task)
+            )
             log.info(
                 "%s (%s) hosting participants %s of run %s (%s order)",
                 self.s.name,
@@ -214,18 +279,50 @@ class Worker:
         except StopRequested as exc:
             log.info("stopping: %s", exc)
         finally:
-            for pid, part in parts.items():
-                with contextlib.suppress(StoreError):
-                    store.leave(pid, finished=part.done)
-                part.close()
+            self._leave(store, parts)
             publisher.close()
-        epochs = {pid: p.epochs for pid, p in parts.items()}
+        epochs = collections.Counter(p.epochs for p in parts.values())
         log.info(
-            "worker stopped (%s); epochs per participant: %s",
+            "worker stopped (%s); participants by epochs confirmed: %s",
             self.stop.reason or "all participants done",
-            epochs,
+            ", ".join(f"{n} × {e}" for e, n in sorted(epochs.items())),
         )
         return EXIT_OK
+
+    def _make_participants(
+        self,
+        cfg: RunConfig,
+        store: RunStore,
+        publisher: Publisher,
+        pids: list[int],
+        task: LoadedTask,
+    ) -> dict[int, Participant]:
+        """The hosted participants: one shared model, progress read in one round trip."""
+        shared = SharedModel(task, cfg)
+        restored = store.restore_many(pids)
+        parts = {}
+        for pid in pids:
+            parts[pid] = Participant(
+                pid,
+                cfg,
+                store,
+                publisher,
+                self.stop,
+                None if self.s.synthetic else self._local_data(task, cfg, pid, len(pids)),
+                self.s.synthetic,
+                self.s.record_dir,
+                self.s.hmac_key,
+                task,
+                shared=shared,
+                restored=restored[pid],
+            )
+        return parts
+
+    def _leave(self, store: RunStore, parts: dict[int, Participant]) -> None:
+        with contextlib.suppress(StoreError):
+            store.leave_many([pid for pid, p in parts.items() if p.done and p.confirmed])
+        for part in parts.values():
+            part.close()
 
     def _task(self, store: RunStore, cfg: RunConfig) -> LoadedTask:
         """The task, refused when its model is not the run's (the aggregator records that)."""
@@ -245,11 +342,13 @@ class Worker:
         check_model(task, record, cfg.run_id)
         return task
 
-    def _local_data(self, task: LoadedTask, cfg: RunConfig, pid: int) -> Dataset:
+    def _local_data(self, task: LoadedTask, cfg: RunConfig, pid: int, hosted: int) -> Dataset:
         ctx = context_for(cfg, pid, self.s.data_dir)
         ds = task.local_data(ctx)
         where = f"from {ctx.data_dir}" if ctx.data_dir else "(simulated split)"
-        log.info("participant %d: %d local examples %s", pid, len(ds), where)  # type: ignore[arg-type]
+        # One line each for a few participants; thousands would drown the log.
+        level = logging.INFO if hosted <= 20 else logging.DEBUG
+        log.log(level, "participant %d: %d local examples %s", pid, len(ds), where)  # type: ignore[arg-type]
         return ds
 
     def _participants(self, store: RunStore, cfg: RunConfig) -> list[int]:
@@ -268,12 +367,13 @@ class Worker:
         return pids
 
     def _with_retry(self, fn):  # type: ignore[no-untyped-def]
-        backoff = Backoff(initial=0.2, cap=5.0)
+        backoff = None  # made on the first failure: seeding its generator costs every epoch
         while True:
             try:
                 return fn()
             except (StoreError, BrokerError) as exc:
                 log.warning("%s; retrying", exc)
+                backoff = backoff or Backoff(initial=0.2, cap=5.0)
                 if not backoff.sleep(self.stop):
                     raise StopRequested("stopped while retrying") from exc
 
@@ -290,6 +390,67 @@ class Worker:
         return False
 
     def _loop(self, cfg: RunConfig, store: RunStore, parts: dict[int, Participant]) -> None:
+        if cfg.ordered or not self.s.overlap:
+            self._loop_sync(cfg, store, parts)
+            return
+        sender = Sender(self.stop)
+        try:
+            self._loop_async(store, parts, sender)
+        finally:
+            sender.close()
+
+    def _loop_async(self, store: RunStore, parts: dict[int, Participant], sender: Sender) -> None:
+        """Round robin over the participants that still take epochs; each epoch's update goes to
+        the sending thread while the next participant trains. Constant work per epoch."""
+        live = collections.deque(parts)  # may still take epochs
+        waiting: list[int] = []  # took their last epoch; its update may still be in flight
+        last_epoch: dict[int, float] = {}
+        last_check = 0.0
+        while True:
+            now = time.monotonic()
+            if now - last_check >= 0.5 or not live:  # the run's stop flag: not once per epoch
+                last_check = now
+                if self._should_stop(store):
+                    return
+            waiting = self._finish(store, parts, waiting)
+            if not live:
+                if not waiting:
+                    return
+                sender.wait_idle()
+                continue
+            pid = live.popleft()
+            part = parts[pid]
+            if part.done:
+                waiting.append(pid)
+                continue
+            if self.s.pace > 0:
+                wait = last_epoch.get(pid, 0.0) + self.s.pace - time.monotonic()
+                if wait > 0 and self.stop.wait(wait):
+                    return
+            out = self._with_retry(part.prepare)
+            sender.submit(part, out)
+            last_epoch[pid] = time.monotonic()
+            live.append(pid)
+
+    def _finish(
+        self, store: RunStore, parts: dict[int, Participant], waiting: list[int]
+    ) -> list[int]:
+        """Leave for good once a participant's last update is confirmed; the others still wait."""
+        still = []
+        for pid in waiting:
+            part = parts[pid]
+            if not part.confirmed:
+                still.append(pid)
+                continue
+            why = part.budget_exhausted or f"finished its {part.epochs} epochs"
+            self._with_retry(lambda pid=pid, why=why: store.finish(pid, why))
+            log.log(
+                logging.INFO if len(parts) <= 20 else logging.DEBUG, "participant %d %s", pid, why
+            )
+        return still
+
+    def _loop_sync(self, cfg: RunConfig, store: RunStore, parts: dict[int, Participant]) -> None:
+        """One epoch at a time, each confirmed before the next (ordered modes, or --no-overlap)."""
         last_epoch: dict[int, float] = {}
         order = list(parts)
         i = 0
