@@ -106,7 +106,11 @@ cmd="${1:-run}"; shift || true
 case "$cmd" in
     run)      ensure_venv; ensure_redis; ensure_rabbitmq; exec "$VENV/bin/dssgd" run "$@" ;;
     test)     ensure_venv; ensure_redis; ensure_rabbitmq; ensure_compose
-              cd "$ROOT"; exec "$VENV/bin/python" -m pytest "$@" ;;
+              # Most integration tests wait on servers and subprocesses, not on the CPU: four
+              # pytest workers (one per test file, so a module's private servers start once)
+              # keep the suite within 10 minutes on 2 cores. DSSGD_TEST_JOBS=0 runs it serially.
+              cd "$ROOT"; exec "$VENV/bin/python" -m pytest -n "${DSSGD_TEST_JOBS:-4}" \
+                  --dist loadfile "$@" ;;
     services) ensure_redis; ensure_rabbitmq; say "Redis and RabbitMQ are running" ;;
     dssgd)    ensure_venv; exec "$VENV/bin/dssgd" "$@" ;;
     install)  ensure_venv ;;
