@@ -54,6 +54,7 @@ def test_an_unwritable_runs_dir_creates_nothing(conns: Connections) -> None:
     # ...so the same command with a good folder is not told the run already exists.
 
 
+@pytest.mark.long  # several whole runs
 def test_results_to_unwritable_paths_and_corrupt_files(
     make_run: Callable[..., RunHandle], conns: Connections, tmp_path: Path
 ) -> None:

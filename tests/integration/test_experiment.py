@@ -11,7 +11,8 @@ import pytest
 
 from testing.runs import ROOT
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# long: several whole runs; `dssgd experiment` is also run by bench/ (docs/RESULTS.md)
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.long]
 
 
 def test_smoke_preset_writes_results_and_plots(tmp_path: Path) -> None:

@@ -109,6 +109,7 @@ def test_three_hundred_participants_in_one_worker_publish(
 
 
 @pytest.mark.slow
+@pytest.mark.long  # three workers racing for leases; the claim script is also tested alone
 def test_a_worker_joining_a_run_never_hosts_a_participant_twice(
     conns: Connections, tmp_path: Path
 ) -> None:
@@ -142,7 +143,8 @@ def test_a_worker_joining_a_run_never_hosts_a_participant_twice(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["fork", "supervisor"])
+# supervisord's variant is long (a supervisord and fresh interpreters); the fork one stays.
+@pytest.mark.parametrize("launcher", ["fork", pytest.param("supervisor", marks=pytest.mark.long)])
 def test_a_killed_worker_comes_back_with_its_own_participants(
     launcher: str, conns: Connections, tmp_path: Path
 ) -> None:
