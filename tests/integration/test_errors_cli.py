@@ -125,19 +125,26 @@ def test_resuming_a_run_that_does_not_exist_creates_nothing(
     assert not list(r.scan_iter(match=f"dssgd:{{{run_id}}}:*"))
 
 
-def test_a_worker_waiting_for_a_missing_run_says_so(conns: Connections) -> None:
+def test_a_worker_waiting_for_a_missing_run_says_so(conns: Connections, tmp_path: Path) -> None:
     env = {**os.environ, "DSSGD_AMQP_URL": conns.amqp_url, "DSSGD_REDIS_URL": conns.redis_url}
-    p = subprocess.Popen(
-        [sys.executable, "-m", "dssgd", "worker", "--run-id", "nope-wait"],
-        cwd=ROOT,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(6)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=30)
-    assert "waiting up to 120 s for run nope-wait to be created" in err, err
+    log = tmp_path / "worker.err"
+    want = "waiting up to 120 s for run nope-wait to be created"
+    with log.open("w") as err_file:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "dssgd", "worker", "--run-id", "nope-wait"],
+            cwd=ROOT,
+            env=env,
+            stderr=err_file,
+            text=True,
+        )
+        # Wait for the line rather than a fixed time: a loaded machine takes seconds to import.
+        deadline = time.monotonic() + 60
+        while want not in log.read_text() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+    err = log.read_text()
+    assert want in err, err
 
 
 @pytest.mark.slow
