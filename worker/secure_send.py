@@ -24,7 +24,7 @@ from dssgd.shared.amqp_names import AmqpNames
 from dssgd.shared.config import RunConfig
 from dssgd.shared.errors import ConfigError, StoreError
 from dssgd.shared.keys import Keys, ShareKeys
-from dssgd.shared.store import RunStore, guarded
+from dssgd.shared.store import RunStore, counting_client, guarded, received
 from dssgd.shared.store import connect as redis_connect
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,14 @@ class ShareView:
     """Read-only access to one share server's committed state and snapshot ring."""
 
     def __init__(self, r: redis.Redis, run_id: str, role: str) -> None:
-        self.r, self.keys = r, ShareKeys(run_id, role)
+        self.keys = ShareKeys(run_id, role)
+        # One counting connection (shared/store.py): bytes down are what this server sent.
+        self.r = counting_client(r, self.keys.offset)
+
+    @property
+    def received(self) -> int:
+        """Bytes this view's connection has received so far."""
+        return received(self.r)
 
     def peek(self) -> tuple[int, dict[int, int]]:
         """(current offset, stream offset → ring slot of every snapshot held)."""
@@ -103,7 +110,7 @@ class ConsistentReader:
         self.level_wait = level_wait
         self.offset = -1  # of the last read
         self.fallbacks = 0  # reads served from a snapshot (the servers were apart)
-        self.bytes_read = 0  # share and stat bytes of the last read, as received
+        self.bytes_read = 0  # bytes both servers sent for the last read (peeks included)
 
     def read_views(self, with_stat: bool = True) -> tuple[ServerView, ServerView]:
         """(A's view, B's view) at one common offset; raises StoreError if none within timeout."""
@@ -143,12 +150,13 @@ class ConsistentReader:
 
     def read_params(self, with_stat: bool = False) -> tuple[int, np.ndarray, np.ndarray | None]:
         """(version, w, stat) as ``RunStore.read_params`` gives them, from the two servers."""
+        before = self.a.received + self.b.received
         va, vb = self.read_views(with_stat=True)
         if va.version != vb.version or va.stat.tobytes() != vb.stat.tobytes():  # type: ignore[union-attr]
             # The same offset must mean the same public state on both: a server bug, say so.
             raise StoreError(f"share servers disagree at offset {va.offset} (version or stat)")
         self.offset = va.offset
-        self.bytes_read = sum(v.state.nbytes + v.stat.nbytes for v in (va, vb))  # type: ignore[union-attr]
+        self.bytes_read = self.a.received + self.b.received - before  # every reply, as received
         w = secure.decode_state(self.w0, secure.reconstruct(va.state, vb.state))
         return va.version, w, va.stat if with_stat else None
 
