@@ -30,7 +30,7 @@ from dssgd.aggregator.metrics import AggregatorMetrics
 from dssgd.shared.amqp_names import AmqpNames
 from dssgd.shared.broker import Consumer, Delivery, tune_for_large_messages
 from dssgd.shared.config import Connections, RunConfig
-from dssgd.shared.errors import BrokerError, ConfigError, FencedError, StoreError
+from dssgd.shared.errors import BrokerError, ConfigError, FencedError, StoreError, is_permanent
 from dssgd.shared.lifecycle import EXIT_FENCED, EXIT_OK, Backoff, StopFlag
 from dssgd.shared.rules import UpdateRule
 from dssgd.shared.store import HOLDER_SILENCE, AggregatorState, RunStore
@@ -115,6 +115,9 @@ class Aggregator:
                     log.error("%s; exiting so the other aggregator can work", exc)
                     return EXIT_FENCED
                 except (BrokerError, StoreError) as exc:
+                    if is_permanent(exc):  # rights or a password taken away: end, say why
+                        log.error("%s: retrying cannot help, stopping", exc)
+                        raise
                     log.warning("connection lost (%s); reconnecting", exc)
                     backoff.sleep(self.stop)
         finally:

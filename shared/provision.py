@@ -102,7 +102,7 @@ def _re(text: str) -> str:
 
 # Commands, not categories: `+@connection` would include CLIENT KILL, `+@scripting` SCRIPT FLUSH.
 _CONNECTION = ["+ping", "+hello", "+auth", "+select", "+client|setname"]
-_SCRIPTS = ["+evalsha", "+eval", "+script|load"]
+_SCRIPTS = ["+evalsha", "+eval", "+evalsha_ro", "+eval_ro", "+script|load"]
 # What a worker does with its own keys: read the run, write progress, lease, trace, wake-up.
 _PARTICIPANT_COMMANDS = [
     *_CONNECTION,

@@ -35,6 +35,7 @@ from dssgd.shared.errors import (
     ConfigError,
     StopRequested,
     StoreError,
+    is_permanent,
 )
 from dssgd.shared.lifecycle import Backoff, StopFlag
 from dssgd.shared.models import get_flat, layout_of, set_flat
@@ -512,6 +513,8 @@ class Participant:
                 fn()
                 return
             except StoreError as exc:
+                if is_permanent(exc):
+                    raise
                 log.warning("participant %d: %s; retrying", self.pid, exc)
                 backoff = backoff or Backoff(initial=0.1, cap=5.0)
                 if not backoff.sleep(self.stop):

@@ -114,6 +114,7 @@ class LeaseKeeper:
         self.store = RunStore(redis_connect(url), run_id)
         self.owner, self.pids, self.stop = owner, pids, stop
         self.lost: list[int] = []
+        self.fatal: StoreError | None = None  # a refusal that retrying cannot heal
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
         self._thread.start()
@@ -123,6 +124,11 @@ class LeaseKeeper:
             try:
                 lost = self.store.renew(self.owner, self.pids)
             except StoreError as exc:
+                if is_permanent(exc):
+                    log.error("cannot renew participant leases (%s): retrying cannot help", exc)
+                    self.fatal = exc
+                    self.stop.set(f"cannot renew participant leases: {exc}")
+                    return
                 log.warning("cannot renew participant leases (%s); retrying", exc)
                 continue
             if lost:
@@ -250,9 +256,12 @@ class Worker:
             self.s.connections.redis_url, cfg.run_id, self.s.worker_id, pids, self.stop
         )
         try:
-            return self._host(cfg, store, pids, task)
+            code = self._host(cfg, store, pids, task)
         finally:
             keeper.close()
+        if keeper.fatal is not None:
+            raise keeper.fatal  # the exit code says rights or a password were refused
+        return code
 
     def _host(self, cfg: RunConfig, store: RunStore, pids: list[int], task: LoadedTask) -> int:
         publisher = Publisher(
@@ -372,6 +381,9 @@ class Worker:
             try:
                 return fn()
             except (StoreError, BrokerError) as exc:
+                if is_permanent(exc):  # rights or a password taken away mid-run: end, say why
+                    log.error("%s: retrying cannot help, stopping", exc)
+                    raise
                 log.warning("%s; retrying", exc)
                 backoff = backoff or Backoff(initial=0.2, cap=5.0)
                 if not backoff.sleep(self.stop):
