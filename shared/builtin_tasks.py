@@ -63,6 +63,9 @@ class MnistTask(Task):
     def __init__(self, model: str) -> None:
         self.model = model
         self._rows: dict[str, _PreparedRows] = {}
+        # Prepared once per process: `dssgd run`'s preflight prepares it before forking, so the
+        # forked aggregator's evaluator starts scoring at once instead of preparing it again.
+        self._test: dict[str, TensorDataset] = {}
 
     def build_model(self) -> nn.Module:
         return MODELS[self.model].factory()
@@ -87,8 +90,12 @@ class MnistTask(Task):
         return self._rows[source].subset(idx)
 
     def test_data(self, ctx: TaskContext | None = None) -> Dataset:
-        data = _mnist(self._source(ctx))
-        return TensorDataset(prepare(data.test_x, self.model), labels_tensor(data.test_y))
+        source = self._source(ctx)
+        if source not in self._test:
+            data = _mnist(source)
+            x, y = prepare(data.test_x, self.model), labels_tensor(data.test_y)
+            self._test[source] = TensorDataset(x, y)
+        return self._test[source]
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.nll_loss(output, target)
