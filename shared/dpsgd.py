@@ -83,6 +83,9 @@ class DpSgdTrainer:
         self.steps_per_epoch = math.ceil(len(x) / batch_size)
         self.gen = generator or secure_generator()
         self.steps = 0  # every step is a privacy-relevant event (accounted by the caller)
+        # How often each record was drawn so far: never released, only read by the audit, whose
+        # members that were never drawn must score like non-members (dssgd/audit/sweep.py).
+        self.times_sampled = torch.zeros(len(x), dtype=torch.long)
         self._per_example = vmap(grad(self._loss_one), in_dims=(None, None, 0, 0))
 
     def _loss_one(
@@ -130,6 +133,7 @@ class DpSgdTrainer:
         params = dict(self.model.named_parameters())
         for _ in range(self.steps_per_epoch):
             mask = torch.rand(len(self.x), generator=self.gen) < self.q
+            self.times_sampled += mask
             g = self.noisy_gradient(torch.nonzero(mask).flatten())
             with torch.no_grad():
                 for k, v in g.items():

@@ -76,6 +76,9 @@ class ServerView:
     n: int
     wire_bytes: int
     sigma: float | None = None  # DP-SGD noise multiplier, when used
+    # DP-SGD: how often Poisson sampling drew each record in the epoch (the audit's ground truth,
+    # never part of what the server sees)
+    times_sampled: np.ndarray | None = None
 
     def dense(self) -> np.ndarray:
         out = np.zeros(self.n, dtype=np.float32)
@@ -85,8 +88,8 @@ class ServerView:
 
 def local_epoch(
     scn: Scenario, point: Point, data: Records, base: np.ndarray
-) -> tuple[np.ndarray, float | None]:
-    """Δw of one local epoch from ``base`` (and DP-SGD's σ when it is the mechanism)."""
+) -> tuple[np.ndarray, float | None, np.ndarray | None]:
+    """Δw of one local epoch from ``base``; with DP-SGD, its σ and each record's draws."""
     s = scn.setting
     model = scn.model(base)
     if point.dp == "dpsgd":
@@ -99,12 +102,13 @@ def local_epoch(
         assert point.eps is not None
         sigma = noise_multiplier(point.eps, s.dp_delta, q, steps * s.run_epochs)
         gen = None if s.noise_seed is None else torch.Generator().manual_seed(s.noise_seed)
-        DpSgdTrainer(
+        trainer = DpSgdTrainer(
             model, data.x, data.y, s.lr, s.batch_size, s.dp_clip, sigma, scn.task.loss, gen
-        ).epoch()
-        return get_flat(model) - base, sigma
+        )
+        trainer.epoch()
+        return get_flat(model) - base, sigma, trainer.times_sampled.numpy()
     LocalTrainer(model, data.x, data.y, s.lr, s.batch_size, s.seed, loss=scn.task.loss).epoch()
-    return get_flat(model) - base, None
+    return get_flat(model) - base, None, None
 
 
 def share(scn: Scenario, point: Point, delta: np.ndarray, base: np.ndarray) -> ServerView:
@@ -140,9 +144,9 @@ def through_wire(
 def server_view(scn: Scenario, point: Point, data: Records | None = None) -> ServerView:
     """The server's view of the audited (or given) participant's update at ``point``."""
     base = scn.states[point.state]
-    delta, sigma = local_epoch(scn, point, data if data is not None else scn.members, base)
+    delta, sigma, drawn = local_epoch(scn, point, data if data is not None else scn.members, base)
     view = share(scn, point, delta, base)
-    view.sigma = sigma
+    view.sigma, view.times_sampled = sigma, drawn
     return view
 
 

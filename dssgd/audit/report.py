@@ -132,6 +132,7 @@ def text(audit: Audit) -> str:
             f"({'holds' if t.holds else 'VIOLATED'}); broken control ε ≥ "
             f"{t.broken.epsilon_lb:.2f} ({'test has power' if t.has_power else 'NO POWER'})"
         )
+    out += _bound_lines(audit)
     reasons = [r.reconstruction.reason for r in audit.results if not r.reconstruction.applicable]
     reasons += [f"label set: {r.labels.reason}" for r in audit.results if not r.labels.applicable]
     for note in [*audit.notes, *dict.fromkeys(f"n/a: {x}" for x in reasons if x)]:
@@ -141,6 +142,30 @@ def text(audit: Audit) -> str:
         f"loss drop / gradient alignment; chance is AUC 0.5, TPR = FPR. {audit.seconds:.1f} s"
     )
     return "\n".join(out)
+
+
+def _bound_lines(audit: Audit) -> list[str]:
+    """Each DP-SGD point's measured membership figures beside what its guarantee allows."""
+    out = []
+    for r in audit.results:
+        b, m = r.dp_bound, strongest(r)
+        if b is None or m is None:
+            continue
+        tpr = m.tpr[0.01]
+        if r.above_dp_bound:
+            where = "ABOVE the bound"
+        elif m.auc.value <= b.auc and tpr.value <= b.tpr[0.01]:
+            where = "within it"
+        else:
+            where = "consistent with it (its interval reaches below the bound)"
+        parts = r.by_draws.get(m.score, {})
+        split = "; ".join(f"{p} {x.members}: AUC {x.auc.value:.3f}" for p, x in parts.items())
+        out.append(
+            f"DP bound {r.point.label} ({audit.setting.run_epochs}-epoch run): {b}; measured "
+            f"{m.score} AUC {m.auc.value:.3f}, TPR@1% {tpr.value:.1%}: {where}"
+            + (f" (members {split})" if split else "")
+        )
+    return out
 
 
 # --- JSON -------------------------------------------------------------------------------------
@@ -165,6 +190,11 @@ def _point_json(r: PointResult) -> dict[str, Any]:
             k: (v if isinstance(v, str) else v.as_dict()) for k, v in r.membership.items()
         },
         "null_membership": {k: v.as_dict() for k, v in r.null_membership.items()},
+        "dp_bound": r.dp_bound.as_dict() if r.dp_bound else None,
+        "above_dp_bound": r.above_dp_bound,
+        "membership_by_draws": {
+            k: {part: m.as_dict() for part, m in v.items()} for k, v in r.by_draws.items()
+        },
         "labels": r.labels.summary(),
         "leaks": r.verdicts,
         "verdict": r.verdict,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dssgd.audit import dpcheck, labels, membership, pipeline, reconstruct
+from dssgd.audit import dpbound, dpcheck, labels, membership, pipeline, reconstruct
 from dssgd.audit.pipeline import Point
 from dssgd.audit.scenario import Scenario, Setting, load
 
@@ -38,6 +38,7 @@ DEFAULT_POINTS: tuple[Point, ...] = (
     Point(_I, 1.0, dp="svt", eps=1.0),
     Point(_I, 1.0, dp="dpsgd", eps=8.0),
 )
+ByDraws = dict[str, dict[str, membership.Membership]]  # score → part of the members → figures
 SELFTEST_EPSILON = 2.0  # where a test of a few thousand samples can still flag a broken mechanism
 
 
@@ -53,6 +54,25 @@ class PointResult:
     seconds: float
     not_applicable: str = ""  # the whole point cannot run (e.g. DP with buffers)
     null_membership: dict[str, membership.Membership] = field(default_factory=dict)
+    dp_bound: dpbound.AttackBound | None = None  # DP-SGD: the most any attack can reach
+    by_draws: ByDraws = field(default_factory=dict)  # DP-SGD: score → never drawn / drawn
+
+    @property
+    def above_dp_bound(self) -> list[str]:
+        """Scores whose figures exceed what the DP guarantee allows (must stay empty).
+
+        An AUC or TPR interval lying wholly above its bound would mean the update is not what
+        the accountant assumes.
+        """
+        b = self.dp_bound
+        if b is None:
+            return []
+        return [
+            k
+            for k, v in self.membership.items()
+            if not isinstance(v, str)
+            and (v.auc.low > b.auc or any(v.tpr[f].low > t for f, t in b.tpr.items()))
+        ]
 
     @property
     def verdicts(self) -> list[str]:
@@ -67,6 +87,8 @@ class PointResult:
             out.append("membership (" + ", ".join(mia) + ")")
         if self.labels.beats_guess:
             out.append("label set")
+        if self.above_dp_bound:
+            out.append("ABOVE THE DP BOUND (" + ", ".join(self.above_dp_bound) + ")")
         return out
 
     @property
@@ -124,15 +146,19 @@ def _scores(scn: Scenario, view: pipeline.ServerView) -> dict[str, tuple[Any, An
 
 def _membership(
     scn: Scenario, view: pipeline.ServerView
-) -> tuple[dict[str, membership.Membership | str], dict[str, membership.Membership]]:
-    """The attack (members vs non-members) and its null control (non-members vs non-members).
+) -> tuple[dict[str, membership.Membership | str], dict[str, membership.Membership], ByDraws]:
+    """The attack (members vs non-members), its null control (non-members vs non-members)
+    and, under DP-SGD, the attack on the members Poisson sampling never drew vs those it drew.
 
     The null control scores the first |members| non-members as if they were members: its AUC
-    must sit at 0.5, or the scores tell apart something other than membership.
+    must sit at 0.5, or the scores tell apart something other than membership. A member never
+    drawn took no part in the update: it must score like a non-member too, or something other
+    than the clipped, noised gradients of the drawn records reached the update.
     """
     s = scn.setting
     attack: dict[str, membership.Membership | str] = {}
     null: dict[str, membership.Membership] = {}
+    by_draws: ByDraws = {}
     k = min(len(scn.members), len(scn.non_members) // 2)
     ym, yu = scn.members.y.numpy(), scn.non_members.y.numpy()
     per_class = not scn.members.y.is_floating_point() and len(np.unique(yu)) <= 1000
@@ -150,7 +176,14 @@ def _membership(
             )
         attack[name] = membership.evaluate(name, m, u, s.bootstrap, s.seed)
         null[name] = membership.evaluate(name, m_null, u_null, s.bootstrap, s.seed)
-    return attack, null
+        if view.times_sampled is not None:
+            drawn = view.times_sampled > 0
+            by_draws[name] = {
+                part: membership.evaluate(name, m[sel], u, s.bootstrap, s.seed)
+                for part, sel in (("never drawn", ~drawn), ("drawn", drawn))
+                if sel.sum() >= 2
+            }
+    return attack, null, by_draws
 
 
 def run_point(scn: Scenario, point: Point) -> PointResult:
@@ -168,11 +201,17 @@ def run_point(scn: Scenario, point: Point) -> PointResult:
     view = pipeline.server_view(scn, point)
     dense = view.dense()
     rec = reconstruct.attack(layer, dense, scn.members.x, scn.never_seen.x)
-    mia, null = _membership(scn, view)
+    mia, null, by_draws = _membership(scn, view)
     skew_view = pipeline.server_view(scn, point, scn.skewed)
     shared = np.zeros(view.n, dtype=bool)
     shared[skew_view.indices] = True
     lab = labels.infer(last, skew_view.dense(), shared, scn.skewed.y.numpy())
+    bound = None
+    if point.dp == "dpsgd" and view.sigma is not None:
+        s = scn.setting
+        n = len(scn.members)
+        q, steps = min(1.0, s.batch_size / n), -(-n // s.batch_size)
+        bound = dpbound.dpsgd_update_bound(view.sigma, q, steps, s.dp_delta, membership.FPRS)
     return PointResult(
         point,
         rec,
@@ -183,6 +222,8 @@ def run_point(scn: Scenario, point: Point) -> PointResult:
         view.sigma,
         time.perf_counter() - t0,
         null_membership=null,
+        dp_bound=bound,
+        by_draws=by_draws,
     )
 
 

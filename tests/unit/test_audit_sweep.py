@@ -1,7 +1,9 @@
-"""The audit's acceptance lines on MNIST, small: the real training, selection, DP and wire code.
+"""The audit's acceptance lines on MNIST: the real training, selection, DP and wire code.
 
-300 records per participant and 1,500 non-members (the command's defaults are 600 and 5,000),
-DP noise from a fixed seed so the figures are reproducible (the command draws it from the OS
+Most tests run small: 300 records per participant and 1,500 non-members. The membership figures
+of DP-SGD run at the command's defaults (600 members, 5,000 non-members), where TPR at 1 % FPR
+≤ 2 % is a test with power (chance is 1 ± 0.4 %, the undefended update reaches 4-7 %). DP noise
+comes from a fixed seed so the figures are reproducible (the command draws it from the OS
 CSPRNG, as the worker does). Skipped when MNIST is not installed.
 """
 
@@ -28,23 +30,35 @@ SMALL = Setting(
 )
 
 
-@functools.lru_cache(maxsize=1)
-def _scenario() -> Scenario:
-    return load(SMALL)
+FULL = Setting(bootstrap=100, noise_seed=0)  # the command's sizes
 
 
-@pytest.fixture(scope="module")
-def scn() -> Iterator[Scenario]:
+@functools.lru_cache(maxsize=2)
+def _scenario(setting: Setting) -> Scenario:
+    return load(setting)
+
+
+def _loaded(setting: Setting) -> Iterator[Scenario]:
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as sweep.run does
     try:
-        yield _scenario()
+        yield _scenario(setting)
     except DataError as exc:
         pytest.skip(f"MNIST not available: {exc}")
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def scn() -> Iterator[Scenario]:
+    yield from _loaded(SMALL)
+
+
+@pytest.fixture(scope="module")
+def full() -> Iterator[Scenario]:
+    yield from _loaded(FULL)
 
 
 def test_positive_controls_have_power(scn: Scenario) -> None:
@@ -68,13 +82,42 @@ def test_dp_leaves_nothing_the_attacks_can_show(scn: Scenario, point: Point) -> 
     r = sweep.run_point(scn, point)
     rec = r.reconstruction
     assert rec.recovered == 0 and rec.margin <= 0.05, rec.summary()
+    assert not r.above_dp_bound
     for name, m in r.membership.items():
         assert not isinstance(m, str), m
-        assert m.auc.contains(0.5), (name, str(m.auc))
-        # 300 members give TPR in steps of 0.33 % with a chance spread of ±0.6 %: here the
-        # interval must include chance (1 %); the ≤ 2 % point figure is the default sweep's
-        # (600 members, 5,000 non-members, docs/AUDIT.md).
+        if point.dp == "svt":
+            assert m.auc.contains(0.5), (name, str(m.auc))
+        # DP-SGD's membership figures are checked at full size below: at ε 8 one update is
+        # allowed AUC 0.579 and a weak real signal remains (docs/AUDIT.md), which the wider
+        # intervals of 300 members would hide, not remove.
         assert m.tpr[0.01].low <= 0.01 and m.tpr[0.01].value <= 0.03, (name, str(m.tpr[0.01]))
+
+
+def test_dpsgd_at_eps_8_catches_at_most_2_percent_at_1_percent_fpr(full: Scenario) -> None:
+    r = sweep.run_point(full, Point("trained", 1.0, dp="dpsgd", eps=8.0))
+    assert r.reconstruction.recovered == 0 and r.reconstruction.margin <= 0.05
+    assert r.dp_bound is not None and not r.above_dp_bound, r.dp_bound
+    for name, m in r.membership.items():
+        assert not isinstance(m, str), m
+        assert m.tpr[0.01].value <= 0.02, (name, str(m.tpr[0.01]))
+    # negative control: at the same size, the undefended update catches more than 2 %
+    plain = sweep.run_point(full, Point("trained", 1.0))
+    assert (
+        max(m.tpr[0.01].value for m in plain.membership.values() if not isinstance(m, str)) > 0.02
+    )
+
+
+def test_dpsgd_at_eps_1_membership_is_at_chance(full: Scenario) -> None:
+    r = sweep.run_point(full, Point("trained", 1.0, dp="dpsgd", eps=1.0))
+    assert r.dp_bound is not None and r.dp_bound.auc < 0.52  # one update: ε 0.17
+    assert not r.above_dp_bound
+    for name, m in r.membership.items():
+        assert not isinstance(m, str), m
+        assert m.auc.contains(0.5) and m.tpr[0.01].value <= 0.02, (name, str(m.auc))
+    # negative control: the undefended update lies above what ε 1's guarantee allows
+    plain = sweep.run_point(full, Point("trained", 1.0))
+    plain.dp_bound = r.dp_bound
+    assert plain.above_dp_bound and "ABOVE THE DP BOUND" in plain.verdict
 
 
 def test_bad_input_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
