@@ -197,3 +197,11 @@ class ShardKeys:
     @property
     def counters(self) -> str:  # hash: this shard's own counters (shards s > 0 only)
         return self._k("counters")
+
+    @property
+    def applied_log(self) -> str:  # list "participant:seq:version:staleness:time" (s > 0 only)
+        return self._k("applied")
+
+    @property
+    def unused(self) -> str:  # a key of the shard's slot the commit script names but never writes
+        return self._k("unused")

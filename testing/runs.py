@@ -39,7 +39,7 @@ class RunHandle:
         if zero_init:
             # Integer-valued start: sums of integer updates stay exact in float32 (the oracle).
             self.init = np.zeros_like(self.init)
-        self.store.init_params(self.init)
+        self.store.init_params(self.init, cfg.shards)
         conn = amqp_connect(conns.amqp_url, "dssgd-tests")
         declare_topology(conn.channel(), self.names, cfg.queue_max_length, cfg.queue_replicas)
         conn.close()
