@@ -227,6 +227,7 @@ class Aggregator:
         t0 = time.perf_counter()
         with self.lock:
             state = self.state
+
             # What every range shard has applied: a duplicate here is one on every shard.
             def window_of(p: int) -> tuple[int, int]:
                 return dedup.intersect([state.windows(s).get(p, (0, 0)) for s in shards])
