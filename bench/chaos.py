@@ -540,7 +540,7 @@ class Run:
     def __init__(self, svc: Services, name: str, participants: int, groups: list[tuple[int, ...]],
                  pace: float, queue_max_length: int, **overrides: object) -> None:
         self.svc = svc
-        self.run_id = f"chaos-{name}-{uuid.uuid4().hex[:6]}"
+        self.run_id = str(overrides.pop("run_id", "")) or f"chaos-{name}-{uuid.uuid4().hex[:6]}"
         # Integer values within a generous γ and the raw sum: every float32 sum stays exact.
         # epochs=0: participants run until we stop them, however long the faults take.
         fields: dict[str, object] = {"participants": participants, "theta_u": 0.01,

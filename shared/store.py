@@ -388,7 +388,7 @@ class RunStore:
         self._renew = r.register_script(_RENEW)
         self._participants: int | None = None
         self._layout: Layout | None = None
-        self._reader: redis.Redis | None = None  # counting connection for downloads
+        self._readers: list[redis.Redis] | None = None  # per shard, counting connections
         self._reader_lock = threading.Lock()
         self._finished_upto = 0  # participants 0.._finished_upto-1 are known to have finished
 
@@ -512,7 +512,8 @@ class RunStore:
         layout = self.layout()
         w = np.empty(layout.n, np.float32)
         stat = np.empty(layout.n, np.float32) if with_stat else None
-        versions = self._read_chunks(self.r, np.arange(layout.n_chunks), w, stat)
+        clients = [self.r] * layout.shards
+        versions = self._read_chunks(clients, np.arange(layout.n_chunks), w, stat)
         return min(v for v in versions if v is not None), w, stat
 
     def download(
@@ -529,33 +530,49 @@ class RunStore:
         """
         layout = self.layout()
         with self._reader_lock:
-            if self._reader is None:
-                self._reader = counting_client(self.r, self.keys.version)
-            before = received(self._reader)
+            if self._readers is None:
+                self._readers = self._counting_readers(layout)
+            readers = self._readers
+            before = sum(received(c) for c in {id(c): c for c in readers}.values())
             try:
                 summary = None
                 if theta_d < 1.0 and random is None:
-                    summary = self._read_summaries(self._reader, layout)
+                    summary = self._read_summaries(readers, layout)
                 chunks = download_chunks(layout, theta_d, summary, random)
-                versions = self._read_chunks(self._reader, chunks, out, None)
+                versions = self._read_chunks(readers, chunks, out, None)
             except StoreError:
-                self._reader = None  # a failover moves the slot: find its master again
+                self._readers = None  # a failover moves a slot: find its master again
                 raise
-            got = received(self._reader) - before
+            got = sum(received(c) for c in {id(c): c for c in readers}.values()) - before
         return Download(tuple(versions), chunks, got)
 
-    def _read_summaries(self, client: redis.Redis, layout: Layout) -> np.ndarray:
+    def _counting_readers(self, layout: Layout) -> list[redis.Redis]:
+        """Per shard, a counting connection to the server holding it (one for a plain Redis;
+        on a cluster, to the master of each shard's slot)."""
+        if not isinstance(self.r, redis.RedisCluster):
+            return [counting_client(self.r, self.keys.version)] * layout.shards
+        return [counting_client(self.r, self.keys.shard(s).version) for s in range(layout.shards)]
+
+    def _read_summaries(self, readers: list[redis.Redis], layout: Layout) -> np.ndarray:
+        raw: list[bytes | None] = [None] * layout.shards
         with guarded("reading the chunk summaries"):
-            pipe = client.pipeline(transaction=False)
-            for s in range(layout.shards):
-                pipe.get(self.keys.shard(s).summary)
-            raw = pipe.execute()
+            for client in {id(c): c for c in readers}.values():
+                mine = [s for s in range(layout.shards) if readers[s] is client]
+                pipe = client.pipeline(transaction=False)
+                for s in mine:
+                    pipe.get(self.keys.shard(s).summary)
+                for s, blob in zip(mine, pipe.execute(), strict=True):
+                    raw[s] = blob
         if any(x is None for x in raw):
             raise StoreError(f"run {self.run_id!r} has no parameters yet")
-        return np.concatenate([np.frombuffer(x, np.float32) for x in raw])
+        return np.concatenate([np.frombuffer(x, np.float32) for x in raw])  # type: ignore[arg-type]
 
     def _read_chunks(
-        self, client: redis.Redis, chunks: np.ndarray, w: np.ndarray, stat: np.ndarray | None
+        self,
+        clients: list[redis.Redis],
+        chunks: np.ndarray,
+        w: np.ndarray,
+        stat: np.ndarray | None,
     ) -> list[int | None]:
         """Chunks (sorted) of w (and stat) into the given arrays, shard by shard; returns the
         version of every shard read (None for a shard none of whose chunks was asked for)."""
@@ -565,7 +582,7 @@ class RunStore:
             cs = layout.shard_chunks(s)
             mine = chunks[(chunks >= cs.start) & (chunks < cs.stop)].tolist()
             read = mine or (not chunks.size and s == 0)
-            versions.append(self._read_shard(client, s, mine, w, stat)[0] if read else None)
+            versions.append(self._read_shard(clients[s], s, mine, w, stat)[0] if read else None)
         return versions
 
     def _read_shard(
