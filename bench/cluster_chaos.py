@@ -6,14 +6,14 @@
     DSSGD_CLUSTER_PORTS=17200 python -m bench.cluster_chaos   # base of the 100 ports it uses
 
 ``--combined`` (issue 15) runs one run on the 3-node RabbitMQ cluster and a private 3-master Redis
-Cluster (AOF, appendfsync always; ports base+100..102, bus base+110..112, outside the broker's
-100) with the parameters in S = 3 range shards, its run id chosen so each shard's slot is on another master. Mid-run, one after the other: kill
--9 of the RabbitMQ node leading the queue, kill -9 of the Redis master holding shard 1 (restarted
-from its AOF after a second: the cluster refuses every command meanwhile, and a commit caught
-between shards 2 and 1 leaves the shards torn), kill -9 of the aggregator. Each recovery is the
-time from the kill until every shard's version has moved on. The exact-sum oracle is then checked
-on every shard: its own applied log (lost, doubled, versions exactly 1..V) and its range of w and
-stat byte for byte.
+Cluster (AOF, appendfsync always; ports base+100..102, bus base+110..112, beyond the broker's
+100) with the parameters in S = 3 range shards, its run id chosen so each shard's slot is on
+another master. Mid-run, one after the other: kill -9 of the RabbitMQ node leading the queue,
+kill -9 of the Redis master holding shard 1 (restarted from its AOF after a second: the cluster
+refuses every command meanwhile, and a commit caught between shards 2 and 1 leaves the shards
+torn), kill -9 of the aggregator. Each recovery is the time from the kill until every shard's
+version has moved on. The exact-sum oracle is then checked on every shard: its own applied log
+(lost, doubled, versions exactly 1..V) and its range of w and stat byte for byte.
 
 A private 3-node cluster (``testing.rabbit_cluster``: own epmd, node names, ports, data, `+S 1:1`)
 and a private Redis (AOF, appendfsync always) are started here; the shared servers on 5672/6379
