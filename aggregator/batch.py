@@ -150,8 +150,8 @@ def _apply_one(
         out.counters["l2_clipped"] += clipped
     else:
         stale = [max(0, state.version_of(s) - upd.base_of(s)) for s in need]
-        for s in need:
-            out.shard_counters[s]["completed"] += 1
+        for s in need:  # shard 0's count goes with the run's counters
+            (out.shard_counters[s] if s else out.counters)["completed"] += 1
     for s, staleness in zip(need, stale, strict=True):
         _apply_to_shard(state, upd, values, s, staleness, cfg, rule, out)
     return v
