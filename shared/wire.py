@@ -991,6 +991,9 @@ class SecureUpdate:
     def box(self, role: str) -> bytes:
         return self.box_a if role == "a" else self.box_b
 
+    def base_of(self, shard: int) -> int:  # the share servers keep one version (no shards)
+        return self.base_version
+
 
 def encode_secure(update: SecureUpdate, *, key: bytes | None = None) -> bytes:
     """One message body of kind :data:`SECURE_KIND` (checks as :func:`encode` does)."""
