@@ -684,6 +684,13 @@ class RunStore:
         """
         layout = state.layout
         assert layout is not None
+        if shards is None and any(v != state.version for v in state.more_versions):
+            # Without per-shard changes every shard is taken to have applied the whole batch,
+            # which only holds when the shards moved in lockstep.
+            raise StoreError(
+                f"run {self.run_id!r}: the shards' versions differ ({state.versions()}); commit "
+                "with shards= (aggregator/batch.py Outcome.shard_changes)"
+            )
         plans = _plans(state)
         extra0 = {
             "dedup": {str(k): v for k, v in dedup_changes.items()},
