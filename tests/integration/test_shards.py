@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import pytest
 from dssgd.aggregator.admission import Accepted
 from dssgd.aggregator.batch import apply_batch
 from dssgd.shared import dedup, wire
 from dssgd.shared.amqp_names import AmqpNames
 from dssgd.shared.broker import Delivery, Publisher
+from dssgd.shared.lifecycle import StopFlag
 from dssgd.shared.rules import UpdateRule
 from dssgd.shared.store import AggregatorState
+from dssgd.shared.tasks import load_task
+from dssgd.worker.participant import Participant, SharedModel
 
-from testing.oracle import assert_exact, expected_state, integer_update
+from testing.oracle import assert_exact, expected_state, integer_update, read_oracle
 from testing.runs import RunHandle
 
 S = 3
@@ -122,3 +127,41 @@ def test_a_split_update_is_applied_exactly_once_per_shard(
         counters = h.store.r.hgetall(h.store.keys.shard(s).counters)
         assert int(counters[b"applied"]) == 2  # the part and the small update, once each
     assert shard_highs(h, 0) == [1, 1, 1]
+
+
+def test_participants_split_what_exceeds_a_message_and_send_per_shard_bases(
+    make_run: Callable[..., RunHandle], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wire, "SPLIT_BYTES", 1)  # every update is "too large": always split
+    h = sharded_run(make_run, theta_u=0.1, theta_d=0.3)
+    h.aggregator()
+    stop = StopFlag()
+    pub = Publisher(h.conns.amqp_url, h.names, app_id="test")
+    shared = SharedModel(load_task(h.cfg.task), h.cfg)
+    try:
+        parts = [
+            Participant(
+                p,
+                h.cfg,
+                h.store,
+                pub,
+                stop,
+                None,
+                synthetic=True,
+                shared=shared,
+                record_dir=tmp_path,
+            )
+            for p in (0, 1)
+        ]
+        for _ in range(3):
+            for part in parts:
+                report = part.run_epoch()
+                assert report.bytes_up > 0 and len(part.bases) == S
+    finally:
+        pub.close()
+        for part in parts:
+            part.close()
+    confirmed = [u for p in (0, 1) for u in read_oracle(tmp_path, p, h)[1]]
+    h.wait(lambda: shard_versions(h) == [6] * S, what="every part of every update applied")
+    assert_exact(h, confirmed)
+    assert h.store.counters().get("rejected", 0) == 0
