@@ -27,6 +27,7 @@ from dssgd.aggregator.batch import Outcome, apply_batch
 from dssgd.aggregator.defence import build as build_defence
 from dssgd.aggregator.evaluator import Evaluator
 from dssgd.aggregator.metrics import AggregatorMetrics
+from dssgd.shared import dedup
 from dssgd.shared.amqp_names import AmqpNames
 from dssgd.shared.broker import Consumer, Delivery, tune_for_large_messages
 from dssgd.shared.config import Connections, RunConfig
@@ -134,7 +135,7 @@ class Aggregator:
         store = RunStore(r, self.s.run_id)
         cfg = self._config(store)
         task = load_task(cfg.task)
-        store.init_params(task.initial_state(cfg.seed))
+        store.init_params(task.initial_state(cfg.seed), cfg.shards)
         store.init_model(model_record(task))  # workers check their model against it
         fence = store.take_fence()
         self.serving_since = time.monotonic()
@@ -229,7 +230,12 @@ class Aggregator:
         t0 = time.perf_counter()
         with self.lock:
             state = self.state
-            window_of = lambda p: state.dedup.get(p, (0, 0))  # noqa: E731
+
+            # What every range shard has applied: a duplicate here is one on every shard.
+            def window_of(p: int) -> tuple[int, int]:
+                return dedup.intersect([state.windows(s).get(p, (0, 0)) for s in shards])
+
+            shards = range(state.shards)
             verdicts = [self.admission.admit(d, window_of) for d in batch]
             out = apply_batch(state, verdicts, cfg, self.rule, holder, self.defence)
             stamp = f"{time.time():.6f}"
@@ -245,6 +251,7 @@ class Aggregator:
                     [f"{e}:{stamp}" for e in out.log_entries],
                     turn_expect,
                     turn_next,
+                    shards=out.shard_changes(),
                 )
             except BaseException:
                 self.state = None  # applied in memory, not committed: the next session reloads

@@ -46,13 +46,16 @@ def validate(update: Update, cfg: RunConfig, n: int) -> None:
             raise ValidationError("beyond-gamma", f"|value| {peak:.3g} exceeds γ = {gamma:.3g}")
 
 
-def check_version(update: Update, cfg: RunConfig, version: int) -> int:
-    """The update's staleness at global ``version``; refuses a future or too stale base."""
-    if update.base_version > version:
+def check_version(update: Update, cfg: RunConfig, version: int, shard: int = 0) -> int:
+    """The update's staleness at ``version`` of range shard ``shard`` (its base for that shard
+    against the shard's own version); refuses a future or too stale base."""
+    base = update.base_of(shard)
+    if base > version:
+        where = f" of shard {shard}" if shard else ""
         raise ValidationError(
-            "future-base", f"base version {update.base_version} is ahead of global {version}"
+            "future-base", f"base version {base} is ahead of global {version}{where}"
         )
-    staleness = version - update.base_version
+    staleness = version - base
     if cfg.max_staleness is not None and staleness > cfg.max_staleness:
         raise ValidationError("stale", f"staleness {staleness} exceeds {cfg.max_staleness}")
     return staleness

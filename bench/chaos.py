@@ -540,7 +540,7 @@ class Run:
     def __init__(self, svc: Services, name: str, participants: int, groups: list[tuple[int, ...]],
                  pace: float, queue_max_length: int, **overrides: object) -> None:
         self.svc = svc
-        self.run_id = f"chaos-{name}-{uuid.uuid4().hex[:6]}"
+        self.run_id = str(overrides.pop("run_id", "")) or f"chaos-{name}-{uuid.uuid4().hex[:6]}"
         # Integer values within a generous γ and the raw sum: every float32 sum stays exact.
         # epochs=0: participants run until we stop them, however long the faults take.
         fields: dict[str, object] = {"participants": participants, "theta_u": 0.01,
@@ -556,7 +556,8 @@ class Run:
         self.store = RunStore(redis_connect(svc.redis_url), self.run_id)
         self.store.create_config(self.cfg)
         self.n = initial_parameters(self.cfg.model, self.cfg.seed).size
-        self.store.init_params(np.zeros(self.n, np.float32))  # zero init keeps sums integral
+        # zero init keeps sums integral
+        self.store.init_params(np.zeros(self.n, np.float32), self.cfg.shards)
         conn = amqp_connect(svc.amqp_url, "dssgd-chaos")
         try:
             declare_topology(conn.channel(), self.names, queue_max_length, self.cfg.queue_replicas)
@@ -1023,7 +1024,7 @@ def _hostile_messages(run: Run) -> list[tuple[str, bytes, dict[str, object], str
                         np.array([1.0], np.float32))
     forged = msgpack.unpackb(wire.encode(stray)[6:], raw=False)
     forged.update(ic=2, il=0, ix=b"\xff" * ((run.n - 1 + 1 + 7) // 8))  # every bit set, k = 1
-    forged_body = bytes([wire.SCHEMA_VERSION, 0, 0, 0, 0, 0]) + msgpack.packb(forged)
+    forged_body = bytes([2, 0, 0, 0, 0, 0]) + msgpack.packb(forged)
     return [
         ("bloated header", b"\x00junk", {"h": "a" * 131_000}, "upd.1", "chaos"),
         ("many headers", b"\x00junk", {f"h{i}": "x" * 20 for i in range(4000)}, "upd.1", "chaos"),

@@ -26,7 +26,6 @@ import msgpack
 import numpy as np
 from dssgd.shared.errors import DssgdError, WireError
 from dssgd.shared.wire import (
-    SCHEMA_VERSION,
     Update,
     ValueCoding,
     decode,
@@ -291,7 +290,7 @@ def _mutate(body: bytes, rng: np.random.Generator) -> bytes:
     return bytes(buf)
 
 
-_HEADER = bytes([SCHEMA_VERSION, 0, 7, 0, 0, 0])  # no MAC, participant 7
+_HEADER = bytes([2, 0, 7, 0, 0, 0])  # schema 2 (what a one-shard update is), no MAC, participant 7
 
 
 def _mutate_section(fields: dict[str, Any], rng: np.random.Generator) -> bytes:

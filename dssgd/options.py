@@ -71,6 +71,15 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
      "validation (docs/RELIABILITY.md)"),
     ("--defence-margin", "defence_margin", float, "validation defence: the uphill cosine "
      "tolerated (default 0)"),
+    (
+        "--shards",
+        "shards",
+        int,
+        "range shards S of the parameters in Redis (default 1): each under its own hash tag "
+        "(its own Redis Cluster slot) with its own fenced commit, version and replay windows; "
+        "staleness is counted per shard, and an update too large for one broker message "
+        "(8 MiB) travels as one message per shard; at most one shard per chunk",
+    ),
     ("--queue-max-length", "queue_max_length", int, "backlog bound of the update queue"),
     (
         "--queue-replicas",

@@ -450,7 +450,7 @@ def _seed_state(store: RunStore, cfg: RunConfig, task: Any) -> None:
     the aggregator to come up."""
     from dssgd.shared.tasks import model_record
 
-    store.init_params(task.initial_state(cfg.seed))
+    store.init_params(task.initial_state(cfg.seed), cfg.shards)
     store.init_model(model_record(task))
 
 

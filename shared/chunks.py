@@ -157,8 +157,9 @@ def plan_writes(blob: np.ndarray, layout: Layout, touched: np.ndarray) -> Plan:
     return Plan(dense, data, sparse, runs, values)
 
 
-def dense_writes(blob: np.ndarray, layout: Layout) -> Plan:
-    """Every chunk written whole (a change everywhere, such as the paper's counter decay)."""
-    every = np.arange(layout.n_chunks)
+def dense_writes(blob: np.ndarray, layout: Layout, chunks: range | None = None) -> Plan:
+    """Every chunk (of ``chunks``, default all) written whole (a change everywhere, such as the
+    paper's counter decay)."""
+    every = np.arange(layout.n_chunks) if chunks is None else np.arange(chunks.start, chunks.stop)
     data = [blob[slice(*layout.span(int(c)))].tobytes() for c in every]
     return Plan(every, data, np.empty(0, np.int64), np.empty((0, 3), "<u4"), b"")

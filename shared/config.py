@@ -88,6 +88,11 @@ class RunConfig:
     # the latter tolerates.
     defence: str = "none"
     defence_margin: float = 0.0
+    # Range shards of the parameters in Redis (shared/chunks.py Layout): each a contiguous run of
+    # whole chunks under its own hash tag, with its own fenced commit (one Lua script, one
+    # cluster slot), version and replay windows; an update too large for one message is split
+    # into one message per shard. 1 = every key of a run in one slot, as before.
+    shards: int = 1
     queue_max_length: int = 100_000  # backlog bound; beyond it publishes are refused and retried
     # Quorum replicas of the run's queues (x-quorum-initial-group-size); 0 = the broker's
     # default (every cluster node in RabbitMQ 3.x, so 1 on a single node, 3 on a 3-node cluster).
@@ -126,6 +131,8 @@ class RunConfig:
         problems += self._svt_problems()
         problems += self._dpsgd_problems()
         problems += self._secure_problems()
+        if not 1 <= self.shards <= 4096:
+            problems.append(f"shards must be 1..4096, got {self.shards}")
         if not 1 <= self.queue_max_length <= 10_000_000:
             problems.append("queue max length must be 1..10000000")
         if not 0 <= self.queue_replicas <= 9:

@@ -33,6 +33,19 @@ def mark(state: tuple[int, int], seq: int) -> tuple[int, int]:
     return high, mask | (1 << (high - seq))
 
 
+def intersect(states: list[tuple[int, int]]) -> tuple[int, int]:
+    """A window holding exactly the sequence numbers every one of ``states`` holds (range
+    shards: what all shards have applied), so a DUPLICATE from it is one on every shard."""
+    if len(states) == 1:
+        return states[0]
+    high = min(h for h, _ in states)
+    mask = _MASK
+    for h, m in states:
+        shift = h - high
+        mask &= m >> shift if shift < WINDOW else 0
+    return high, mask
+
+
 def encode_state(state: tuple[int, int]) -> str:
     return f"{state[0]}:{state[1]}"
 

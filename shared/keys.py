@@ -98,9 +98,11 @@ class Keys:
         return self._k(f"share:{role}")
 
     def param_patterns(self) -> list[str]:
-        """Globs of every chunk of w and stat and of the chunk summaries, all shards (ACLs)."""
+        """Globs of every chunk of w and stat, the chunk summaries and the shard versions, all
+        shards (ACLs: a download reads each shard's version with its chunks)."""
         tags = [self.run_id, f"{self.run_id}/s*"]
-        return [f"{PREFIX}:{{{t}}}:{part}" for t in tags for part in ("w:*", "stat:*", "sum")]
+        parts = ("w:*", "stat:*", "sum", "version")
+        return [f"{PREFIX}:{{{t}}}:{part}" for t in tags for part in parts]
 
     def shard_patterns(self) -> list[str]:
         """Globs of the per-shard keys of shards s > 0 (shard 0's are the run's own)."""
@@ -197,3 +199,11 @@ class ShardKeys:
     @property
     def counters(self) -> str:  # hash: this shard's own counters (shards s > 0 only)
         return self._k("counters")
+
+    @property
+    def applied_log(self) -> str:  # list "participant:seq:version:staleness:time" (s > 0 only)
+        return self._k("applied")
+
+    @property
+    def unused(self) -> str:  # a key of the shard's slot the commit script names but never writes
+        return self._k("unused")

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 import numpy as np
 import redis
 import redis.exceptions as rex
-from dssgd.shared import tls
+from dssgd.shared import failpoints, tls
 from dssgd.shared.chunks import (
     Layout,
     Plan,
@@ -214,6 +214,13 @@ end
 return {1, v, table.concat(parts)}
 """
 
+_RAISE_FENCE = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
 _PASS_TURN = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('FENCED')
@@ -317,6 +324,10 @@ return lost
 
 @dataclass
 class AggregatorState:
+    """The aggregator's copy of the run: parameters, and per range shard its version and replay
+    windows. ``version`` and ``dedup`` are shard 0's (with one shard, the run's); shards 1..S-1
+    keep theirs in ``more_versions`` / ``more_dedup`` (see ``version_of`` / ``windows``)."""
+
     w: np.ndarray
     stat: np.ndarray
     version: int
@@ -328,25 +339,54 @@ class AggregatorState:
     touched: list[np.ndarray] = field(default_factory=list)
     stat_all: bool = False
     chunk_sums: np.ndarray | None = None  # float64 sum of stat per chunk, kept at commit time
+    more_versions: list[int] = field(default_factory=list)  # shards 1..S-1
+    more_dedup: list[dict[int, tuple[int, int]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.layout is None:
             self.layout = Layout.for_size(self.w.size)
         if self.chunk_sums is None:
             self.chunk_sums = chunk_sums(self.stat, self.layout)
+        extra = self.layout.shards - 1
+        if not self.more_versions:
+            self.more_versions = [self.version] * extra
+        if not self.more_dedup:
+            self.more_dedup = [{} for _ in range(extra)]
+
+    @property
+    def shards(self) -> int:
+        return 1 + len(self.more_versions)
+
+    def version_of(self, s: int) -> int:
+        return self.version if s == 0 else self.more_versions[s - 1]
+
+    def bump(self, s: int) -> int:
+        """One more update applied to shard s; its new version."""
+        if s == 0:
+            self.version += 1
+            return self.version
+        self.more_versions[s - 1] += 1
+        return self.more_versions[s - 1]
+
+    def windows(self, s: int) -> dict[int, tuple[int, int]]:
+        """Shard s's replay windows (participant → (high, mask)), to read and to update."""
+        return self.dedup if s == 0 else self.more_dedup[s - 1]
+
+    def versions(self) -> list[int]:
+        return [self.version, *self.more_versions]
 
 
 @dataclass(frozen=True)
 class Download:
     """What one download read: per-shard versions, the chunks, the bytes Redis sent for it."""
 
-    versions: tuple[int, ...]
+    versions: tuple[int | None, ...]  # every shard's version when read; None: shard not read
     chunks: np.ndarray
     bytes_received: int
 
     @property
-    def version(self) -> int:  # the version an update computed from this download is based on
-        return min(self.versions)
+    def version(self) -> int:  # the least version of the shards read
+        return min(v for v in self.versions if v is not None)
 
 
 class RunStore:
@@ -360,12 +400,13 @@ class RunStore:
         self._pass_turn = r.register_script(_PASS_TURN)
         self._read = r.register_script(_READ)
         self._read_ro = True  # EVALSHA_RO allowed (False after a NOPERM: users of old versions)
+        self._raise_fence = r.register_script(_RAISE_FENCE)
         self._acquire = r.register_script(_ACQUIRE)
         self._claim = r.register_script(_CLAIM)
         self._renew = r.register_script(_RENEW)
         self._participants: int | None = None
         self._layout: Layout | None = None
-        self._reader: redis.Redis | None = None  # counting connection for downloads
+        self._readers: list[redis.Redis] | None = None  # per shard, counting connections
         self._reader_lock = threading.Lock()
         self._finished_upto = 0  # participants 0.._finished_upto-1 are known to have finished
 
@@ -489,8 +530,9 @@ class RunStore:
         layout = self.layout()
         w = np.empty(layout.n, np.float32)
         stat = np.empty(layout.n, np.float32) if with_stat else None
-        versions = self._read_chunks(self.r, np.arange(layout.n_chunks), w, stat)
-        return min(versions), w, stat
+        clients = [self.r] * layout.shards
+        versions = self._read_chunks(clients, np.arange(layout.n_chunks), w, stat)
+        return min(v for v in versions if v is not None), w, stat
 
     def download(
         self,
@@ -506,43 +548,59 @@ class RunStore:
         """
         layout = self.layout()
         with self._reader_lock:
-            if self._reader is None:
-                self._reader = counting_client(self.r, self.keys.version)
-            before = received(self._reader)
+            if self._readers is None:
+                self._readers = self._counting_readers(layout)
+            readers = self._readers
+            before = sum(received(c) for c in {id(c): c for c in readers}.values())
             try:
                 summary = None
                 if theta_d < 1.0 and random is None:
-                    summary = self._read_summaries(self._reader, layout)
+                    summary = self._read_summaries(readers, layout)
                 chunks = download_chunks(layout, theta_d, summary, random)
-                versions = self._read_chunks(self._reader, chunks, out, None)
+                versions = self._read_chunks(readers, chunks, out, None)
             except StoreError:
-                self._reader = None  # a failover moves the slot: find its master again
+                self._readers = None  # a failover moves a slot: find its master again
                 raise
-            got = received(self._reader) - before
+            got = sum(received(c) for c in {id(c): c for c in readers}.values()) - before
         return Download(tuple(versions), chunks, got)
 
-    def _read_summaries(self, client: redis.Redis, layout: Layout) -> np.ndarray:
+    def _counting_readers(self, layout: Layout) -> list[redis.Redis]:
+        """Per shard, a counting connection to the server holding it (one for a plain Redis;
+        on a cluster, to the master of each shard's slot)."""
+        if not isinstance(self.r, redis.RedisCluster):
+            return [counting_client(self.r, self.keys.version)] * layout.shards
+        return [counting_client(self.r, self.keys.shard(s).version) for s in range(layout.shards)]
+
+    def _read_summaries(self, readers: list[redis.Redis], layout: Layout) -> np.ndarray:
+        raw: list[bytes | None] = [None] * layout.shards
         with guarded("reading the chunk summaries"):
-            pipe = client.pipeline(transaction=False)
-            for s in range(layout.shards):
-                pipe.get(self.keys.shard(s).summary)
-            raw = pipe.execute()
+            for client in {id(c): c for c in readers}.values():
+                mine = [s for s in range(layout.shards) if readers[s] is client]
+                pipe = client.pipeline(transaction=False)
+                for s in mine:
+                    pipe.get(self.keys.shard(s).summary)
+                for s, blob in zip(mine, pipe.execute(), strict=True):
+                    raw[s] = blob
         if any(x is None for x in raw):
             raise StoreError(f"run {self.run_id!r} has no parameters yet")
-        return np.concatenate([np.frombuffer(x, np.float32) for x in raw])
+        return np.concatenate([np.frombuffer(x, np.float32) for x in raw])  # type: ignore[arg-type]
 
     def _read_chunks(
-        self, client: redis.Redis, chunks: np.ndarray, w: np.ndarray, stat: np.ndarray | None
-    ) -> list[int]:
+        self,
+        clients: list[redis.Redis],
+        chunks: np.ndarray,
+        w: np.ndarray,
+        stat: np.ndarray | None,
+    ) -> list[int | None]:
         """Chunks (sorted) of w (and stat) into the given arrays, shard by shard; returns the
-        version of every shard read."""
+        version of every shard read (None for a shard none of whose chunks was asked for)."""
         layout = self.layout()
-        versions = []
+        versions: list[int | None] = []
         for s in range(layout.shards):
             cs = layout.shard_chunks(s)
             mine = chunks[(chunks >= cs.start) & (chunks < cs.stop)].tolist()
-            if mine or not chunks.size:
-                versions.append(self._read_shard(client, s, mine, w, stat)[0])
+            read = mine or (not chunks.size and s == 0)
+            versions.append(self._read_shard(clients[s], s, mine, w, stat)[0] if read else None)
         return versions
 
     def _read_shard(
@@ -643,23 +701,40 @@ class RunStore:
     def take_fence(self) -> int:
         """Become the only aggregator allowed to write; any earlier one is fenced off."""
         with guarded("taking the aggregator fence"):
-            return int(self.r.incr(self.keys.fence))
+            fence = int(self.r.incr(self.keys.fence))
+            # Every other shard's fence is raised to it before anything is read: a deposed
+            # aggregator's commit to a shard either landed before (and is loaded) or is refused.
+            for s in range(1, self._shards()):
+                self._raise_fence(keys=[self.keys.shard(s).fence], args=[fence])
+        return fence
+
+    def _shards(self) -> int:
+        """The run's range shards (1 before its parameters exist)."""
+        try:
+            return self.layout().shards
+        except StoreError:
+            return 1
 
     def load_state(self) -> AggregatorState:
+        """Every shard's chunks, version and replay windows (each shard read atomically; the
+        caller holds the fence, so nobody writes in between)."""
         layout = self.layout()
-        if layout.shards != 1:
-            raise StoreError(f"run {self.run_id!r}: this aggregator serves one shard only")
         w = np.empty(layout.n, np.float32)
         stat = np.empty(layout.n, np.float32)
-        version, dedup = self._read_shard(
-            self.r, 0, list(range(layout.n_chunks)), w, stat, with_dedup=True
-        )
+        versions, windows = [], []
+        for s in range(layout.shards):
+            chunks = list(layout.shard_chunks(s))
+            version, dedup = self._read_shard(self.r, s, chunks, w, stat, with_dedup=True)
+            versions.append(version)
+            windows.append({int(k): decode_state(v) for k, v in dedup.items()})
         return AggregatorState(
             w=w,
             stat=stat,
-            version=version,
-            dedup={int(k): decode_state(v) for k, v in dedup.items()},
+            version=versions[0],
+            dedup=windows[0],
             layout=layout,
+            more_versions=versions[1:],
+            more_dedup=windows[1:],
         )
 
     def commit(
@@ -671,20 +746,68 @@ class RunStore:
         log_entries: list[str],
         turn_expect: str = "",
         turn_next: str = "",
+        *,
+        shards: ShardChanges | None = None,
     ) -> None:
-        """Write a batch in one fenced script: the chunks it touched, the chunk summaries, the
-        version, the replay windows, counters, log and turn, all or nothing."""
-        w_plan, stat_plan, summary = _plans(state)
-        extra = {
+        """Write a batch: per range shard one fenced script with the chunks it touched, its
+        chunk summaries, version and replay windows, all or nothing for that shard.
+
+        Shards S-1..1 are written first, shard 0 (with the run's counters, log and turn) last,
+        so shard 0's windows never claim an update another shard has not committed. Without
+        ``shards`` every shard takes ``dedup_changes`` (every update of the batch was applied
+        to every shard); ``aggregator/batch.py`` gives each shard its own changes, so a
+        redelivery after a crash between two shards' commits is applied only to the shards that
+        have not seen it.
+        """
+        layout = state.layout
+        assert layout is not None
+        if shards is None and any(v != state.version for v in state.more_versions):
+            # Without per-shard changes every shard is taken to have applied the whole batch,
+            # which only holds when the shards moved in lockstep.
+            raise StoreError(
+                f"run {self.run_id!r}: the shards' versions differ ({state.versions()}); commit "
+                "with shards= (aggregator/batch.py Outcome.shard_changes)"
+            )
+        plans = _plans(state)
+        extra0 = {
             "dedup": {str(k): v for k, v in dedup_changes.items()},
             "counters": {**counters, "commits": 1},
             "log": log_entries,
             "turn_expect": turn_expect,
             "turn_next": turn_next,
         }
-        wake = self.keys.wake(int(turn_next)) if turn_next else self.keys.wake(-1)
-        k, sk = self.keys, self.keys.shard(0)
-        fixed = [k.fence, k.version, k.dedup, k.counters, k.applied_log, k.turn, wake, sk.summary]
+        for s in reversed(range(layout.shards)):
+            sk = self.keys.shard(s)
+            if s == 0:
+                wake = self.keys.wake(int(turn_next)) if turn_next else self.keys.wake(-1)
+                k = self.keys
+                fixed = [k.fence, k.version, k.dedup, k.counters, k.applied_log, k.turn, wake]
+                extra = extra0
+            else:
+                fixed = [sk.fence, sk.version, sk.dedup, sk.counters, sk.applied_log]
+                fixed += [sk.unused, sk.unused]
+                extra = _shard_extra(s, shards, dedup_changes)
+                if not extra["dedup"] and not plans[s][0].dense.size + plans[s][0].sparse.size:
+                    continue  # nothing of this batch reached shard s
+            self._commit_shard(fence, s, state.version_of(s), fixed, extra, plans[s])
+            if s:
+                failpoints.hit("after-shard-commit")
+        state.touched.clear()
+        state.stat_all = False
+
+    def _commit_shard(
+        self,
+        fence: int,
+        s: int,
+        version: int,
+        fixed: list[str],
+        extra: dict[str, Any],
+        plan: tuple[Plan, Plan, np.ndarray],
+    ) -> None:
+        """One shard's fenced Lua commit (every key under the shard's hash tag)."""
+        w_plan, stat_plan, summary = plan
+        sk = self.keys.shard(s)
+        fixed = [*fixed, sk.summary]
         whole = [sk.w(int(c)) for c in w_plan.dense]
         whole += [sk.stat(int(c)) for c in stat_plan.dense]
         patched = [sk.w(int(c)) for c in w_plan.sparse]
@@ -698,7 +821,7 @@ class RunStore:
                 keys=fixed + whole + patched,
                 args=[
                     str(fence),
-                    str(state.version),
+                    str(version),
                     json.dumps(extra),
                     str(APPLIED_LOG_CAP),
                     summary.tobytes(),
@@ -709,8 +832,6 @@ class RunStore:
                     *stat_plan.dense_data,
                 ],
             )
-        state.touched.clear()
-        state.stat_all = False
 
     def pass_turn(self, fence: int, expect: str, nxt: str) -> bool:
         wake = self.keys.wake(int(nxt)) if nxt else self.keys.wake(-1)
@@ -1058,23 +1179,54 @@ class RunStore:
         return removed
 
 
-def _plans(state: AggregatorState) -> tuple[Plan, Plan, np.ndarray]:
-    """The writes of w and stat for what changed since the last commit, and the new chunk
-    summaries (the chunk sums are moved here, in memory, by the entries applied)."""
+@dataclass
+class ShardChanges:
+    """What a batch changed in shards 1..S-1 beyond the parameters (aggregator/batch.py):
+    per shard its replay-window changes, counters and applied-log entries (index 0 unused:
+    shard 0's are ``commit``'s own arguments)."""
+
+    dedup: list[dict[int, str]]
+    counters: list[dict[str, int]]
+    logs: list[list[str]]
+
+
+def _shard_extra(s: int, shards: ShardChanges | None, every: dict[int, str]) -> dict[str, Any]:
+    if shards is None:
+        return {"dedup": {str(k): v for k, v in every.items()},
+                "counters": {"commits": 1}, "log": [],
+                "turn_expect": "", "turn_next": ""}  # fmt: skip
+    counters = {name: v for name, v in shards.counters[s].items() if v}
+    return {"dedup": {str(k): v for k, v in shards.dedup[s].items()},
+            "counters": {**counters, "commits": 1}, "log": shards.logs[s],
+            "turn_expect": "", "turn_next": ""}  # fmt: skip
+
+
+def _plans(state: AggregatorState) -> list[tuple[Plan, Plan, np.ndarray]]:
+    """Per shard, the writes of w and stat for what changed since the last commit, and the
+    shard's new chunk summaries (the chunk sums are moved here, in memory, by the entries
+    applied)."""
     layout = state.layout
     assert layout is not None and state.chunk_sums is not None
     every = np.concatenate(state.touched) if state.touched else np.empty(0, np.int64)
     touched = np.unique(every)
-    w_plan = plan_writes(state.w, layout, touched)
     if state.stat_all:
-        stat_plan = dense_writes(state.stat, layout)
         state.chunk_sums = chunk_sums(state.stat, layout)
     else:
-        stat_plan = plan_writes(state.stat, layout, touched)
         # stat[j] += 1 per applied entry: the chunk sums move by the entries counted.
         state.chunk_sums += np.bincount(every // layout.chunk, minlength=layout.n_chunks)
     summary = (state.chunk_sums / layout.sizes()).astype(np.float32)
-    return w_plan, stat_plan, summary
+    out = []
+    for s in range(layout.shards):
+        cs = layout.shard_chunks(s)
+        lo, hi = layout.shard_span(s)
+        mine = touched[np.searchsorted(touched, lo) : np.searchsorted(touched, hi)]
+        w_plan = plan_writes(state.w, layout, mine)
+        if state.stat_all:
+            stat_plan = dense_writes(state.stat, layout, cs)
+        else:
+            stat_plan = plan_writes(state.stat, layout, mine)
+        out.append((w_plan, stat_plan, summary[cs.start : cs.stop]))
+    return out
 
 
 def list_runs(r: redis.Redis) -> list[str]:

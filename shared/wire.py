@@ -29,6 +29,20 @@ Layout of schema version 2 (all integers little-endian)::
 Version 1 is the same without "t"; it still decodes (``sent_at`` is then None). Versions are
 dispatched on the first byte, so an unknown one is refused with a clear message.
 
+Version 3 (issue 15: range shards, large updates) adds to version 2's map:
+
+                    "bs" bin   the base version of every range shard, S little-endian uint64
+                               (empty: every shard at "b"); "b" is then their minimum
+                    "p"  int   -1 for a whole update; else the range shard this message is the
+                               part of (an update too large for one message is split per shard)
+                    "lo" int   first entry of the part's range (0 for a whole update)
+                    "m"  int   entries in the part's range (n for a whole update); the indices
+                               of a part are coded over [0, m) and offset by lo
+                    "kt" int   entries of the whole update (its parts together)
+
+An encoder writes version 3 only for what version 2 cannot say (several shards' bases, or a
+part), so single-shard messages are byte for byte what they were; the decoder reads 1, 2 and 3.
+
 Index codings (the encoder computes the exact size of each candidate and keeps the smallest):
 
     0 EMPTY    k == 0; no bytes
@@ -61,6 +75,7 @@ when ``expected_n`` pins the model size.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import hmac
@@ -87,6 +102,7 @@ __all__ = [
     "decode_secure",
     "describe",
     "encode",
+    "encode_parts",
     "encode_secure",
     "encoded_index_bits",
     "log2_binomial",
@@ -94,8 +110,12 @@ __all__ = [
     "peek_participant",
 ]
 
-SCHEMA_VERSION: int = 2
+SCHEMA_VERSION: int = 3  # the newest this build writes (2 when 3 adds nothing; see above)
 MAX_MESSAGE_BYTES: int = 8 * 1024 * 1024
+# A message larger than this is split into one part per range shard (``encode_parts``): every
+# broker set-up here takes it (RabbitMQ's max_message_size is 128 MiB by default, 9 MiB in the
+# private clusters of testing/, set for MAX_MESSAGE_BYTES plus headers).
+SPLIT_BYTES: int = MAX_MESSAGE_BYTES
 
 
 def message_limit(n: int) -> int:
@@ -105,10 +125,12 @@ def message_limit(n: int) -> int:
     1 MiB for the rest bound every coding."""
     return max(MAX_MESSAGE_BYTES, (1 << 20) + 5 * n)
 
+
 MAX_RUN_ID_CHARS = 64
 _MAX_PARTICIPANT = 2**32
 _MAX_SEQ = 2**63
 _MAX_N = 2**32
+_MAX_PARTS = 4096  # range shards of one run at most (shared/config.py)
 
 _FLAG_MAC = 0x01
 _KNOWN_FLAGS = _FLAG_MAC
@@ -181,11 +203,29 @@ class Update:
     # Sender's wall clock (seconds) when it encoded the message; carried and authenticated from
     # schema 2 on (encode fills in time.time() when None), None when decoded from version 1.
     sent_at: float | None = field(default=None, repr=False)
+    # Range shards (schema 3): the base version of every shard (None: every shard at
+    # base_version), and for a part of a split update its shard, range [lo, hi) and the
+    # entries of the whole update. A whole update has part None.
+    bases: tuple[int, ...] | None = field(default=None, repr=False)
+    part: int | None = field(default=None, repr=False)
+    span: tuple[int, int] | None = field(default=None, repr=False)
+    total: int | None = field(default=None, repr=False)
 
     @property
     def count(self) -> int:
         """Number of (index, value) entries."""
         return int(self.indices.shape[0])
+
+    @property
+    def whole_count(self) -> int:
+        """Entries of the whole update (a part's siblings included)."""
+        return self.count if self.total is None else self.total
+
+    def base_of(self, shard: int) -> int:
+        """The version of ``shard`` this update was computed from."""
+        if self.bases is None:
+            return self.base_version
+        return self.bases[shard] if shard < len(self.bases) else self.base_version
 
     def _scalars(self) -> tuple[str, int, int, int, int]:
         return (self.run_id, self.participant, self.seq, self.base_version, self.n)
@@ -526,7 +566,10 @@ def encode(
     if key is not None and (not isinstance(key, bytes) or not key):
         raise WireError("key must be non-empty bytes")
 
-    ic, low, ix = _encode_indices(idx, n)
+    extra = _v3_fields(update, n, idx)
+    lo = extra["lo"] if extra else 0
+    m = extra["m"] if extra else n
+    ic, low, ix = _encode_indices(idx - lo if lo else idx, m)
     payload = {
         "r": run_id,
         "s": seq,
@@ -539,19 +582,86 @@ def encode(
         "vc": _VC_IDS[coding],
         "vx": _encode_values(val, coding, rng, bound),
         "t": sent_ms,
+        **extra,
     }
+    body = _pack(payload, 3 if extra else 2, participant, key)
+    if len(body) > (limit := message_limit(m)):
+        raise WireError(f"message would be {len(body)} bytes; the limit is {limit}")
+    return body
+
+
+def _pack(payload: dict[str, Any], version: int, participant: int, key: bytes | None) -> bytes:
     try:
         packed = msgpack.packb(payload, use_bin_type=True)
     except (ValueError, TypeError, OverflowError) as exc:  # e.g. a run id with lone surrogates
         raise WireError(f"cannot encode update: {exc}") from exc
     flags = _FLAG_MAC if key is not None else 0
-    header = bytes((SCHEMA_VERSION, flags)) + participant.to_bytes(4, "little")
-    body = header + packed
+    body = bytes((version, flags)) + participant.to_bytes(4, "little") + packed
     if key is not None:
         body += hmac.digest(key, body, "sha256")
-    if len(body) > (limit := message_limit(n)):
-        raise WireError(f"message would be {len(body)} bytes; the limit is {limit}")
     return body
+
+
+def _v3_fields(update: Update, n: int, idx: np.ndarray) -> dict[str, Any]:
+    """Schema 3's fields, or {} when the update needs none (then it travels as schema 2)."""
+    bases = update.bases
+    if update.part is None and (bases is None or len(set(bases)) <= 1):
+        return {}
+    if bases is not None:
+        for b in bases:
+            _check_int("shard base version", b, 0, _MAX_SEQ)
+        if bases and min(bases) != update.base_version:
+            raise WireError("base_version must be the least of the shard bases")
+    bs = np.asarray(bases or (), "<u8").tobytes()
+    if update.part is None:
+        return {"bs": bs, "p": -1, "lo": 0, "m": n, "kt": idx.shape[0]}
+    part = _check_int("part", update.part, 0, _MAX_PARTS)
+    if update.span is None:
+        raise WireError("a part needs its range (span)")
+    lo = _check_int("part start", update.span[0], 0, n)
+    hi = _check_int("part end", update.span[1], lo + 1, n + 1)
+    if idx.shape[0] and (int(idx[0]) < lo or int(idx[-1]) >= hi):
+        raise WireError(f"part {part} holds entries outside its range [{lo}, {hi})")
+    total = _check_int("total entries", update.whole_count, idx.shape[0], n + 1)
+    return {"bs": bs, "p": part, "lo": lo, "m": hi - lo, "kt": total}
+
+
+def encode_parts(
+    update: Update,
+    spans: list[tuple[int, int]],
+    *,
+    split_bytes: int | None = None,
+    **options: Any,
+) -> list[bytes]:
+    """The message bodies that carry ``update``: one, or one part per range shard.
+
+    ``spans`` are the shards' ranges [lo, hi) (``chunks.Layout.shard_span``). When the whole
+    message would exceed ``split_bytes`` (default :data:`SPLIT_BYTES`) and there is more than one
+    shard, the update is cut at the shard boundaries and each part sent as its own message
+    (every part, even an empty one, so each shard sees the sequence number), shard 0's last:
+    the aggregator deduplicates each on (participant, seq, shard) and applies each to its shard
+    only. ``options`` are :func:`encode`'s keyword arguments.
+    """
+    limit = SPLIT_BYTES if split_bytes is None else split_bytes
+    body = encode(update, **options)
+    if len(body) <= limit or len(spans) <= 1:
+        return [body]
+    idx = update.indices.astype(np.int64, copy=False)
+    cuts = np.searchsorted(idx, [lo for lo, _ in spans] + [spans[-1][1]])
+    out = []
+    for s in reversed(range(len(spans))):
+        a, b = int(cuts[s]), int(cuts[s + 1])
+        part = dataclasses.replace(
+            update,
+            indices=idx[a:b],
+            values=update.values[a:b],
+            part=s,
+            span=spans[s],
+            total=update.count,
+            sent_at=update.sent_at or time.time(),
+        )
+        out.append(encode(part, **options))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,7 +742,8 @@ _SCHEMA_V1: dict[str, type] = {  # v2 adds "t" (see _SCHEMA_V2)
 
 
 _SCHEMA_V2: dict[str, type] = {**_SCHEMA_V1, "t": int}
-_SCHEMAS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+_SCHEMA_V3: dict[str, type] = {**_SCHEMA_V2, "bs": bytes, "p": int, "lo": int, "m": int, "kt": int}
+_SCHEMAS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 
 def _unpack(payload: bytes | memoryview, schema: dict[str, type]) -> dict[str, Any]:
@@ -692,7 +803,9 @@ def _decode_body(
         raise WireError(
             f"message is for a model of {n} parameters but this run's model has {expected_n}"
         )
-    k = _check_int("k", obj["k"], 0, n + 1)
+    shards = _shard_fields(obj, n) if header.version >= 3 else {}
+    lo, m = shards.pop("lo", 0), shards.pop("m", n)
+    k = _check_int("k", obj["k"], 0, m + 1)
     vcode = _VC_BY_ID.get(obj["vc"])
     if vcode is None:
         raise WireError(f"unknown value coding {obj['vc']}")
@@ -706,12 +819,40 @@ def _decode_body(
         raise WireError(
             f"value section is {len(obj['vx'])} bytes; {k} {vcode.value} values need {want_vx}"
         )
-    want_ix = _index_section_bytes(ic, n, k, low)
+    want_ix = _index_section_bytes(ic, m, k, low)
     if len(obj["ix"]) != want_ix:
         raise WireError(f"index section is {len(obj['ix'])} bytes; its coding needs {want_ix}")
     values, peak = _decode_values(vcode, obj["vx"], k)
-    indices = _decode_indices(ic, obj["ix"], n, k, low)
-    return Update(run_id, header.participant, seq, base, n, indices, values, peak, sent_at)
+    indices = _decode_indices(ic, obj["ix"], m, k, low)
+    if lo:
+        indices += lo
+    if shards.get("total", k) < k:
+        raise WireError(f"a part of {k} entries claims a whole update of {shards['total']}")
+    return Update(
+        run_id, header.participant, seq, base, n, indices, values, peak, sent_at, **shards
+    )
+
+
+def _shard_fields(obj: dict[str, Any], n: int) -> dict[str, Any]:
+    """Schema 3's shard bases and part fields, checked (lo and m are popped by the caller)."""
+    bs = obj["bs"]
+    if len(bs) % 8 or len(bs) // 8 > _MAX_PARTS:
+        raise WireError(f"shard base section of {len(bs)} bytes is not 8 per shard")
+    bases = tuple(int(b) for b in np.frombuffer(bs, "<u8"))
+    if any(b >= _MAX_SEQ for b in bases):
+        raise WireError("a shard base version is out of range")
+    if bases and min(bases) != obj["b"]:
+        raise WireError(f"base version {obj['b']} is not the least shard base {min(bases)}")
+    part = _check_int("part", obj["p"], -1, _MAX_PARTS)
+    lo = _check_int("part start", obj["lo"], 0, n)
+    m = _check_int("part range", obj["m"], 1, n - lo + 1)
+    total = _check_int("total entries", obj["kt"], 0, n + 1)
+    if part < 0:
+        if lo != 0 or m != n:
+            raise WireError("a whole update must cover [0, n)")
+        return {"bases": bases or None, "lo": 0, "m": n}
+    return {"bases": bases or None, "part": part, "span": (lo, lo + m), "total": total,
+            "lo": lo, "m": m}  # fmt: skip
 
 
 # Dispatch on the version byte: (header reader, body decoder). Keep old entries when adding a
@@ -722,7 +863,7 @@ _FORMATS: dict[
         Callable[[bytes], _Header],
         Callable[[_Header, memoryview, str | None, int | None], Update],
     ],
-] = {1: (_header_v1, _decode_body), 2: (_header_v1, _decode_body)}  # one header, schema per version
+] = {v: (_header_v1, _decode_body) for v in (1, 2, 3)}  # one header, schema per version
 
 
 def peek_participant(body: bytes) -> int:
@@ -849,6 +990,9 @@ class SecureUpdate:
 
     def box(self, role: str) -> bytes:
         return self.box_a if role == "a" else self.box_b
+
+    def base_of(self, shard: int) -> int:  # the share servers keep one version (no shards)
+        return self.base_version
 
 
 def encode_secure(update: SecureUpdate, *, key: bytes | None = None) -> bytes:

@@ -16,7 +16,12 @@ class PrivateServer:
     """One redis-server on ``port``, no persistence, for byte counts and cluster nodes."""
 
     def __init__(
-        self, port: int, cluster: bool = False, folder: Path | None = None, durable: bool = False
+        self,
+        port: int,
+        cluster: bool = False,
+        folder: Path | None = None,
+        durable: bool = False,
+        bus_port: int | None = None,
     ) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
@@ -35,6 +40,8 @@ class PrivateServer:
         if cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
             args += ["--cluster-node-timeout", "2000"]
+            if bus_port is not None:  # else port + 10000, outside a caller's own port range
+                args += ["--cluster-port", str(bus_port)]
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
@@ -80,12 +87,19 @@ class PrivateCluster:
     ``base``, created with ``redis-cli --cluster create``."""
 
     def __init__(
-        self, base: int, masters: int = 3, replicas: int = 0, durable: bool = False
+        self,
+        base: int,
+        masters: int = 3,
+        replicas: int = 0,
+        durable: bool = False,
+        bus_base: int | None = None,
     ) -> None:
         self.nodes: list[PrivateServer] = []
         try:
             for i in range(masters * (1 + replicas)):
-                self.nodes.append(PrivateServer(base + i, cluster=True, durable=durable))
+                bus = None if bus_base is None else bus_base + i
+                node = PrivateServer(base + i, cluster=True, durable=durable, bus_port=bus)
+                self.nodes.append(node)
             cmd = ["redis-cli", "--cluster", "create"]
             cmd += [f"127.0.0.1:{node.port}" for node in self.nodes]
             cmd += ["--cluster-replicas", str(replicas), "--cluster-yes"]

@@ -39,7 +39,7 @@ class RunHandle:
         if zero_init:
             # Integer-valued start: sums of integer updates stay exact in float32 (the oracle).
             self.init = np.zeros_like(self.init)
-        self.store.init_params(self.init)
+        self.store.init_params(self.init, cfg.shards)
         conn = amqp_connect(conns.amqp_url, "dssgd-tests")
         declare_topology(conn.channel(), self.names, cfg.queue_max_length, cfg.queue_replicas)
         conn.close()
@@ -54,11 +54,13 @@ class RunHandle:
             "PYTHONUNBUFFERED": "1",
         }
 
-    def spawn(self, module: str, *args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, module: str, *args: str, log: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         out = log.open("ab") if log else subprocess.DEVNULL
         p = subprocess.Popen(
             [sys.executable, "-m", f"dssgd.{module}", "--run-id", self.cfg.run_id, *args],
-            env=self.env,
+            env={**self.env, **(env or {})},
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -66,8 +68,10 @@ class RunHandle:
         self.procs.append(p)
         return p
 
-    def aggregator(self, log: Path | None = None) -> subprocess.Popen[bytes]:
-        return self.spawn("aggregator", "--no-eval", log=log)
+    def aggregator(
+        self, log: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        return self.spawn("aggregator", "--no-eval", log=log, env=env)
 
     def wait(self, cond: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
         deadline = time.monotonic() + timeout

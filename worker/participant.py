@@ -68,7 +68,7 @@ class Outgoing:
     (never reused by this process) but not yet burned in Redis, nor sent."""
 
     seq: int
-    body: bytes
+    bodies: list[bytes]  # one message, or one per range shard (wire.encode_parts)
     indices: np.ndarray
     values: np.ndarray
     report: EpochReport
@@ -198,6 +198,14 @@ class Participant:
         self.task = task or load_task(cfg.task)
         self.shared = shared or SharedModel(self.task, cfg, model)
         self._build(data)
+        # The run's range shards: an update too large for one message travels as one part per
+        # shard, and the base version is recorded per shard (shared/chunks.py Layout).
+        spans = [(0, self.n)]
+        if not cfg.secure:
+            layout = store.layout()
+            spans = [layout.shard_span(s) for s in range(layout.shards)]
+        self.spans: list[tuple[int, int]] = spans
+        self.bases: list[int] = [0] * len(spans)
         if cfg.dpsgd and self.data is not None:
             self._use_dpsgd(progress)
         self.secure = None  # --secure two-server: shares out, both servers' state in
@@ -411,7 +419,13 @@ class Participant:
                 self.cfg.theta_d,
                 self.rng if self.cfg.download == "random" and self.cfg.theta_d < 1.0 else None,
             )
-            version, bytes_down = got.version, got.bytes_received
+            # Per range shard, the version its values came from; a shard not read keeps the
+            # base of the download that last read it (the update rule weighs each shard's part
+            # by that shard's own staleness, aggregator/batch.py).
+            for s, v in enumerate(got.versions):
+                if v is not None:
+                    self.bases[s] = v
+            version, bytes_down = min(self.bases), got.bytes_received
         if self.cfg.buffers == "local":
             local[self.layout.n_params :] = own_buffers  # they never leave, nor come in
         return version, local.copy(), bytes_down
@@ -480,13 +494,14 @@ class Participant:
     ) -> Outgoing:
         """Encode under the next sequence number, which this process never hands out again."""
         seq = self.seq
-        body = self._encode(seq, version, indices, values)
+        bodies = self._encode(seq, version, indices, values)
         self.seq, self.sent = seq + 1, self.sent + 1
         now = time.perf_counter()
+        size = sum(len(b) for b in bodies)
         report = EpochReport(
-            seq, version, int(indices.size), len(body), bytes_down, loss, now - t1, now - t0
+            seq, version, int(indices.size), size, bytes_down, loss, now - t1, now - t0
         )
-        return Outgoing(seq, body, indices, values, report, bytes_down, t0, now - t0)
+        return Outgoing(seq, bodies, indices, values, report, bytes_down, t0, now - t0)
 
     def deliver(self, out: Outgoing, overlapped: bool = False) -> EpochReport:
         """Burn the sequence number, publish until confirmed, record the epoch.
@@ -494,10 +509,11 @@ class Participant:
         Runs on the training thread, or on the worker's sending thread while the next epoch
         trains (``overlapped``: then the epoch's time is the training thread's, not the wait)."""
         self._retry_store(lambda: self._burn_seq(out.seq, out.indices, out.values))
-        self._publish(out.body, out.seq)
+        for body in out.bodies:  # a split update: every part confirmed, shard 0's last
+            self._publish(body, out.seq)
         self._log_record({"seq": out.seq, "state": "confirmed"})
         self.epochs += 1
-        self.bytes_up += len(out.body)
+        self.bytes_up += out.report.bytes_up
         self.bytes_down += out.bytes_down
         self.t_epoch += out.seconds_epoch if overlapped else time.perf_counter() - out.t0
         if not overlapped:
@@ -520,12 +536,15 @@ class Participant:
                 if not backoff.sleep(self.stop):
                     raise StopRequested(f"stopped while retrying: {exc}") from exc
 
-    def _encode(self, seq: int, version: int, indices: np.ndarray, values: np.ndarray) -> bytes:
-        """The update under sequence number ``seq``, in the run's value coding."""
+    def _encode(
+        self, seq: int, version: int, indices: np.ndarray, values: np.ndarray
+    ) -> list[bytes]:
+        """The update under sequence number ``seq``, in the run's value coding: one message, or
+        one per range shard when it would exceed one broker message (wire.encode_parts)."""
         if self.secure is not None:
-            return self.secure.encode(
-                self.pid, seq, version, self.n, indices, values, self.hmac_key
-            )
+            return [
+                self.secure.encode(self.pid, seq, version, self.n, indices, values, self.hmac_key)
+            ]
         update = wire.Update(
             run_id=self.cfg.run_id,
             participant=self.pid,
@@ -534,9 +553,11 @@ class Participant:
             n=self.n,
             indices=indices,
             values=values,
+            bases=tuple(self.bases) if len(self.bases) > 1 else None,
         )
-        return wire.encode(
+        return wire.encode_parts(
             update,
+            self.spans,
             values=self.cfg.value_coding,
             rng=self.rng,
             key=self.hmac_key,

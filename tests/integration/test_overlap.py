@@ -27,7 +27,8 @@ class PublishFirst(Participant):
     """Negative control: publishes, then burns (what the rule forbids)."""
 
     def deliver(self, out: Outgoing, overlapped: bool = False):  # type: ignore[no-untyped-def]
-        self._publish(out.body, out.seq)
+        for body in out.bodies:
+            self._publish(body, out.seq)
         time.sleep(0.05)
         self._burn_seq(out.seq, out.indices, out.values)
         self.epochs += 1

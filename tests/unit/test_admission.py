@@ -143,3 +143,14 @@ def test_dead_letter_headers_are_capped_whatever_the_sender_sent() -> None:
     assert set(headers) == {
         f"x-dssgd-{f}" for f in ("reason", "detail", "routing-key", "app-id", "user-id")
     }
+
+
+def test_intersected_windows_say_duplicate_only_where_every_shard_applied() -> None:
+    from dssgd.shared import dedup
+
+    a = (10, 0b1011)  # 10, 9, 7
+    b = (9, 0b11)  # 9, 8
+    both = dedup.intersect([a, b])
+    assert [s for s in range(1, 12) if dedup.check(both, s) == dedup.DUPLICATE] == [9]
+    assert dedup.check(both, 10) == dedup.NEW  # shard b has not applied 10
+    assert dedup.intersect([a]) == a and dedup.intersect([a, (0, 0)]) == (0, 0)

@@ -476,8 +476,9 @@ def valid_fields(update: Update, coding: ValueCoding = ValueCoding.F32) -> dict[
 
 
 def forge(fields: dict[str, Any], participant: int = 1) -> bytes:
+    version = 3 if "bs" in fields else 2  # what encode wrote for these fields
     return (
-        bytes([SCHEMA_VERSION, 0])
+        bytes([version, 0])
         + participant.to_bytes(4, "little")
         + msgpack.packb(fields, use_bin_type=True)
     )
