@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -95,6 +96,10 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
             args.run_id,
             args.run_id,
         )
+    if args.ingest < 0 or (args.part is not None and args.ingest < 1):
+        raise ConfigError("--ingest takes K >= 1 (0: one process); --part needs --ingest K")
+    if args.ingest >= 1 and args.part not in (None, "applier"):
+        return _cmd_ingest(args, conns, keys)
     settings = AggregatorSettings(
         run_id=args.run_id,
         connections=conns,
@@ -107,14 +112,61 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     )
     stop = StopFlag()
     install_signal_handlers(stop)
-    agg = Aggregator(settings, stop, cfg)
+    children = None
+    if args.ingest >= 1:
+        from dssgd.aggregator.partitioned import Applier, IngestChildren, ingest_argv
+
+        agg: Aggregator = Applier(settings, args.ingest, stop, cfg)
+        if args.part is None:  # this process is the applier and keeps the K ingests running
+            extra = ["--prefetch", str(args.prefetch), "--max-batch", str(args.max_batch)]
+            extra += ["--keep-serving"]  # they stop when we do
+            if args.credentials:
+                extra += ["--credentials", args.credentials]
+            env = {**os.environ, "DSSGD_AMQP_URL": conns.amqp_url}
+            env["DSSGD_REDIS_URL"] = conns.redis_url
+            argvs = [ingest_argv(args.run_id, args.ingest, i, extra) for i in range(args.ingest)]
+            children = IngestChildren(argvs, env, stop)
+    else:
+        agg = Aggregator(settings, stop, cfg)
     keep = args.keep_serving
     watcher = RunEndWatcher(conns.redis_url, args.run_id, stop, not keep, agg.quiet_for)
-    code = agg.run()
+    try:
+        code = agg.run()
+    finally:
+        if children is not None:
+            children.close()
     watcher.close()
     _clear_heartbeat(store, settings.name)
     if watcher.reason:
         _print_summary(store, watcher.reason)
+    return code
+
+
+def _cmd_ingest(args: argparse.Namespace, conns: Connections, keys: dict[int, bytes] | None) -> int:
+    """`dssgd aggregator --ingest K --part I`: one ingest process of a partitioned aggregator."""
+    from dssgd.aggregator.partitioned import Ingest, IngestSettings
+
+    try:
+        partition = int(args.part)
+    except ValueError:
+        raise ConfigError(f"--part is 'applier' or a partition 0..K-1, not {args.part!r}") from None
+    settings = IngestSettings(
+        run_id=args.run_id,
+        partition=partition,
+        partitions=args.ingest,
+        connections=conns,
+        prefetch=args.prefetch,
+        max_batch=args.max_batch,
+        keys=keys,
+    )
+    stop = StopFlag()
+    install_signal_handlers(stop)
+    ingest = Ingest(settings, stop)
+    watcher = RunEndWatcher(
+        conns.redis_url, args.run_id, stop, not args.keep_serving, ingest.quiet_for
+    )
+    code = ingest.run()
+    watcher.close()
     return code
 
 

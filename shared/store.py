@@ -195,6 +195,21 @@ if extra.turn_expect ~= '' and redis.call('GET', KEYS[6]) == extra.turn_expect t
   redis.call('RPUSH', KEYS[7], '1')
   redis.call('LTRIM', KEYS[7], -1, -1)
 end
+-- Partitioned aggregator: the batches applied, their hand-off keys consumed, their ingests woken
+-- (keys under the run's own hash tag, named in extra.partitioned).
+local part = extra.partitioned
+if part then
+  for pid, id in pairs(part.batches) do
+    redis.call('HSET', part.applied, pid, id)
+  end
+  for _, key in ipairs(part.consumed) do
+    redis.call('DEL', key)
+  end
+  for _, key in ipairs(part.notify) do
+    redis.call('RPUSH', key, '1')
+    redis.call('LTRIM', key, -1, -1)
+  end
+end
 return 1
 """
 
@@ -594,17 +609,27 @@ class RunStore:
         log_entries: list[str],
         turn_expect: str = "",
         turn_next: str = "",
+        batches: dict[int, int] | None = None,
     ) -> None:
         """Write a batch in one fenced script: the chunks it touched, the chunk summaries, the
-        version, the replay windows, counters, log and turn, all or nothing."""
+        version, the replay windows, counters, log and turn, all or nothing. ``batches``
+        (partitioned aggregator): partition → id of the hand-off applied, recorded in the same
+        script, its hand-off key deleted and its ingest woken."""
         w_plan, stat_plan, summary = _plans(state)
-        extra = {
+        extra: dict[str, Any] = {
             "dedup": {str(k): v for k, v in dedup_changes.items()},
             "counters": {**counters, "commits": 1},
             "log": log_entries,
             "turn_expect": turn_expect,
             "turn_next": turn_next,
         }
+        if batches:
+            extra["partitioned"] = {
+                "applied": self.keys.ingest_applied,
+                "batches": {str(p): b for p, b in batches.items()},
+                "consumed": [self.keys.ingest_batch(p) for p in batches],
+                "notify": [self.keys.ingest_done(p) for p in batches],
+            }
         wake = self.keys.wake(int(turn_next)) if turn_next else self.keys.wake(-1)
         k, sk = self.keys, self.keys.shard(0)
         fixed = [k.fence, k.version, k.dedup, k.counters, k.applied_log, k.turn, wake, sk.summary]
