@@ -130,6 +130,7 @@ class Ingest:
         self.names = AmqpNames(settings.run_id)
         self.totals: Counter[str] = Counter()
         self.quiet_since: float | None = None
+        self.last_beat = 0.0
         tune_for_large_messages()
 
     def quiet_for(self) -> float:
@@ -200,11 +201,7 @@ class Ingest:
                         0.02 if inflight else 0.5, s.max_batch, s.batch_window
                     )
                     built = self._build(batch) if batch else None
-                busy = inflight is not None or built is not None
-                if busy:
-                    self.quiet_since = None
-                elif self.quiet_since is None:
-                    self.quiet_since = time.monotonic()
+                self._heartbeat(inflight is not None or built is not None)
                 if inflight is not None:
                     # With the next batch ready there is nothing else to do but wait.
                     if not self._committed(inflight, 3600.0 if built else 0.0):
@@ -218,6 +215,17 @@ class Ingest:
                 self._finish(inflight, consumer)
         finally:
             consumer.close()
+
+    def _heartbeat(self, busy: bool) -> None:
+        """Whether this partition is drained, for the applier's end of run (``quiet_for``)."""
+        now = time.monotonic()
+        if busy:
+            self.quiet_since = None
+        elif self.quiet_since is None:
+            self.quiet_since = now
+        if now - self.last_beat >= 1.0:
+            self.last_beat = now
+            self.istore.report_quiet(time.time(), self.quiet_for())
 
     def _build(self, batch: list[Delivery]) -> InFlight:
         part = self.s.partition
@@ -317,6 +325,17 @@ class Applier(Aggregator):
     ) -> None:
         super().__init__(settings, stop, cfg)
         self.partitions = partitions
+        self.istore: IngestStore | None = None
+
+    def quiet_for(self) -> float:
+        """Quiet only when every ingest is: the run's end waits for each partition to drain."""
+        own, istore = super().quiet_for(), self.istore
+        if own == 0.0 or istore is None:
+            return 0.0
+        try:
+            return min(own, istore.ingests_quiet(time.time()))
+        except StoreError:
+            return 0.0
 
     def _session(self) -> None:
         from dssgd.aggregator.evaluator import Evaluator  # PyTorch: only if evaluating
@@ -329,7 +348,7 @@ class Applier(Aggregator):
         task = load_task(cfg.task)
         store.init_params(task.initial_state(cfg.seed))
         store.init_model(model_record(task))
-        istore = IngestStore(r, self.s.run_id, self.partitions)
+        istore = self.istore = IngestStore(r, self.s.run_id, self.partitions)
         if old := istore.claim_partitions():
             log.warning("run %s was partitioned %d ways, now %d", cfg.run_id, old, self.partitions)
         fence = store.take_fence()

@@ -28,9 +28,11 @@ import multiprocessing as mp
 import os
 import platform
 import signal
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +41,7 @@ from dssgd.aggregator.admission import Accepted, Admission
 from dssgd.aggregator.batch import apply_batch
 from dssgd.shared import wire
 from dssgd.shared.amqp_names import AmqpNames
-from dssgd.shared.broker import Delivery, declare_topology, delete_topology
+from dssgd.shared.broker import Delivery, declare_topology, delete_partitions, delete_topology
 from dssgd.shared.broker import connect as amqp_connect
 from dssgd.shared.config import RunConfig
 from dssgd.shared.rules import UpdateRule
@@ -147,6 +149,107 @@ def measure_ingest(cfg: S.LoadSettings, theta: float, consumers: int) -> S.LoadR
                 p.kill()
         conn = amqp_connect(S.conns().amqp_url, "bench-ingest", heartbeat=0)
         delete_topology(conn.channel(), names)
+        conn.close()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def measure_partitioned(cfg: S.LoadSettings, theta: float, ingest: int) -> S.LoadResult:
+    """The real partitioned aggregator, ``python -m dssgd.aggregator --ingest K``: the applier
+    (this process's child) and its K ingest processes (its children), under the same load; the
+    end is the moment the version shows every confirmed message applied."""
+    run_id = S.new_id(f"so-part{ingest}")
+    run = S.BenchRun(run_id, cfg.publishers * cfg.participants_each, theta)
+    names = AmqpNames(run_id)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    procs: list[Any] = []
+    with run.log.open("ab") as out:
+        applier = subprocess.Popen(
+            [sys.executable, "-m", "dssgd.aggregator", "--run-id", run_id, "--no-eval",
+             "--ingest", str(ingest)], cwd=S.ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_consumers(names, ingest, applier, run.log)
+        procs, go, pub_results = S._start_publishers(
+            S._specs(cfg, run_id, theta, names.exchange, ""))
+        meter = S.CpuMeter()
+        meter.watch("applier", applier.pid)
+        for c in _children(applier.pid):
+            meter.watch("ingest", c)
+        for p in procs:
+            meter.watch("publishers", p.pid)
+        S._watch_services(meter)
+        meter.sample()
+        go.set()
+        last = [time.time()]
+
+        def poll() -> None:
+            if time.time() - last[0] >= 0.5:
+                meter.sample()
+                last[0] = time.time()
+
+        rows = S._collect(pub_results, len(procs), cfg.duration + 300, poll)
+        acked, nacked, nbytes, t0, t1 = S._pub_summary(rows)
+        deadline = time.time() + 600
+        while run.version() < acked:
+            if time.time() > deadline or applier.poll() is not None:
+                raise RuntimeError(f"partitioned aggregator applied {run.version()} of {acked}; "
+                                   f"see {run.log}")
+            poll()
+            time.sleep(0.002)
+        t_end = time.time()
+        meter.sample()
+        counters = run.store.counters()
+        k = max(1, round(theta * S.N_CNN))
+        return S.LoadResult(f"partitioned×{ingest}", theta, acked, nbytes, acked * k, t_end - t0,
+                            t1 - t0, acked / (t1 - t0), nacked=nacked,
+                            commits=counters.get("commits", 0),
+                            rejected=counters.get("rejected", 0),
+                            duplicates=counters.get("duplicates", 0),
+                            cpu=S._shares(meter, t0, t_end))
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        applier.send_signal(signal.SIGTERM)  # it stops its ingests
+        try:
+            applier.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            applier.kill()
+            applier.wait()
+        conn = amqp_connect(S.conns().amqp_url, "bench-part", heartbeat=0)
+        delete_partitions(conn.channel(), names, ingest)
+        conn.close()
+        run.close()
+
+
+def _wait_consumers(names: AmqpNames, k: int, proc: Any, log: Path) -> None:
+    """Until each of the K partition queues has its ingest consuming."""
+    conn = amqp_connect(S.conns().amqp_url, "bench-probe", heartbeat=0)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"partitioned aggregator exited; see {log}")
+            ready = 0
+            for i in range(k):
+                ch = conn.channel()
+                try:
+                    q = ch.queue_declare(names.partition_queue(i, k), passive=True)
+                    ready += q.method.consumer_count > 0
+                    ch.close()
+                except pika.exceptions.ChannelClosedByBroker:
+                    pass
+            if ready == k:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"the ingests did not start; see {log}")
+    finally:
         conn.close()
 
 

@@ -59,6 +59,15 @@ def _run_parser(sub: Any) -> None:
         "(default elsewhere)",
     )
     p.add_argument("--json", action="store_true", help="print the final table as JSON")
+    p.add_argument(
+        "--aggregator-ingest",
+        type=int,
+        default=0,
+        metavar="K",
+        help="run the aggregator scaled out: K ingest processes (participant p mod K each) "
+        "feeding one applier, exactly once under crashes; see `dssgd aggregator --help`, "
+        "--ingest. Default 0: one aggregator process",
+    )
     add_run_options(p)
     add_connection_options(p)
 

@@ -84,6 +84,10 @@ class IngestStore:
         with guarded("waiting for the applier"):
             self.r.blpop([self.keys.ingest_done(self.partition)], timeout=max(timeout, 0.01))
 
+    def report_quiet(self, now: float, quiet: float) -> None:
+        with guarded("writing the ingest heartbeat"):
+            self.r.hset(self.keys.ingest_quiet, str(self.partition), f"{now:.3f} {quiet:.3f}")
+
     # --- the applier -------------------------------------------------------------------------
 
     def wait_batches(self, timeout: float) -> list[bytes | None]:
@@ -104,3 +108,15 @@ class IngestStore:
         with guarded("recording the partitions"):
             old = self.r.getset(self.keys.ingest_k, str(self.partitions))
         return 0 if old is None or int(old) == self.partitions else int(old)
+
+    def ingests_quiet(self, now: float, fresh: float = 3.0) -> float:
+        """Seconds every ingest has had nothing to consume (0 if one is busy, or silent)."""
+        with guarded("reading the ingest heartbeats"):
+            raw = self.r.hgetall(self.keys.ingest_quiet)
+        beats = {int(p): v.split() for p, v in raw.items()}
+        quiet = []
+        for p in range(self.partitions):
+            if p not in beats or now - float(beats[p][0]) > fresh:
+                return 0.0
+            quiet.append(float(beats[p][1]))
+        return min(quiet)

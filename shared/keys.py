@@ -115,6 +115,10 @@ class Keys:
         return self._k("ingest:wake")
 
     @property
+    def ingest_quiet(self) -> str:  # hash: partition → "time quiet_seconds" (ingest heartbeat)
+        return self._k("ingest:quiet")
+
+    @property
     def ingest_k(self) -> str:  # integer: how many partitions the run's aggregator uses
         return self._k("ingest:k")
 
