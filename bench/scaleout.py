@@ -7,11 +7,15 @@ In ONE run, per θu, the same publishers (bench.system: 3 processes, asynchronou
 updates of k = θu·105,506 entries) drive, one after the other:
 
 * ``ceiling``   one ack-only consumer on a plain quorum queue: the broker's own limit;
-* ``ingest×K``  K consumer processes on one queue, each doing what a scaled-out ingest tier does
-                per message: decode, validate (``aggregator.admission``), pre-sum into its own
-                dense accumulator, ack: K = 1 and K = ``--consumers``;
-* ``aggregator`` the real one (``python -m dssgd.aggregator``): decode, validate, apply, one
-                fenced Lua commit per batch, ack.
+* ``aggregator`` the real one-process aggregator (``python -m dssgd.aggregator``): decode,
+                validate, apply, one fenced Lua commit per batch, ack;
+* ``partitioned×K`` the real partitioned aggregator (``python -m dssgd.aggregator --ingest K``):
+                K ingest processes (decode, validate, dedup, pre-sum, hand off, ack after the
+                commit) and one applier (add, fenced commit): K = 1 and K = ``--consumers``,
+                with CPU µs per applied update by part (ingest, applier, broker, Redis,
+                publishers) from /proc;
+* ``ingest×K``  (``--prototype`` only) K consumer processes on one queue doing an ingest's work
+                per message with no applier: decode, validate, pre-sum, ack.
 
 Then the aggregator's parts are timed in this process on the same messages (CPU seconds,
 ``time.process_time``): decode, validate (admission minus decode), apply (``apply_batch``),
@@ -311,13 +315,26 @@ def _cpu_s(r: S.LoadResult, name: str) -> float:
     return r.cpu.get(name, 0.0) * S.NPROC * r.seconds
 
 
+def partitioned_report(rows: list[S.LoadResult]) -> list[str]:
+    """CPU µs per applied update, by part, of each run of the real partitioned aggregator."""
+    out = []
+    for r in rows:
+        per = {name: 1e6 * _cpu_s(r, name) / max(1, r.messages)
+               for name in ("ingest", "applier", "broker", "redis", "publishers")}
+        out.append(f"  {r.what} CPU µs per applied update: "
+                   + ", ".join(f"{k} {v:.0f}" for k, v in per.items())
+                   + f"; {r.messages} applied in {r.commits} commits, duplicates {r.duplicates}")
+    return out
+
+
 def report(theta: float, ceiling: S.LoadResult, ingest: list[S.LoadResult], agg: S.LoadResult,
-           parts: dict[str, float]) -> str:
-    lines = [f"θu = {theta}  (k = {max(1, round(theta * S.N_CNN)):,} entries per update)",
-             f"  {'what':<12} {'msg/s':>8} {'× ceiling':>9}  CPU shares of all {S.NPROC} cores"]
-    for r in [ceiling, *ingest, agg]:
+           parts: dict[str, float], partitioned: list[S.LoadResult] | None = None) -> str:
+    lines = [f"θu = {theta}  (k = {max(1, round(theta * S.N_CNN)):,} entries per update), "
+             f"load {S.loadavg():.1f}",
+             f"  {'what':<14} {'msg/s':>8} {'× ceiling':>9}  CPU shares of all {S.NPROC} cores"]
+    for r in [ceiling, *ingest, agg, *(partitioned or [])]:
         shares = ", ".join(f"{k} {v:.2f}" for k, v in r.cpu.items())
-        lines.append(f"  {r.what:<12} {r.msg_per_s:>8.0f} {r.msg_per_s / ceiling.msg_per_s:>9.2f}"
+        lines.append(f"  {r.what:<14} {r.msg_per_s:>8.0f} {r.msg_per_s / ceiling.msg_per_s:>9.2f}"
                      f"  {shares}")
     consume = 1e6 * _cpu_s(ceiling, "consumer") / max(1, ceiling.messages)
     agg_cpu = 1e6 * _cpu_s(agg, "aggregator") / max(1, agg.messages)
@@ -338,6 +355,7 @@ def report(theta: float, ceiling: S.LoadResult, ingest: list[S.LoadResult], agg:
                  f"{broker:.0f} + ingest {ingest_us:.0f} + applier {applier_us:.0f} µs per update "
                  f"= {goal * per_msg / 1e6:.2f} cores (this machine: {S.NPROC}); K = {k} ingest "
                  f"processes; one applier caps at {1e6 / max(applier_us, 1e-9):.0f} msg/s")
+    lines += partitioned_report(partitioned or [])
     return "\n".join(lines)
 
 
@@ -347,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--theta", type=float, action="append", help="θu (repeatable; 0.01, 0.1)")
     ap.add_argument("--consumers", type=int, default=2, help="K of the ingest tier (default 2)")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds of publishing per phase")
+    ap.add_argument("--prototype", action="store_true",
+                    help="also the ingest-only prototype (decode, validate, pre-sum, ack)")
     args = ap.parse_args(argv)
     if args.consumers < 1:
         print("--consumers must be >= 1", file=sys.stderr)
@@ -360,14 +380,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[scaleout] θu={theta}: ceiling", flush=True)
         ceiling = S.measure_ceiling(cfg, theta, S.new_id("so-ceil"))
         ingest = []
-        for k in sorted({1, args.consumers}):
+        for k in sorted({1, args.consumers}) if args.prototype else []:
             print(f"[scaleout] θu={theta}: ingest×{k}", flush=True)
             ingest.append(measure_ingest(cfg, theta, k))
         print(f"[scaleout] θu={theta}: aggregator", flush=True)
         agg = S.measure_aggregator(cfg, theta, S.new_id("so-agg"))
+        partitioned = []
+        for k in sorted({1, args.consumers}):
+            print(f"[scaleout] θu={theta}: partitioned×{k}", flush=True)
+            partitioned.append(measure_partitioned(cfg, theta, k))
         print(f"[scaleout] θu={theta}: parts", flush=True)
         parts = components(theta)
-        out.append(report(theta, ceiling, ingest, agg, parts))
+        out.append(report(theta, ceiling, ingest, agg, parts, partitioned))
         print(out[-1], flush=True)
     print("\n" + "\n\n".join(out))
     return 0

@@ -45,3 +45,12 @@ def test_empty_updates_are_recorded_without_a_version() -> None:
     state = AggregatorState(np.zeros(4, np.float32), np.zeros(4, np.float32), 5)
     assert apply_presum(state, decode(encode(ps))) == ["0:1:5:0", "2:1:5:0"]
     assert state.version == 5
+
+
+def test_sparse_batch_takes_sorted_unique_indices() -> None:
+    acc = Accumulator(10_000)
+    acc.add(np.array([5, 9000]), np.array([1, 2], np.float32))
+    acc.add(np.array([5, 7]), np.array([3, 4], np.float32))
+    idx, vals, counts = acc.take()
+    assert idx.tolist() == [5, 7, 9000] and vals.tolist() == [4, 4, 2]
+    assert counts.tolist() == [2, 1, 1]
