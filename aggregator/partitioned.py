@@ -31,9 +31,12 @@ at ingest, against the version committed when the batch formed.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -139,6 +142,7 @@ class Ingest:
         return 0.0 if since is None else time.monotonic() - since
 
     def run(self) -> int:
+        die_with_parent()
         code = _serve(self.stop, self._session, f"ingest {self.s.partition}")
         log.info("ingest %d stopped: %s", self.s.partition, dict(self.totals))
         return code
@@ -484,15 +488,34 @@ def ingest_argv(run_id: str, partitions: int, partition: int, extra: list[str]) 
     ]
 
 
+PARENT_ENV = "DSSGD_INGEST_PARENT"  # set by IngestChildren: the applier's pid
+
+
+def die_with_parent() -> None:
+    """In a child ingest: ask Linux to SIGTERM us when the applier that started us dies, so a
+    killed applier leaves no orphans (its restart starts new ingests). Done by the child itself,
+    not in a pre-exec hook, which is unsafe in a process with threads."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class IngestChildren:
     """The K ingest processes of ``dssgd aggregator --ingest K``, restarted when they die."""
 
     def __init__(self, argvs: list[list[str]], env: dict[str, str], stop: StopFlag) -> None:
         self.argvs, self.env, self.stop = argvs, env, stop
-        self.procs = [subprocess.Popen(a, env=env) for a in argvs]
+        self.procs = [self._start(a) for a in argvs]
         self.restarts = 0
         self._thread = threading.Thread(target=self._watch, daemon=True, name="ingests")
         self._thread.start()
+
+    def _start(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, env={**self.env, PARENT_ENV: str(os.getpid())})
 
     def _watch(self) -> None:
         rng = random.Random()
@@ -504,7 +527,7 @@ class IngestChildren:
                 log.warning("ingest %d exited with %s; restarting it", i, code)
                 self.stop.wait(rng.uniform(0.2, 1.0))
                 if not self.stop.is_set():
-                    self.procs[i] = subprocess.Popen(self.argvs[i], env=self.env)
+                    self.procs[i] = self._start(self.argvs[i])
                     self.restarts += 1
 
     def close(self) -> None:
