@@ -155,28 +155,11 @@ class Ingest:
         check_supported(cfg)
         self.cfg, self.n = cfg, store.layout().n
         self.istore = IngestStore(r, s.run_id, s.partitions, s.partition)
-        self.fence = self.istore.take_fence()
-        # A batch an earlier ingest of this partition handed off may still be on its way: the
-        # committed windows mean something only once it is applied (or we would re-apply its
-        # redelivered inputs).
-        while self.istore.pending():
-            if self.stop.is_set():
-                return
-            self.istore.wait_done(0.2)
-        self.windows = self.istore.windows()
-        self.next_batch = self.istore.applied_batch() + 1
+        if not self._recover():
+            return
         self.admission = Admission(cfg, self.n, s.keys)
         self.rule = UpdateRule(cfg.effective_rule, cfg.staleness_exponent, cfg.participants)
         self.acc = Accumulator(self.n)
-        log.info(
-            "ingest %d/%d of run %s: %d windows, next batch %d, fence %d",
-            s.partition,
-            s.partitions,
-            s.run_id,
-            len(self.windows),
-            self.next_batch,
-            self.fence,
-        )
         consumer = Consumer(
             s.connections.amqp_url,
             self.names,
@@ -195,30 +178,56 @@ class Ingest:
             ),
         )
         self.consumer = consumer
+        try:
+            self._consume(consumer)
+        finally:
+            consumer.close()
+
+    def _recover(self) -> bool:
+        """Take the partition (a new fence) and load its committed windows; False if stopped."""
+        s = self.s
+        self.fence = self.istore.take_fence()
+        # A batch an earlier ingest of this partition handed off may still be on its way: the
+        # committed windows mean something only once it is applied (or we would re-apply its
+        # redelivered inputs).
+        while self.istore.pending():
+            if self.stop.is_set():
+                return False
+            self.istore.wait_done(0.2)
+        self.windows = self.istore.windows()
+        self.next_batch = self.istore.applied_batch() + 1
+        log.info(
+            "ingest %d/%d of run %s: %d windows, next batch %d, fence %d",
+            s.partition,
+            s.partitions,
+            s.run_id,
+            len(self.windows),
+            self.next_batch,
+            self.fence,
+        )
+        return True
+
+    def _consume(self, consumer: Consumer) -> None:
+        s = self.s
         # Pipelined: one batch handed off (``inflight``) while the next is decoded (``built``).
         inflight: InFlight | None = None
         built: InFlight | None = None
-        try:
-            while not self.stop.is_set():
-                if built is None:
-                    batch = consumer.deliveries(
-                        0.02 if inflight else 0.5, s.max_batch, s.batch_window
-                    )
-                    built = self._build(batch) if batch else None
-                self._heartbeat(inflight is not None or built is not None)
-                if inflight is not None:
-                    # With the next batch ready there is nothing else to do but wait.
-                    if not self._committed(inflight, 3600.0 if built else 0.0):
-                        continue
-                    self._finish(inflight, consumer)
-                    inflight = None
-                if built is not None:
-                    inflight, built = self._hand_off(built), None
-            # Graceful stop: ack what commits within a second; the rest is redelivered.
-            if inflight is not None and self._committed(inflight, 1.0):
+        while not self.stop.is_set():
+            if built is None:
+                batch = consumer.deliveries(0.02 if inflight else 0.5, s.max_batch, s.batch_window)
+                built = self._build(batch) if batch else None
+            self._heartbeat(inflight is not None or built is not None)
+            if inflight is not None:
+                # With the next batch ready there is nothing else to do but wait.
+                if not self._committed(inflight, 3600.0 if built else 0.0):
+                    continue
                 self._finish(inflight, consumer)
-        finally:
-            consumer.close()
+                inflight = None
+            if built is not None:
+                inflight, built = self._hand_off(built), None
+        # Graceful stop: ack what commits within a second; the rest is redelivered.
+        if inflight is not None and self._committed(inflight, 1.0):
+            self._finish(inflight, consumer)
 
     def _heartbeat(self, busy: bool) -> None:
         """Whether this partition is drained, for the applier's end of run (``quiet_for``)."""
