@@ -1,6 +1,6 @@
 """Fault injection: kill and restart every part of dssgd, then check the exact-sum oracle.
 
-    python -m bench.chaos                        # all 13 scenarios (about 13 minutes)
+    python -m bench.chaos                        # all 14 scenarios (about 14 minutes)
     python -m bench.chaos --quick                # fewer faults, no long outages (about 5)
     python -m bench.chaos --scenario redis       # one scenario; repeat the flag for more
 
@@ -11,6 +11,8 @@ Only those two are restarted or killed; the shared servers on 5672/6379 are neve
 
 Scenarios (docs/RELIABILITY.md rows 1–4 and 15; the hostile ones rows 17–22):
   aggregator  SIGKILL the aggregator at random moments and restart it
+  partitioned the same for the partitioned aggregator (--ingest 2): a random one of the
+              applier and the two ingest processes each time
   rabbitmq    restart the broker mid-run (graceful stop, then kill -9 in the full version)
   redis       restart Redis mid-run (SIGTERM, then kill -9 in the full version)
   worker      SIGKILL worker processes at random and restart them with the same participants
@@ -71,7 +73,13 @@ import pika
 import redis
 from dssgd.shared import wire
 from dssgd.shared.amqp_names import AmqpNames
-from dssgd.shared.broker import Publisher, declare_topology, delete_topology, queue_depth
+from dssgd.shared.broker import (
+    Publisher,
+    declare_topology,
+    delete_partitions,
+    delete_topology,
+    queue_depth,
+)
 from dssgd.shared.broker import connect as amqp_connect
 from dssgd.shared.config import DEFAULT_AMQP_URL, RunConfig
 from dssgd.shared.dedup import decode_state
@@ -870,6 +878,44 @@ def scenario_aggregator(svc: Services, plan: Plan, rng: random.Random, res: Resu
         run.finish(res)
 
 
+def scenario_partitioned(svc: Services, plan: Plan, rng: random.Random, res: Result) -> None:
+    """The partitioned aggregator (--ingest 2, each part its own process): SIGKILL one of the
+    applier and the two ingests at random moments and restart it."""
+    k = 2
+    with svc.run("partitioned", pace=0.05) as run:
+        base = ["--keep-serving", "--no-eval", "--ingest", str(k), "--part"]
+
+        def start(part: str) -> subprocess.Popen[bytes]:
+            return run._spawn("aggregator", [*base, part], f"{part}.log")
+
+        parts = {part: start(part) for part in ("applier", *map(str, range(k)))}
+        try:
+            run.aggregator = parts["applier"]
+            run.start_workers()
+            run.await_progress()
+            for _ in range(plan.aggregator_kills):
+                time.sleep(rng.uniform(0.0, 1.5))
+                victim = rng.choice(sorted(parts))
+                stop_process(parts[victim], signal.SIGKILL)
+                parts[victim] = start(victim)
+                run.aggregator = parts["applier"]
+                t_end = time.monotonic()
+                res.faults += 1
+                v0 = run.version()
+                res.recovered(time_until(lambda v0=v0: run.version() > v0, t_end),
+                              f"{'applier' if victim == 'applier' else 'ingest'} kill")
+            time.sleep(plan.settle)
+            run.finish(res)
+        finally:
+            for p in parts.values():
+                if p.poll() is None:
+                    stop_process(p, signal.SIGTERM)
+            with contextlib.suppress(DssgdError, pika.exceptions.AMQPError, OSError):
+                conn = amqp_connect(svc.amqp_url, "dssgd-chaos")
+                delete_partitions(conn.channel(), run.names, k)
+                conn.close()
+
+
 def _server_faults(run: Run, res: Result, faults: tuple[tuple[str, float], ...], plan: Plan,
                    rng: random.Random, stop: Callable[[str], None], start: Callable[[], None],
                    what: str) -> None:
@@ -1242,6 +1288,7 @@ def scenario_evaluator_points(svc: Services, plan: Plan, rng: random.Random,
 
 SCENARIOS: dict[str, Callable[[Services, Plan, random.Random, Result], None]] = {
     "aggregator": scenario_aggregator,
+    "partitioned": scenario_partitioned,
     "rabbitmq": scenario_rabbitmq,
     "redis": scenario_redis,
     "worker": scenario_worker,

@@ -7,11 +7,15 @@ In ONE run, per θu, the same publishers (bench.system: 3 processes, asynchronou
 updates of k = θu·105,506 entries) drive, one after the other:
 
 * ``ceiling``   one ack-only consumer on a plain quorum queue: the broker's own limit;
-* ``ingest×K``  K consumer processes on one queue, each doing what a scaled-out ingest tier does
-                per message: decode, validate (``aggregator.admission``), pre-sum into its own
-                dense accumulator, ack: K = 1 and K = ``--consumers``;
-* ``aggregator`` the real one (``python -m dssgd.aggregator``): decode, validate, apply, one
-                fenced Lua commit per batch, ack.
+* ``aggregator`` the real one-process aggregator (``python -m dssgd.aggregator``): decode,
+                validate, apply, one fenced Lua commit per batch, ack;
+* ``partitioned×K`` the real partitioned aggregator (``python -m dssgd.aggregator --ingest K``):
+                K ingest processes (decode, validate, dedup, pre-sum, hand off, ack after the
+                commit) and one applier (add, fenced commit): K = 1 and K = ``--consumers``,
+                with CPU µs per applied update by part (ingest, applier, broker, Redis,
+                publishers) from /proc;
+* ``ingest×K``  (``--prototype`` only) K consumer processes on one queue doing an ingest's work
+                per message with no applier: decode, validate, pre-sum, ack.
 
 Then the aggregator's parts are timed in this process on the same messages (CPU seconds,
 ``time.process_time``): decode, validate (admission minus decode), apply (``apply_batch``),
@@ -28,9 +32,11 @@ import multiprocessing as mp
 import os
 import platform
 import signal
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +45,7 @@ from dssgd.aggregator.admission import Accepted, Admission
 from dssgd.aggregator.batch import apply_batch
 from dssgd.shared import wire
 from dssgd.shared.amqp_names import AmqpNames
-from dssgd.shared.broker import Delivery, declare_topology, delete_topology
+from dssgd.shared.broker import Delivery, declare_topology, delete_partitions, delete_topology
 from dssgd.shared.broker import connect as amqp_connect
 from dssgd.shared.config import RunConfig
 from dssgd.shared.rules import UpdateRule
@@ -150,6 +156,107 @@ def measure_ingest(cfg: S.LoadSettings, theta: float, consumers: int) -> S.LoadR
         conn.close()
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def measure_partitioned(cfg: S.LoadSettings, theta: float, ingest: int) -> S.LoadResult:
+    """The real partitioned aggregator, ``python -m dssgd.aggregator --ingest K``: the applier
+    (this process's child) and its K ingest processes (its children), under the same load; the
+    end is the moment the version shows every confirmed message applied."""
+    run_id = S.new_id(f"so-part{ingest}")
+    run = S.BenchRun(run_id, cfg.publishers * cfg.participants_each, theta)
+    names = AmqpNames(run_id)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    procs: list[Any] = []
+    with run.log.open("ab") as out:
+        applier = subprocess.Popen(
+            [sys.executable, "-m", "dssgd.aggregator", "--run-id", run_id, "--no-eval",
+             "--ingest", str(ingest)], cwd=S.ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_consumers(names, ingest, applier, run.log)
+        procs, go, pub_results = S._start_publishers(
+            S._specs(cfg, run_id, theta, names.exchange, ""))
+        meter = S.CpuMeter()
+        meter.watch("applier", applier.pid)
+        for c in _children(applier.pid):
+            meter.watch("ingest", c)
+        for p in procs:
+            meter.watch("publishers", p.pid)
+        S._watch_services(meter)
+        meter.sample()
+        go.set()
+        last = [time.time()]
+
+        def poll() -> None:
+            if time.time() - last[0] >= 0.5:
+                meter.sample()
+                last[0] = time.time()
+
+        rows = S._collect(pub_results, len(procs), cfg.duration + 300, poll)
+        acked, nacked, nbytes, t0, t1 = S._pub_summary(rows)
+        deadline = time.time() + 600
+        while run.version() < acked:
+            if time.time() > deadline or applier.poll() is not None:
+                raise RuntimeError(f"partitioned aggregator applied {run.version()} of {acked}; "
+                                   f"see {run.log}")
+            poll()
+            time.sleep(0.002)
+        t_end = time.time()
+        meter.sample()
+        counters = run.store.counters()
+        k = max(1, round(theta * S.N_CNN))
+        return S.LoadResult(f"partitioned×{ingest}", theta, acked, nbytes, acked * k, t_end - t0,
+                            t1 - t0, acked / (t1 - t0), nacked=nacked,
+                            commits=counters.get("commits", 0),
+                            rejected=counters.get("rejected", 0),
+                            duplicates=counters.get("duplicates", 0),
+                            cpu=S._shares(meter, t0, t_end))
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        applier.send_signal(signal.SIGTERM)  # it stops its ingests
+        try:
+            applier.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            applier.kill()
+            applier.wait()
+        conn = amqp_connect(S.conns().amqp_url, "bench-part", heartbeat=0)
+        delete_partitions(conn.channel(), names, ingest)
+        conn.close()
+        run.close()
+
+
+def _wait_consumers(names: AmqpNames, k: int, proc: Any, log: Path) -> None:
+    """Until each of the K partition queues has its ingest consuming."""
+    conn = amqp_connect(S.conns().amqp_url, "bench-probe", heartbeat=0)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"partitioned aggregator exited; see {log}")
+            ready = 0
+            for i in range(k):
+                ch = conn.channel()
+                try:
+                    q = ch.queue_declare(names.partition_queue(i, k), passive=True)
+                    ready += q.method.consumer_count > 0
+                    ch.close()
+                except pika.exceptions.ChannelClosedByBroker:
+                    pass
+            if ready == k:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"the ingests did not start; see {log}")
+    finally:
+        conn.close()
+
+
 def _redis_cpu(r: Any) -> float:
     info = r.info("cpu")
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
@@ -208,13 +315,26 @@ def _cpu_s(r: S.LoadResult, name: str) -> float:
     return r.cpu.get(name, 0.0) * S.NPROC * r.seconds
 
 
+def partitioned_report(rows: list[S.LoadResult]) -> list[str]:
+    """CPU µs per applied update, by part, of each run of the real partitioned aggregator."""
+    out = []
+    for r in rows:
+        per = {name: 1e6 * _cpu_s(r, name) / max(1, r.messages)
+               for name in ("ingest", "applier", "broker", "redis", "publishers")}
+        out.append(f"  {r.what} CPU µs per applied update: "
+                   + ", ".join(f"{k} {v:.0f}" for k, v in per.items())
+                   + f"; {r.messages} applied in {r.commits} commits, duplicates {r.duplicates}")
+    return out
+
+
 def report(theta: float, ceiling: S.LoadResult, ingest: list[S.LoadResult], agg: S.LoadResult,
-           parts: dict[str, float]) -> str:
-    lines = [f"θu = {theta}  (k = {max(1, round(theta * S.N_CNN)):,} entries per update)",
-             f"  {'what':<12} {'msg/s':>8} {'× ceiling':>9}  CPU shares of all {S.NPROC} cores"]
-    for r in [ceiling, *ingest, agg]:
+           parts: dict[str, float], partitioned: list[S.LoadResult] | None = None) -> str:
+    lines = [f"θu = {theta}  (k = {max(1, round(theta * S.N_CNN)):,} entries per update), "
+             f"load {S.loadavg():.1f}",
+             f"  {'what':<14} {'msg/s':>8} {'× ceiling':>9}  CPU shares of all {S.NPROC} cores"]
+    for r in [ceiling, *ingest, agg, *(partitioned or [])]:
         shares = ", ".join(f"{k} {v:.2f}" for k, v in r.cpu.items())
-        lines.append(f"  {r.what:<12} {r.msg_per_s:>8.0f} {r.msg_per_s / ceiling.msg_per_s:>9.2f}"
+        lines.append(f"  {r.what:<14} {r.msg_per_s:>8.0f} {r.msg_per_s / ceiling.msg_per_s:>9.2f}"
                      f"  {shares}")
     consume = 1e6 * _cpu_s(ceiling, "consumer") / max(1, ceiling.messages)
     agg_cpu = 1e6 * _cpu_s(agg, "aggregator") / max(1, agg.messages)
@@ -235,6 +355,7 @@ def report(theta: float, ceiling: S.LoadResult, ingest: list[S.LoadResult], agg:
                  f"{broker:.0f} + ingest {ingest_us:.0f} + applier {applier_us:.0f} µs per update "
                  f"= {goal * per_msg / 1e6:.2f} cores (this machine: {S.NPROC}); K = {k} ingest "
                  f"processes; one applier caps at {1e6 / max(applier_us, 1e-9):.0f} msg/s")
+    lines += partitioned_report(partitioned or [])
     return "\n".join(lines)
 
 
@@ -244,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--theta", type=float, action="append", help="θu (repeatable; 0.01, 0.1)")
     ap.add_argument("--consumers", type=int, default=2, help="K of the ingest tier (default 2)")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds of publishing per phase")
+    ap.add_argument("--prototype", action="store_true",
+                    help="also the ingest-only prototype (decode, validate, pre-sum, ack)")
     args = ap.parse_args(argv)
     if args.consumers < 1:
         print("--consumers must be >= 1", file=sys.stderr)
@@ -257,14 +380,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[scaleout] θu={theta}: ceiling", flush=True)
         ceiling = S.measure_ceiling(cfg, theta, S.new_id("so-ceil"))
         ingest = []
-        for k in sorted({1, args.consumers}):
+        for k in sorted({1, args.consumers}) if args.prototype else []:
             print(f"[scaleout] θu={theta}: ingest×{k}", flush=True)
             ingest.append(measure_ingest(cfg, theta, k))
         print(f"[scaleout] θu={theta}: aggregator", flush=True)
         agg = S.measure_aggregator(cfg, theta, S.new_id("so-agg"))
+        partitioned = []
+        for k in sorted({1, args.consumers}):
+            print(f"[scaleout] θu={theta}: partitioned×{k}", flush=True)
+            partitioned.append(measure_partitioned(cfg, theta, k))
         print(f"[scaleout] θu={theta}: parts", flush=True)
         parts = components(theta)
-        out.append(report(theta, ceiling, ingest, agg, parts))
+        out.append(report(theta, ceiling, ingest, agg, parts, partitioned))
         print(out[-1], flush=True)
     print("\n" + "\n\n".join(out))
     return 0

@@ -395,6 +395,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         sup = secure_launcher(args.launcher, run_dir, run_id, workers, conns)
     else:
+        if args.aggregator_ingest:  # the aggregator child reads it (dssgd aggregator --ingest)
+            from dssgd.aggregator.partitioned import check_supported
+
+            check_supported(cfg)
+            os.environ["DSSGD_AGGREGATOR_INGEST"] = str(args.aggregator_ingest)
         sup = make_launcher(args.launcher, run_dir, run_id, workers, conns)
     stop = StopFlag()
     install_signal_handlers(stop)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dssgd.admin import check_amqp, check_redis, tls_for_provision
 from dssgd.aggregator.service import Aggregator, AggregatorSettings
@@ -60,17 +62,7 @@ def _any_run_option(args: argparse.Namespace) -> bool:
 def cmd_aggregator(args: argparse.Namespace) -> int:
     conns = connections(args)
     if args.check:
-        store = RunStore(redis_connect(conns.redis_url), args.run_id)
-        raw = store.r.get(store.keys.heartbeat_aggregator)
-        if raw is None:
-            print(f"no aggregator of run {args.run_id} reported in the last 15 s", file=sys.stderr)
-            return EXIT_UNAVAILABLE
-        info = json.loads(raw)
-        print(
-            f"ok: {info['name']} at version {info['version']}, "
-            f"{time.time() - info['time']:.1f} s ago"
-        )
-        return EXIT_OK
+        return _check_aggregator(conns, args.run_id)
     # Options given: create the run from them unless it exists. None given: wait for the run.
     cfg = run_config_from_args(args, args.run_id) if _any_run_option(args) else None
     keys = None
@@ -95,6 +87,8 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
             args.run_id,
             args.run_id,
         )
+    if (code := _cmd_ingest(args, conns, keys)) is not None:
+        return code
     settings = AggregatorSettings(
         run_id=args.run_id,
         connections=conns,
@@ -107,14 +101,91 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     )
     stop = StopFlag()
     install_signal_handlers(stop)
-    agg = Aggregator(settings, stop, cfg)
-    keep = args.keep_serving
-    watcher = RunEndWatcher(conns.redis_url, args.run_id, stop, not keep, agg.quiet_for)
-    code = agg.run()
+    agg, children = (
+        _applier(args, settings, stop, cfg, conns)
+        if args.ingest >= 1
+        else (Aggregator(settings, stop, cfg), None)
+    )
+    end = not args.keep_serving
+    watcher = RunEndWatcher(conns.redis_url, args.run_id, stop, end, agg.quiet_for)
+    try:
+        code = agg.run()
+    finally:
+        if children is not None:
+            children.close()
     watcher.close()
     _clear_heartbeat(store, settings.name)
     if watcher.reason:
         _print_summary(store, watcher.reason)
+    return code
+
+
+def _check_aggregator(conns: Connections, run_id: str) -> int:
+    store = RunStore(redis_connect(conns.redis_url), run_id)
+    raw = store.r.get(store.keys.heartbeat_aggregator)
+    if raw is None:
+        print(f"no aggregator of run {run_id} reported in the last 15 s", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    info = json.loads(raw)
+    ago = time.time() - info["time"]
+    print(f"ok: {info['name']} at version {info['version']}, {ago:.1f} s ago")
+    return EXIT_OK
+
+
+def _applier(
+    args: argparse.Namespace,
+    settings: AggregatorSettings,
+    stop: StopFlag,
+    cfg: RunConfig | None,
+    conns: Connections,
+) -> tuple[Aggregator, Any]:
+    """The applier of `--ingest K`, and its K ingest processes unless `--part applier`."""
+    from dssgd.aggregator.partitioned import Applier, IngestChildren, ingest_argv
+
+    agg = Applier(settings, args.ingest, stop, cfg)
+    if args.part is not None:
+        return agg, None
+    extra = ["--prefetch", str(args.prefetch), "--max-batch", str(args.max_batch)]
+    extra += ["--keep-serving"]  # they stop when we do
+    if args.credentials:
+        extra += ["--credentials", args.credentials]
+    env = {**os.environ, "DSSGD_AMQP_URL": conns.amqp_url, "DSSGD_REDIS_URL": conns.redis_url}
+    argvs = [ingest_argv(args.run_id, args.ingest, i, extra) for i in range(args.ingest)]
+    return agg, IngestChildren(argvs, env, stop)
+
+
+def _cmd_ingest(
+    args: argparse.Namespace, conns: Connections, keys: dict[int, bytes] | None
+) -> int | None:
+    """`dssgd aggregator --ingest K --part I`: one ingest process of a partitioned aggregator
+    (None: this process is not one)."""
+    if args.ingest < 0 or (args.part is not None and args.ingest < 1):
+        raise ConfigError("--ingest takes K >= 1 (0: one process); --part needs --ingest K")
+    if args.ingest < 1 or args.part in (None, "applier"):
+        return None
+    from dssgd.aggregator.partitioned import Ingest, IngestSettings
+
+    try:
+        partition = int(args.part)
+    except ValueError:
+        raise ConfigError(f"--part is 'applier' or a partition 0..K-1, not {args.part!r}") from None
+    settings = IngestSettings(
+        run_id=args.run_id,
+        partition=partition,
+        partitions=args.ingest,
+        connections=conns,
+        prefetch=args.prefetch,
+        max_batch=args.max_batch,
+        keys=keys,
+    )
+    stop = StopFlag()
+    install_signal_handlers(stop)
+    ingest = Ingest(settings, stop)
+    watcher = RunEndWatcher(
+        conns.redis_url, args.run_id, stop, not args.keep_serving, ingest.quiet_for
+    )
+    code = ingest.run()
+    watcher.close()
     return code
 
 

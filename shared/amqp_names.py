@@ -41,6 +41,15 @@ class AmqpNames:
     def secure_stream(self) -> str:  # the stream both share servers read, in one total order
         return f"dssgd.{self.run_id}.secure-log"
 
+    def partition_queue(self, partition: int, partitions: int) -> str:
+        """Partition ``partition`` of ``partitions``' queue (``dssgd aggregator --ingest K``):
+        bound to the routing keys of participants p with p mod K = partition."""
+        return f"dssgd.{self.run_id}.updates.p{partition}of{partitions}"
+
+    @staticmethod
+    def partition_of(participant: int, partitions: int) -> int:
+        return participant % partitions
+
     @staticmethod
     def queue_arguments(
         max_length: int, dead_exchange: str | None, delivery_limit: int, replicas: int = 0

@@ -12,6 +12,7 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -120,8 +121,10 @@ def declare_topology(
     names: AmqpNames,
     max_length: int = DEFAULT_MAX_LENGTH,
     replicas: int = 0,
+    bind: bool = True,
 ) -> None:
-    """Durable exchanges and queues for a run; idempotent (same arguments every time)."""
+    """Durable exchanges and queues for a run; idempotent (same arguments every time).
+    ``bind=False``: the update queue is not bound (a partitioned run's, ``declare_partitions``)."""
     try:
         channel.exchange_declare(names.dead_exchange, exchange_type="fanout", durable=True)
         dead_args = names.queue_arguments(max_length, None, DELIVERY_LIMIT, replicas)
@@ -130,9 +133,44 @@ def declare_topology(
         channel.exchange_declare(names.exchange, exchange_type="topic", durable=True)
         args = names.queue_arguments(max_length, names.dead_exchange, DELIVERY_LIMIT, replicas)
         channel.queue_declare(names.queue, durable=True, arguments=args)
-        channel.queue_bind(names.queue, names.exchange, routing_key=names.binding_key())
+        if bind:
+            channel.queue_bind(names.queue, names.exchange, routing_key=names.binding_key())
     except (pex.AMQPError, OSError) as exc:
         raise BrokerError(f"cannot declare the topology of run {names.run_id}: {exc!r}") from exc
+
+
+def declare_partitions(
+    channel: BlockingChannel,
+    names: AmqpNames,
+    partitions: int,
+    participants: int,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    replicas: int = 0,
+) -> None:
+    """The partitioned aggregator's queues: one per partition, bound to the routing key of each
+    of its participants (p mod K), then the run's single queue unbound, so each update lands in
+    exactly one partition. Bindings first: an update is never unroutable in between (it may go
+    to both: the applier moves the single queue's messages to the partitions, where a second copy
+    is a duplicate for the replay window). Idempotent."""
+    declare_topology(channel, names, max_length, replicas, bind=False)
+    args = names.queue_arguments(max_length, names.dead_exchange, DELIVERY_LIMIT, replicas)
+    args["x-single-active-consumer"] = True  # one ingest at a time owns a partition's windows
+    try:
+        for i in range(partitions):
+            channel.queue_declare(
+                names.partition_queue(i, partitions), durable=True, arguments=args
+            )
+        for p in range(participants):
+            queue = names.partition_queue(names.partition_of(p, partitions), partitions)
+            channel.queue_bind(queue, names.exchange, routing_key=names.routing_key(p))
+        channel.queue_unbind(names.queue, names.exchange, routing_key=names.binding_key())
+    except (pex.AMQPError, OSError) as exc:
+        raise BrokerError(f"cannot declare the partitions of run {names.run_id}: {exc!r}") from exc
+
+
+def delete_partitions(channel: BlockingChannel, names: AmqpNames, partitions: int) -> None:
+    for i in range(partitions):
+        channel.queue_delete(names.partition_queue(i, partitions))
 
 
 def delete_topology(channel: BlockingChannel, names: AmqpNames) -> None:
@@ -347,9 +385,18 @@ class Consumer:
     """
 
     def __init__(
-        self, url: str, names: AmqpNames, name: str, prefetch: int, max_length: int,
+        self,
+        url: str,
+        names: AmqpNames,
+        name: str,
+        prefetch: int,
+        max_length: int,
         replicas: int = 0,
+        queue: str | None = None,
+        topology: Callable[[BlockingChannel], None] | None = None,
     ) -> None:
+        """``queue``/``topology``: another queue of the run and how to declare it (a partition
+        of ``dssgd aggregator --ingest K``); by default the run's one update queue."""
         self.names = names
         self._conn = connect(url, name)
         self._pending: list[Delivery] = []
@@ -358,13 +405,18 @@ class Consumer:
         self._unacked: list[int] = []
         try:
             self._ch = self._conn.channel()
-            declare_topology(self._ch, names, max_length, replicas)
+            if topology is None:
+                declare_topology(self._ch, names, max_length, replicas)
+            else:
+                topology(self._ch)
             self._dead = self._dead_channel()
             self._ch.basic_qos(prefetch_count=prefetch)
-            self._ch.basic_consume(names.queue, self._on_message, auto_ack=False, consumer_tag=name)
+            self._ch.basic_consume(
+                queue or names.queue, self._on_message, auto_ack=False, consumer_tag=name
+            )
         except (pex.AMQPError, OSError) as exc:
             self.close()
-            raise BrokerError(f"cannot consume {names.queue}: {exc!r}") from exc
+            raise BrokerError(f"cannot consume {queue or names.queue}: {exc!r}") from exc
         except BrokerError:
             self.close()
             raise

@@ -94,6 +94,34 @@ class Keys:
     def heartbeat_aggregator(self) -> str:  # TTL key for health checks
         return self._k("hb:aggregator")
 
+    # Partitioned aggregator (aggregator/partitioned.py): K ingest processes, one applier. All
+    # under the run's own hash tag, so the applier's fenced commit can touch them in one slot.
+
+    def ingest_fence(self, partition: int) -> str:  # integer epoch of partition's ingest
+        return self._k(f"ingest:{partition}:fence")
+
+    def ingest_batch(self, partition: int) -> str:  # blob: the partition's batch handed off
+        return self._k(f"ingest:{partition}:batch")
+
+    def ingest_done(self, partition: int) -> str:  # list: wakes the ingest when its batch commits
+        return self._k(f"ingest:{partition}:done")
+
+    @property
+    def ingest_applied(self) -> str:  # hash: partition → id of its last committed batch
+        return self._k("ingest:applied")
+
+    @property
+    def ingest_wake(self) -> str:  # list: wakes the applier when a batch is handed off
+        return self._k("ingest:wake")
+
+    @property
+    def ingest_quiet(self) -> str:  # hash: partition → "time quiet_seconds" (ingest heartbeat)
+        return self._k("ingest:quiet")
+
+    @property
+    def ingest_k(self) -> str:  # integer: how many partitions the run's aggregator uses
+        return self._k("ingest:k")
+
     def share_server(self, role: str) -> str:  # hash: public (X25519, hex), read_url, name
         return self._k(f"share:{role}")
 

@@ -195,6 +195,21 @@ if extra.turn_expect ~= '' and redis.call('GET', KEYS[6]) == extra.turn_expect t
   redis.call('RPUSH', KEYS[7], '1')
   redis.call('LTRIM', KEYS[7], -1, -1)
 end
+-- Partitioned aggregator: the batches applied, their hand-off keys consumed, their ingests woken
+-- (keys under the run's own hash tag, named in extra.partitioned).
+local part = extra.partitioned
+if part then
+  for pid, id in pairs(part.batches) do
+    redis.call('HSET', part.applied, pid, id)
+  end
+  for _, key in ipairs(part.consumed) do
+    redis.call('DEL', key)
+  end
+  for _, key in ipairs(part.notify) do
+    redis.call('RPUSH', key, '1')
+    redis.call('LTRIM', key, -1, -1)
+  end
+end
 return 1
 """
 
@@ -748,6 +763,7 @@ class RunStore:
         turn_next: str = "",
         *,
         shards: ShardChanges | None = None,
+        batches: dict[int, int] | None = None,
     ) -> None:
         """Write a batch: per range shard one fenced script with the chunks it touched, its
         chunk summaries, version and replay windows, all or nothing for that shard.
@@ -757,7 +773,8 @@ class RunStore:
         ``shards`` every shard takes ``dedup_changes`` (every update of the batch was applied
         to every shard); ``aggregator/batch.py`` gives each shard its own changes, so a
         redelivery after a crash between two shards' commits is applied only to the shards that
-        have not seen it.
+        have not seen it. ``batches`` (partitioned aggregator): partition → id of the hand-off
+        applied, recorded in shard 0's script, its hand-off key deleted and its ingest woken.
         """
         layout = state.layout
         assert layout is not None
@@ -769,13 +786,20 @@ class RunStore:
                 "with shards= (aggregator/batch.py Outcome.shard_changes)"
             )
         plans = _plans(state)
-        extra0 = {
+        extra0: dict[str, Any] = {
             "dedup": {str(k): v for k, v in dedup_changes.items()},
             "counters": {**counters, "commits": 1},
             "log": log_entries,
             "turn_expect": turn_expect,
             "turn_next": turn_next,
         }
+        if batches:
+            extra0["partitioned"] = {
+                "applied": self.keys.ingest_applied,
+                "batches": {str(p): b for p, b in batches.items()},
+                "consumed": [self.keys.ingest_batch(p) for p in batches],
+                "notify": [self.keys.ingest_done(p) for p in batches],
+            }
         for s in reversed(range(layout.shards)):
             sk = self.keys.shard(s)
             if s == 0:
