@@ -75,6 +75,8 @@ def check_supported(cfg: RunConfig) -> None:
         why.append(f"defence {cfg.defence} (it judges each update against the live state)")
     if cfg.stat_decay != 1.0:
         why.append("stat decay (a per-update β does not commute with a pre-sum)")
+    if cfg.shards > 1:
+        why.append(f"{cfg.shards} range shards (its applier commits one shard)")
     if why:
         raise ConfigError(
             f"run {cfg.run_id}: the partitioned aggregator (--ingest) cannot serve "
