@@ -19,8 +19,10 @@ and wire code (no RabbitMQ, no Redis). For each setting of the sweep it runs:
 
 Positive controls (a one-example update) show each attack has power on the model; the DP
 self-test (shared/dpaudit.py) checks the mechanisms against their claim, with a broken
-mechanism as its control. An attack that does not apply says why (e.g. a convolutional first
-layer). Failed attacks are lower bounds on leakage, not proofs of privacy: docs/AUDIT.md.
+mechanism as its control. Each DP-SGD point also gets its bound: the most AUC and TPR any
+attack on that one update can reach under the accountant's own guarantee. An attack that does
+not apply says why (e.g. a convolutional first layer). Failed attacks are lower bounds on
+leakage, not proofs of privacy: docs/AUDIT.md.
 """
 
 EPILOG = """\
