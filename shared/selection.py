@@ -26,6 +26,17 @@ def budget(n: int, theta_u: float) -> int:
     return max(1, min(n, math.ceil(theta_u * n - 1e-9)))
 
 
+def sorted_distinct(entries: np.ndarray, n: int) -> np.ndarray:
+    """The sorted distinct entries: a mask over n when there are many (np.unique sorts at
+    ~0.3 µs an entry, a mask costs ~1.5 ns per parameter: for one MLP update at θu 0.1,
+    3.1 ms against 0.15 ms), a sort when there are few beside n (a 10 M model at θu 0.01)."""
+    if entries.size * 64 < n:
+        return np.unique(entries)
+    mask = np.zeros(n, bool)
+    mask[entries] = True
+    return np.flatnonzero(mask)
+
+
 def select_top_k(delta: np.ndarray, k: int) -> np.ndarray:
     """Indices (sorted) of the k entries of largest |Δw| (deterministic for equal input)."""
     n = delta.size
@@ -36,7 +47,7 @@ def select_top_k(delta: np.ndarray, k: int) -> np.ndarray:
     mag = np.abs(delta)
     # argpartition is O(n); stable tie-breaking is not needed for correctness, only determinism.
     idx = np.argpartition(mag, n - k)[n - k :]
-    return np.sort(idx.astype(np.int64))
+    return sorted_distinct(idx.astype(np.int64), n)
 
 
 def select_threshold_random(

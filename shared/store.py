@@ -39,6 +39,7 @@ from dssgd.shared.config import RunConfig
 from dssgd.shared.dedup import decode_state
 from dssgd.shared.errors import ConfigError, FencedError, StoreError
 from dssgd.shared.keys import RUNS, Keys
+from dssgd.shared.selection import sorted_distinct
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -1232,7 +1233,7 @@ def _plans(state: AggregatorState) -> list[tuple[Plan, Plan, np.ndarray]]:
     layout = state.layout
     assert layout is not None and state.chunk_sums is not None
     every = np.concatenate(state.touched) if state.touched else np.empty(0, np.int64)
-    touched = np.unique(every)
+    touched = sorted_distinct(every, layout.n)
     if state.stat_all:
         state.chunk_sums = chunk_sums(state.stat, layout)
     else:
