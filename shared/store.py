@@ -774,8 +774,7 @@ class RunStore:
         ``shards`` every shard takes ``dedup_changes`` (every update of the batch was applied
         to every shard); ``aggregator/batch.py`` gives each shard its own changes, so a
         redelivery after a crash between two shards' commits is applied only to the shards that
-        have not seen it. ``batches`` (partitioned aggregator): partition → id of the hand-off
-        applied, recorded in shard 0's script, its hand-off key deleted and its ingest woken.
+        have not seen it. ``batches``: see ``_partitioned_extra``.
         """
         layout = state.layout
         assert layout is not None
@@ -795,12 +794,7 @@ class RunStore:
             "turn_next": turn_next,
         }
         if batches:
-            extra0["partitioned"] = {
-                "applied": self.keys.ingest_applied,
-                "batches": {str(p): b for p, b in batches.items()},
-                "consumed": [self.keys.ingest_batch(p) for p in batches],
-                "notify": [self.keys.ingest_done(p) for p in batches],
-            }
+            extra0["partitioned"] = _partitioned_extra(self.keys, batches)
         for s in reversed(range(layout.shards)):
             sk = self.keys.shard(s)
             if s == 0:
@@ -1224,6 +1218,17 @@ def _shard_extra(s: int, shards: ShardChanges | None, every: dict[int, str]) -> 
     return {"dedup": {str(k): v for k, v in shards.dedup[s].items()},
             "counters": {**counters, "commits": 1}, "log": shards.logs[s],
             "turn_expect": "", "turn_next": ""}  # fmt: skip
+
+
+def _partitioned_extra(keys: Keys, batches: dict[int, int]) -> dict[str, Any]:
+    """What shard 0's commit records for the partitioned aggregator: the hand-offs applied
+    (partition → batch id), their keys consumed, their ingests woken."""
+    return {
+        "applied": keys.ingest_applied,
+        "batches": {str(p): b for p, b in batches.items()},
+        "consumed": [keys.ingest_batch(p) for p in batches],
+        "notify": [keys.ingest_done(p) for p in batches],
+    }
 
 
 def _plans(state: AggregatorState) -> list[tuple[Plan, Plan, np.ndarray]]:
