@@ -178,7 +178,11 @@ def _measure_drain(store: RunStore, cfg: RunConfig, amqp_url: str, why: str) -> 
         d.confirmed, d.unapplied = _unapplied(store, cfg)
     except DssgdError as exc:
         d.why = d.why or f"Redis unavailable ({exc})"
-    depth = queue_depth(amqp_url, AmqpNames(cfg.run_id))
+    try:
+        partitions = store.ingest_partitions()
+    except DssgdError:
+        partitions = 0
+    depth = queue_depth(amqp_url, AmqpNames(cfg.run_id), partitions)
     if depth is not None:
         d.queued, d.dead_letters = depth["updates"], depth["dead_letters"]
     return d

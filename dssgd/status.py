@@ -145,7 +145,7 @@ def collect(store: RunStore, amqp_url: str) -> dict[str, Any]:
         "version": version,
         "counters": counters,
         "updates_per_second": _update_rate(metrics),
-        "queues": queue_depth(amqp_url, AmqpNames(cfg.run_id)),
+        "queues": queue_depth(amqp_url, AmqpNames(cfg.run_id), store.ingest_partitions()),
         "aggregator": beat,
         "aggregator_state": aggregator_state(beat, now),
         "accuracy": last_metric["accuracy"] if last_metric else None,
@@ -255,10 +255,11 @@ def cmd_delete(args: argparse.Namespace) -> int:
     exists = store.load_config() is not None or bool(
         list(store.r.scan_iter(match=store.keys.all_patterns()[0]))
     )
+    partitions = store.ingest_partitions()  # read before the keys go
     removed = store.delete_run() if exists else 0
     conn = amqp_connect(conns.amqp_url, f"dssgd-delete {args.run_id}")
     try:
-        delete_topology(conn.channel(), AmqpNames(args.run_id))
+        delete_topology(conn.channel(), AmqpNames(args.run_id), partitions)
     finally:
         conn.close()
     try:

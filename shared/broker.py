@@ -169,31 +169,37 @@ def declare_partitions(
 
 
 def delete_partitions(channel: BlockingChannel, names: AmqpNames, partitions: int) -> None:
-    for i in range(partitions):
-        channel.queue_delete(names.partition_queue(i, partitions))
+    for q in _partition_queues(names, partitions):
+        channel.queue_delete(q)
 
 
-def delete_topology(channel: BlockingChannel, names: AmqpNames) -> None:
+def delete_topology(channel: BlockingChannel, names: AmqpNames, partitions: int = 0) -> None:
+    """The run's queues (with the K partition queues of a partitioned aggregator) and exchanges."""
     for q in (names.queue, names.dead_queue):
         channel.queue_delete(q)
+    delete_partitions(channel, names, partitions)
     for ex in (names.exchange, names.dead_exchange):
         channel.exchange_delete(ex)
 
 
-def queue_depth(url: str, names: AmqpNames) -> dict[str, int] | None:
-    """Ready messages in the update and dead-letter queues; None if RabbitMQ is unreachable."""
+def _partition_queues(names: AmqpNames, partitions: int) -> list[str]:
+    return [names.partition_queue(i, partitions) for i in range(partitions)]
+
+
+def queue_depth(url: str, names: AmqpNames, partitions: int = 0) -> dict[str, int] | None:
+    """Ready messages in the update queues (the run's and its K partition queues, summed) and the
+    dead-letter queue; None if RabbitMQ is unreachable."""
     try:
         conn = connect(url, "dssgd-status", heartbeat=0)
     except BrokerError:
         return None
     try:
-        out = {}
-        for key, qname in (("updates", names.queue), ("dead_letters", names.dead_queue)):
+        out = {"updates": 0, "dead_letters": 0}
+        queues = [("updates", q) for q in (names.queue, *_partition_queues(names, partitions))]
+        for key, qname in [*queues, ("dead_letters", names.dead_queue)]:
             ch = conn.channel()
-            try:
-                out[key] = ch.queue_declare(qname, passive=True).method.message_count
-            except pex.ChannelClosedByBroker:
-                out[key] = 0
+            with contextlib.suppress(pex.ChannelClosedByBroker):  # not declared: nothing waits
+                out[key] += ch.queue_declare(qname, passive=True).method.message_count
         return out
     except (pex.AMQPError, OSError):
         return None

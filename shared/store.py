@@ -861,6 +861,12 @@ class RunStore:
                 )
             )
 
+    def ingest_partitions(self) -> int:
+        """K of a run served by the partitioned aggregator (`--ingest K`), else 0."""
+        with guarded("reading the partitions"):
+            raw = self.r.get(self.keys.ingest_k)
+        return int(raw) if raw else 0
+
     def counters(self) -> dict[str, int]:
         with guarded("reading counters"):
             raw = self.r.hgetall(self.keys.counters)

@@ -133,3 +133,37 @@ def test_negative_control_ack_before_commit_is_caught(
         assert doubled == 0
     finally:
         _cleanup(h)
+
+
+def test_status_counts_the_partition_queues_and_delete_removes_them(
+    make_run: Callable[..., RunHandle],
+) -> None:
+    from dssgd.shared.broker import declare_partitions, queue_depth
+
+    from dssgd.cli import main
+    from dssgd.status import collect
+
+    h = make_run(participants=PARTICIPANTS)
+    conn = amqp_connect(h.conns.amqp_url, "dssgd-tests")
+    try:
+        declare_partitions(conn.channel(), h.names, K, PARTICIPANTS)
+    finally:
+        conn.close()
+    h.store.r.set(h.store.keys.ingest_k, K)  # what the applier records (claim_partitions)
+    _publish(h, _wave(h, np.random.default_rng(3), range(1, 2)))  # one update a participant
+    # Negative control: the run's own queue alone holds none of them.
+    assert (queue_depth(h.conns.amqp_url, h.names) or {})["updates"] == 0
+    h.wait(
+        lambda: collect(h.store, h.conns.amqp_url)["queues"]["updates"] == PARTICIPANTS,
+        timeout=10,
+        what="status to count the partition queues",
+    )
+    urls = ["--amqp-url", h.conns.amqp_url, "--redis-url", h.conns.redis_url]
+    assert main(["delete", h.cfg.run_id, *urls]) == 0
+    conn = amqp_connect(h.conns.amqp_url, "dssgd-tests")
+    try:
+        for i in range(K):
+            with pytest.raises(Exception, match="NOT_FOUND"):
+                conn.channel().queue_declare(h.names.partition_queue(i, K), passive=True)
+    finally:
+        conn.close()
