@@ -529,7 +529,8 @@ class Participant:
                 fn()
                 return
             except StoreError as exc:
-                if is_permanent(exc):
+                if is_permanent(exc):  # rights or a password taken away mid-run: end, say why
+                    log.error("participant %d: %s: retrying cannot help, stopping", self.pid, exc)
                     raise
                 log.warning("participant %d: %s; retrying", self.pid, exc)
                 backoff = backoff or Backoff(initial=0.1, cap=5.0)
