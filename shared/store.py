@@ -631,7 +631,7 @@ class RunStore:
         """One shard's version, chunks (into w and stat) and optionally its replay windows, read
         atomically: a consistent snapshot of the shard."""
         if with_dedup or not self._read_ro:
-            return self._read_shard_with_dedup(client, s, chunks, w, stat, with_dedup)
+            return self._read_shard_pipelined(client, s, chunks, w, stat, with_dedup)
         sk = self.keys.shard(s)
         arrays = [w] if stat is None else [w, stat]
         keys = [sk.version] + [key(c) for key in (sk.w, sk.stat)[: len(arrays)] for c in chunks]
@@ -644,7 +644,7 @@ class RunStore:
             # A Redis user provisioned by an earlier version may not run EVALSHA_RO.
             log.info("reading parameters by pipeline: this Redis user may not run EVALSHA_RO")
             self._read_ro = False
-            return self._read_shard_with_dedup(client, s, chunks, w, stat, False)
+            return self._read_shard_pipelined(client, s, chunks, w, stat, False)
         if reply[0] == 0:
             raise StoreError(f"run {self.run_id!r} has no parameters yet")
         if reply[0] == 2:
@@ -679,7 +679,7 @@ class RunStore:
         if pos != blob.size:
             raise StoreError(f"run {self.run_id!r}: a chunk of the parameters has the wrong size")
 
-    def _read_shard_with_dedup(
+    def _read_shard_pipelined(
         self,
         client: redis.Redis,
         s: int,
