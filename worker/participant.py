@@ -569,14 +569,15 @@ class Participant:
         # Burn the sequence number before it can reach the broker: a restart after a crash
         # between publish and confirm must never reuse it for different content.
         self.store.record_progress(self.pid, seq_sent=seq)
-        self._log_record(
-            {
-                "seq": seq,
-                "state": "sent",
-                "indices": indices.tolist(),
-                "values": values.tolist(),
-            }
-        )
+        if self.record is not None:  # the oracle's copy: tolist() costs ~0.4 ms per update
+            self._log_record(
+                {
+                    "seq": seq,
+                    "state": "sent",
+                    "indices": indices.tolist(),
+                    "values": values.tolist(),
+                }
+            )
 
     def _record_epoch(self, report: EpochReport) -> None:
         """The confirmed epoch's counters, so a restart resumes after it."""
