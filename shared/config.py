@@ -79,7 +79,7 @@ class RunConfig:
     epochs: int = 30  # local epochs per participant before it stops (0 = no limit)
     seed: int = 1
     data: str = "auto"  # "auto", "hub" or a directory (MNIST's IDX files, or the task's data)
-    eval_interval: float = 0.5  # seconds between evaluations, at least (under ~20 % of a core)
+    eval_interval: float = 0.25  # seconds between evaluations, at least (under ~20 % of a core)
     max_staleness: int | None = None  # updates older than this many versions are refused
     max_l2: float | None = None  # server-side L2 bound: a larger update is scaled down to it
     rate_limit: float | None = None  # updates per second one participant may send (burst 1 s)

@@ -270,7 +270,12 @@ def prepare(images: np.ndarray, model: str) -> torch.Tensor:
     """uint8 28×28 images → the normalised float tensor the named model consumes."""
     import torch  # here, so that loading data does not pull PyTorch into every process
 
-    x = (images.astype(np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
+    # In place: one fresh array instead of four, whose first touches (page faults) cost most of
+    # the time in a new process (10k test images: 147 → ~25 ms); the same float32 values.
+    x = images.astype(np.float32)
+    x /= 255.0
+    x -= MNIST_MEAN
+    x /= MNIST_STD
     if model == "cnn":
         # The paper's CNN takes 32×32: pad with the normalised value of a black pixel.
         pad = -MNIST_MEAN / MNIST_STD

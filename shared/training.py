@@ -58,9 +58,10 @@ class LocalTrainer:
         # on CPU, bit for bit (tests/integration/test_training.py). torch.optim is not used
         # because every optimizer step passes through torch._disable_dynamo, whose first call
         # imports torch._dynamo: about 1.4 s in every process that trains, besides importing torch.
-        for p in self.params:
-            if p.grad is not None:
-                p.add_(p.grad, alpha=-self.lr)
+        # One foreach call instead of an add_ per tensor: the same kernel on CPU, one dispatch.
+        params = [p for p in self.params if p.grad is not None]
+        if params:
+            torch._foreach_add_(params, [p.grad for p in params], alpha=-self.lr)
 
     def epoch(self) -> float:
         """One pass over the local data in shuffled mini-batches; returns the mean training loss."""
@@ -72,7 +73,8 @@ class LocalTrainer:
         total, count = 0.0, 0
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            self.model.zero_grad(set_to_none=True)
+            for p in self.params:  # zero_grad(set_to_none=True) without walking the modules
+                p.grad = None
             loss = self.loss(self.model(self.x[idx]), self.y[idx])
             loss.backward()
             self._sgd_step()
