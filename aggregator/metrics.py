@@ -16,7 +16,9 @@ import contextlib
 import socket
 import threading
 from collections.abc import Mapping, Sequence
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,7 +26,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
-    start_http_server,
+    make_wsgi_app,
 )
 
 # A batch apply+commit is a vectorised scatter-add plus one Redis round trip: sub-millisecond on
@@ -173,17 +175,22 @@ class AggregatorMetrics:
         with self._lock:
             if self._server is not None:
                 raise RuntimeError("metrics endpoint already serving")
-            # The port is probed first rather than handing 0 to the library, because releases
-            # before 0.20 return nothing to read the bound port from. Another process could take
-            # the port in between; on a loopback metrics port that window is accepted.
-            bound = _free_port(addr) if port == 0 else port
-            handle = start_http_server(bound, addr=addr, registry=self.registry)
-            if isinstance(handle, tuple) and len(handle) == 2:
-                self._server, self._thread = handle
-            return bound
+            family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
+            server_class = type("_Server", (_ThreadingServer,), {"address_family": family})
+            httpd = make_server(
+                addr, port, make_wsgi_app(self.registry), server_class, _QuietHandler
+            )
+            # The library's own start_http_server polls for shutdown every 0.5 s: the
+            # aggregator's exit waited that long at the end of every run.
+            thread = threading.Thread(
+                target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            )
+            thread.start()
+            self._server, self._thread = httpd, thread
+            return int(httpd.server_port)
 
     def close(self) -> None:
-        """Stop the HTTP endpoint, if the library gave us a handle to stop it by; idempotent."""
+        """Stop the HTTP endpoint; idempotent."""
         with self._lock:
             server, thread = self._server, self._thread
             self._server = self._thread = None
@@ -198,11 +205,10 @@ class AggregatorMetrics:
             thread.join(timeout=5)
 
 
-def _free_port(addr: str) -> int:
-    # Same family choice as the library, so an IPv6 address is probed over IPv6.
-    family, _, _, _, sockaddr = socket.getaddrinfo(
-        addr, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind(sockaddr)
-        return int(s.getsockname()[1])
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged (the library's own handler is silent too)."""

@@ -171,7 +171,9 @@ class Aggregator:
         try:
             last_housekeeping = 0.0
             while not self.stop.is_set():
-                batch = consumer.deliveries(0.5, self.s.max_batch, self.s.batch_window)
+                # A quiet aggregator looks at its stop flag ten times a second: SIGTERM at the
+                # end of a run takes effect at once, not after half a second.
+                batch = consumer.deliveries(0.1, self.s.max_batch, self.s.batch_window)
                 if batch:
                     self.quiet_since = None
                     self._process(batch, store, fence, consumer)

@@ -29,8 +29,10 @@ import numpy as np
 TARGET_CHUNKS = 256
 MIN_CHUNK, MAX_CHUNK = 256, 65536  # floats (1 KB .. 256 KB per key)
 # A touched chunk with more runs of changed entries than chunk/DENSE_RUNS is written whole: one
-# SETRANGE costs about as much as copying DENSE_RUNS floats' worth of bytes (bench/storage.py).
-DENSE_RUNS = 192
+# SETRANGE (inside the commit's Lua script) costs about as much as writing DENSE_RUNS floats of a
+# chunk by MSET (bench/storage.py "cost"; 64 while whole chunks too went through Lua, whose
+# arguments cost Redis ~1.2 ns a byte).
+DENSE_RUNS = 128
 
 
 def chunk_size(n: int) -> int:

@@ -826,18 +826,24 @@ class RunStore:
         keys = [*fixed[2:7], *patched]
         args = [json.dumps(extra), str(APPLIED_LOG_CAP), runs.tobytes()]
         args.append(w_plan.values + stat_plan.values)
-        client = slot_client(self.r, fixed[0])
+        client, ours = slot_client(self.r, fixed[0]), str(fence).encode()
         with guarded("committing updates"), client.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(fixed[0])
-                if pipe.get(fixed[0]) != str(fence).encode():
+                if pipe.get(fixed[0]) != ours:
                     raise FencedError("another aggregator has taken over this run")
                 pipe.multi()
                 pipe.mset(whole)
                 pipe.eval(_COMMIT, len(keys), *keys, *args)
                 pipe.execute()
             except rex.WatchError as exc:
-                raise FencedError("another aggregator has taken over this run") from exc
+                # redis-py raises WatchError for a connection lost while watching too (a timeout,
+                # a Redis stall): only the fence itself says whether another aggregator took over.
+                # Lost, the commit's outcome is unknown, like any commit cut off: the session
+                # reloads the state and the replay windows absorb the redeliveries.
+                if client.get(fixed[0]) != ours:
+                    raise FencedError("another aggregator has taken over this run") from exc
+                raise StoreError(f"Redis unavailable during committing updates: {exc}") from exc
 
     def _chunk_names(self) -> tuple[list[str], list[str]]:
         """The key of every chunk of w and of stat, by chunk number (made once per store)."""

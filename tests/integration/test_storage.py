@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from dssgd.shared.errors import FencedError
+from dssgd.shared.errors import FencedError, StoreError
 from dssgd.shared.selection import most_updated
 from dssgd.shared.store import AggregatorState, RunStore, connect
 
@@ -153,3 +153,29 @@ def test_a_run_stored_as_whole_blobs_keeps_its_state(server: PrivateServer) -> N
     fresh = RunStore(connect(server.url), "fresh")
     fresh.init_params(np.zeros(3000, np.float32))
     assert fresh.read_params()[1].tobytes() == np.zeros(3000, np.float32).tobytes()
+
+
+def test_a_commit_cut_off_while_watching_the_fence_is_an_outage_not_a_takeover(
+    server: PrivateServer,
+) -> None:
+    """redis-py raises WatchError for a connection lost while watching as well as for a watched
+    key that changed: a stalled Redis must end the session (StoreError: reload, reconnect), not
+    the aggregator (FencedError: exit so that another one can work)."""
+    import redis
+
+    store, fence, state = seeded(server, 20_000)
+    impatient = RunStore(redis.Redis.from_url(server.url, socket_timeout=0.3), "storage")
+    admin = redis.Redis.from_url(server.url)
+    idx = np.arange(0, 20_000, 7)
+    admin.execute_command("CLIENT", "PAUSE", 1500, "WRITE")  # reads (WATCH, GET) still served
+    try:
+        with pytest.raises(StoreError) as cut:
+            commit(impatient, fence, state, idx, 11)
+        assert not isinstance(cut.value, FencedError), cut.value
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+    # Negative control: the same commit after another aggregator raised the fence is refused
+    # as a takeover.
+    store.take_fence()
+    with pytest.raises(FencedError):
+        commit(impatient, fence, state, idx, 12)
