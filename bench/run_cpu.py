@@ -7,6 +7,7 @@ from /proc every 0.2 s: where a default run's CPU goes (docs/BENCHMARKS.md, issu
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -73,6 +74,10 @@ def main(argv: list[str]) -> int:
         print(f"  {c:6.2f} CPU-s  {role(q, p.pid)}")
     for name, (pid, before) in servers.items():
         print(f"  {(cpu(pid) or 0.0) - before:6.2f} CPU-s  {name} (shared server)")
+    # Benchmarks leave nothing behind: the run's keys, queues and folder go.
+    subprocess.run([str(root / ".venv/bin/dssgd"), "delete", run_id], cwd=root,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    shutil.rmtree(root / "runs" / run_id, ignore_errors=True)
     return 0
 
 
