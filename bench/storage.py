@@ -269,8 +269,10 @@ def redis_chaos(seconds: float) -> tuple[list[str], bool]:
     folder = Path(tempfile.mkdtemp(prefix="dssgd-storage-chaos-"))
     amqp = Connections.from_env().amqp_url
     conns = Connections(amqp_url=amqp, redis_url=cluster.url + "?cluster=yes")
+    # epochs=0: no end of its own (3 × 30 epochs were over before the kill once commits got
+    # cheaper); the bench stops it.
     cfg = RunConfig(run_id=f"storage-chaos-{os.getpid()}", participants=3, theta_u=0.01,
-                    gamma=100.0, rule="sum")  # fmt: skip
+                    gamma=100.0, rule="sum", epochs=0)  # fmt: skip
     h = RunHandle(conns, cfg, zero_init=True)
     try:
         h.aggregator(log=folder / "agg.log")

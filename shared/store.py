@@ -173,7 +173,7 @@ def guarded(what: str) -> Iterator[None]:
 # summaries and every chunk written whole, and _COMMIT (EVAL, not EVALSHA: a script cache
 # emptied by a Redis restart must not fail half a transaction) does the rest. The chunks never
 # pass through Lua: a script's arguments cost Redis about 1.2 ns a byte to take in, 1.1 ms for
-# the MLP's whole state, against 0.16 ms for the MSET (bench/storage.py).
+# w and stat of the MLP, against ~0.1 ms for the MSET (docs/BENCHMARKS.md, issue 18).
 # KEYS: dedup, counters, applied log, turn, wake, then the chunks patched. ARGV: extra (JSON),
 # log cap, the runs table (u32 triples: KEYS index, byte offset, byte length), the runs' bytes.
 _COMMIT = """
