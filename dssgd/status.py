@@ -249,6 +249,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     """Keys, queues and exchanges, and the run's users (RabbitMQ and Redis ACL)."""
     from dssgd.admin import remove_users
+    from dssgd.shared.stream import delete_secure_topology
 
     conns = connections(args)
     store = RunStore(redis_connect(conns.redis_url), args.run_id)
@@ -260,6 +261,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
     conn = amqp_connect(conns.amqp_url, f"dssgd-delete {args.run_id}")
     try:
         delete_topology(conn.channel(), AmqpNames(args.run_id), partitions)
+        # A --secure run's stream and exchange too (deleting what does not exist is a no-op).
+        delete_secure_topology(conn.channel(), AmqpNames(args.run_id))
     finally:
         conn.close()
     try:

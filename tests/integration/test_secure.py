@@ -146,3 +146,30 @@ def test_kill_9_and_duplicates_apply_exactly_once(rig: SecureRig, crash: tuple[s
     for role in "ab":
         c = rig.counters(role)
         assert c["applied"] == unique, (role, c)
+
+
+def test_delete_removes_the_secure_stream_and_exchange(conns: Connections) -> None:
+    import pika.exceptions as pex
+    from dssgd.shared.amqp_names import AmqpNames
+    from dssgd.shared.broker import connect as amqp_connect
+    from dssgd.shared.store import RunStore
+    from dssgd.shared.store import connect as redis_connect
+    from dssgd.shared.stream import declare_secure_topology
+
+    from dssgd.cli import main
+
+    cfg = secure_config()
+    RunStore(redis_connect(conns.redis_url), cfg.run_id).create_config(cfg)
+    names = AmqpNames(cfg.run_id)
+    conn = amqp_connect(conns.amqp_url, "dssgd-tests")
+    try:
+        declare_secure_topology(conn.channel(), names)
+        conn.channel().queue_declare(names.secure_stream, passive=True)  # there before
+        urls = ["--amqp-url", conns.amqp_url, "--redis-url", conns.redis_url]
+        assert main(["delete", cfg.run_id, *urls]) == 0
+        with pytest.raises(pex.ChannelClosedByBroker, match="NOT_FOUND"):
+            conn.channel().queue_declare(names.secure_stream, passive=True)
+        with pytest.raises(pex.ChannelClosedByBroker, match="NOT_FOUND"):
+            conn.channel().exchange_declare(names.secure_exchange, passive=True)
+    finally:
+        conn.close()
