@@ -4,6 +4,7 @@ and a final table."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from dssgd.launcher import EXITED, FATAL, STOPPED, Launcher, make_launcher
 from dssgd.options import connections, explicit_run_fields, run_config_from_args
 from dssgd.shared.amqp_names import AmqpNames
 from dssgd.shared.broker import connect as amqp_connect
-from dssgd.shared.broker import declare_topology, queue_depth
+from dssgd.shared.broker import declare_topology, delete_topology, queue_depth
 from dssgd.shared.config import RunConfig
 from dssgd.shared.errors import ConfigError, DssgdError
 from dssgd.shared.lifecycle import EXIT_ERROR, EXIT_OK, StopFlag, install_signal_handlers
@@ -389,10 +390,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     from dssgd.shared.tasks import preflight
 
-    task = preflight(cfg)  # a bad task or missing data fails here, in one line (warms MNIST)
-    checked()
-    run_dir = Path(args.runs_dir) / run_id
-    cfg, workers = _open_run(store, args, cfg, workers, run_dir)
+    try:
+        task = preflight(cfg)  # a bad task or missing data fails here, in one line (warms MNIST)
+        checked()
+        run_dir = Path(args.runs_dir) / run_id
+        cfg, workers = _open_run(store, args, cfg, workers, run_dir)
+    except BaseException:
+        _forget_topology(store, conns.amqp_url, checked)
+        raise
     _seed_state(store, cfg, task)
     if cfg.secure:  # two share servers instead of the aggregator (docs/SECURE.md)
         from dssgd.secure_run import secure_launcher
@@ -429,6 +434,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not drain.done:
         return EXIT_NOT_DRAINED
     return EXIT_ERROR if reason.startswith("processes failed") else EXIT_OK
+
+
+def _forget_topology(store: RunStore, amqp_url: str, checked: Callable[[], None]) -> None:
+    """A run refused before it started leaves nothing on the broker either: the queue and
+    exchanges the service check declared go again, unless they belong to an existing run."""
+    with contextlib.suppress(Exception):
+        checked()  # the check thread is done declaring before anything is deleted
+    with contextlib.suppress(DssgdError, OSError):
+        if store.load_config() is not None:
+            return
+        conn = amqp_connect(amqp_url, "dssgd-run")
+        try:
+            delete_topology(conn.channel(), AmqpNames(store.run_id))
+        finally:
+            conn.close()
 
 
 def _in_background(fn: Callable[[], None]) -> Callable[[], None]:

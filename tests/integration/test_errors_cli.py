@@ -44,6 +44,30 @@ def one_line(res: subprocess.CompletedProcess, code: int, *words: str) -> str:
     return lines[0]
 
 
+def on_the_broker(conns: Connections, run_id: str) -> list[str]:
+    """The run's queue and exchanges that exist on the broker (passive declares)."""
+    import pika.exceptions as pex
+    from dssgd.shared.amqp_names import AmqpNames
+    from dssgd.shared.broker import connect as amqp_connect
+
+    names, found = AmqpNames(run_id), []
+    conn = amqp_connect(conns.amqp_url, "dssgd-tests")
+    try:
+        for kind, name in [("queue", names.queue), ("exchange", names.exchange),
+                           ("exchange", names.dead_exchange)]:  # fmt: skip
+            try:
+                if kind == "queue":
+                    conn.channel().queue_declare(name, passive=True)
+                else:
+                    conn.channel().exchange_declare(name, passive=True)
+                found.append(name)
+            except pex.ChannelClosedByBroker:
+                pass
+    finally:
+        conn.close()
+    return found
+
+
 def test_an_unwritable_runs_dir_creates_nothing(conns: Connections) -> None:
     run_id = f"err-{uuid.uuid4().hex[:8]}"
     res = dssgd("run", "--run-id", run_id, "--runs-dir", "/proc/nope", conns=conns)
@@ -51,6 +75,7 @@ def test_an_unwritable_runs_dir_creates_nothing(conns: Connections) -> None:
     r = redis_connect(conns.redis_url)
     assert not r.sismember(RUNS, run_id)
     assert not list(r.scan_iter(match=f"dssgd:{{{run_id}}}:*"))
+    assert not on_the_broker(conns, run_id)
     # ...so the same command with a good folder is not told the run already exists.
 
 
@@ -123,6 +148,7 @@ def test_resuming_a_run_that_does_not_exist_creates_nothing(
     r = redis_connect(conns.redis_url)
     assert not r.sismember(RUNS, run_id) and not (tmp_path / run_id).exists()
     assert not list(r.scan_iter(match=f"dssgd:{{{run_id}}}:*"))
+    assert not on_the_broker(conns, run_id)
 
 
 def test_a_worker_waiting_for_a_missing_run_says_so(conns: Connections, tmp_path: Path) -> None:
