@@ -213,12 +213,26 @@ def cluster_run(epochs: int) -> tuple[list[str], bool]:
         out = json.loads(res.stdout)
     finally:
         cluster.stop()
+        _delete_queues(run_id)  # its keys went with the private cluster; its queue is shared
     keys = ("accuracy", "epochs_total", "updates_applied", "bytes_down")
     row = ", ".join(f"{k} {out.get(k)}" for k in keys)
     ok = out.get("updates_applied") == out.get("epochs_total") == 2 * epochs
     return [f"10 M-parameter task (10,017,010 parameters) on a 3-master Redis Cluster, θu 0.01, "
             f"θd 0.1: {row}, "
             f"wall {wall:.0f} s (including start-up)."], ok  # fmt: skip
+
+
+def _delete_queues(run_id: str) -> None:
+    from dssgd.shared.amqp_names import AmqpNames
+    from dssgd.shared.broker import connect as amqp_connect
+    from dssgd.shared.broker import delete_topology
+    from dssgd.shared.config import Connections
+
+    conn = amqp_connect(Connections.from_env().amqp_url, "dssgd-bench")
+    try:
+        delete_topology(conn.channel(), AmqpNames(run_id))
+    finally:
+        conn.close()
 
 
 def run_bytes() -> tuple[list[str], bool]:
