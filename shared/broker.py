@@ -273,7 +273,8 @@ class Publisher:
         if self._channel is not None and self._channel.is_open:
             return self._channel
         self._drop()
-        self._conn = connect(self.url, f"dssgd-worker {self.app_id}")
+        # The run in the name: a broker serving several runs lists which connection is whose.
+        self._conn = connect(self.url, f"dssgd-worker {self.names.run_id} [{self.app_id}]")
         ch = self._conn.channel()
         ch.confirm_delivery()
         self._channel = ch
@@ -404,7 +405,7 @@ class Consumer:
         """``queue``/``topology``: another queue of the run and how to declare it (a partition
         of ``dssgd aggregator --ingest K``); by default the run's one update queue."""
         self.names = names
-        self._conn = connect(url, name)
+        self._conn = connect(url, f"{name} {names.run_id}")
         self._pending: list[Delivery] = []
         # Delivered, neither acked nor rejected, in order: a multiple ack must end on one of
         # these (the broker closes the channel on an ack of a tag it no longer knows).

@@ -145,3 +145,37 @@ def test_participant_over_privacy_budget_stops(
     assert "privacy budget exhausted" in progress["stopped"]
     h.wait(lambda: h.version() == 2, what="the two private updates")
     assert np.isfinite(h.store.read_params()[1]).all()
+
+
+def test_the_management_console_names_each_connection_s_run(
+    make_run: Callable[..., RunHandle],
+) -> None:
+    """Several runs on one broker: the console's connection list says which connection is whose
+    (the worker's publisher and the aggregator's consumer carry the run id)."""
+    from dssgd.shared.broker import BrokerError, Consumer, Publisher
+    from dssgd.shared.provision import Management
+
+    h = make_run(participants=1)
+    pub = Publisher(h.conns.amqp_url, h.names, app_id="0")
+    consumer = Consumer(h.conns.amqp_url, h.names, "aggregator@test", 10, h.cfg.queue_max_length)
+    try:
+        pub.publish("upd.0", b"x", headers={"participant": 0, "seq": 1})  # connects
+        api = Management.from_amqp_url(h.conns.amqp_url)
+        names: set[str] = set()
+        deadline = time.monotonic() + 10  # the console's statistics lag a few seconds
+        while time.monotonic() < deadline and len(names) < 2:
+            try:
+                conns = api.call("GET", "/api/connections?columns=client_properties")
+            except BrokerError as exc:
+                pytest.skip(f"no management API here: {exc}")
+            names = {
+                c["client_properties"].get("connection_name", "")
+                for c in conns
+                if h.cfg.run_id in c["client_properties"].get("connection_name", "")
+            }
+            time.sleep(0.5)
+        assert f"dssgd-worker {h.cfg.run_id} [0]" in names, names
+        assert f"aggregator@test {h.cfg.run_id}" in names, names
+    finally:
+        pub.close()
+        consumer.close()
