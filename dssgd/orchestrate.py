@@ -441,7 +441,7 @@ def _forget_topology(store: RunStore, amqp_url: str, checked: Callable[[], None]
     exchanges the service check declared go again, unless they belong to an existing run."""
     with contextlib.suppress(Exception):
         checked()  # the check thread is done declaring before anything is deleted
-    with contextlib.suppress(DssgdError, OSError):
+    with contextlib.suppress(Exception):  # a clean-up must not hide why the run was refused
         if store.load_config() is not None:
             return
         conn = amqp_connect(amqp_url, "dssgd-run")
